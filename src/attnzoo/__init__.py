@@ -1,0 +1,21 @@
+"""attnzoo: the attention mechanisms of a research literature behind one API.
+
+    out = attnzoo.attention(q, k, v, "sliding_window", causal=True, window=512)
+
+q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> (B, Hq, Nq, Dv), the layout of
+``torch.nn.functional.scaled_dot_product_attention``; Hq a multiple of Hkv (grouped-query attention).
+"""
+
+from __future__ import annotations
+
+from .api import attention
+from .errors import AttnzooError, InvalidArgumentError, UnknownNameError, UnsupportedError
+from .method import CallStats, Method, MethodInfo
+from .registry import get_method, list_methods, register
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttnzooError", "CallStats", "InvalidArgumentError", "Method", "MethodInfo", "UnknownNameError",
+    "UnsupportedError", "attention", "get_method", "list_methods", "register",
+]

@@ -1,0 +1,1 @@
+"""Shared executors: dense, block-sparse (gather-GEMM and FlexAttention backends), linear."""

@@ -1,0 +1,84 @@
+"""FlexAttention backend: the layout becomes a ``BlockMask`` built from its block lists directly
+(``BlockMask.from_kv_blocks``), so no N x N mask is ever evaluated; compiled once per shape."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ...errors import UnsupportedError
+from .layout import BlockLayout
+
+
+def available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def block_mask(layout: BlockLayout):
+    """The layout as a FlexAttention ``BlockMask`` (in the layout's visiting order)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if layout.q_block != layout.kv_block:
+        raise UnsupportedError(f"flex backend needs equal query and key block sizes; got {layout.q_block} and {layout.kv_block}")
+    key = "flex_block_mask"
+    if key in layout.cache:
+        return layout.cache[key]
+    inner = layout.mask_mod
+    qo = layout.q_order if layout.q_order is not None else torch.arange(layout.num_q, device=layout.device)
+    ko = layout.kv_order if layout.kv_order is not None else torch.arange(layout.num_kv, device=layout.device)
+    if inner is None:
+        mask_mod = None
+    elif layout.q_order is None and layout.kv_order is None:
+        mask_mod = inner
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return inner(b, h, qo[q_idx].clamp(min=0), ko[kv_idx])
+    if mask_mod is not None and layout.kv_indices.shape[1] == 1:
+        # the layout's head index is 0 for a layout shared by every head
+        shared = mask_mod
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return shared(b, h * 0, q_idx, kv_idx)
+
+    bm = BlockMask.from_kv_blocks(
+        layout.kv_counts.to(torch.int32),
+        layout.kv_indices.to(torch.int32),
+        BLOCK_SIZE=(layout.q_block, layout.kv_block),
+        mask_mod=mask_mod,
+        seq_lengths=(layout.num_q, layout.num_kv),
+    )
+    layout.cache[key] = bm
+    return bm
+
+
+def flex_block_sparse(q, k, v, layout: BlockLayout, *, scale: float, compile: bool = True) -> torch.Tensor:
+    """Block-sparse attention through ``flex_attention``; q (B,Hq,Nq,D), k/v (B,Hkv,Nk,D|Dv)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    bm = block_mask(layout)
+    len_q = q.shape[2]
+    if layout.q_order is not None:
+        q = q[:, :, layout.q_order.clamp(min=0)]
+    if layout.kv_order is not None:
+        k, v = k[:, :, layout.kv_order], v[:, :, layout.kv_order]
+    fn = _compiled() if compile else flex_attention
+    gqa = q.shape[1] != k.shape[1]
+    out = fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa)
+    if layout.q_order is not None:
+        real = layout.q_order >= 0
+        full = out.new_zeros(out.shape[0], out.shape[1], len_q, out.shape[3])
+        full[:, :, layout.q_order[real]] = out[:, :, real]
+        out = full
+    return out

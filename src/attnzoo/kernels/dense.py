@@ -1,0 +1,57 @@
+"""Dense executors: torch SDPA for speed, and the explicit-mask softmax every reference is built on.
+
+Causal masks are aligned bottom-right when Nq != Nk (query i sees key j <= i + Nk - Nq), the
+convention of FlashAttention and of a decoder's prefill over a cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, Hkv, N, D) -> (B, Hkv * groups, N, D): query head h uses key/value head h // groups."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def causal_mask(len_q: int, len_kv: int, device=None) -> torch.Tensor:
+    """Bottom-right aligned causal mask (Nq, Nk), True where attention is allowed."""
+    q = torch.arange(len_q, device=device)[:, None] + (len_kv - len_q)
+    return torch.arange(len_kv, device=device)[None, :] <= q
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact attention through torch's fused kernels, with GQA and bottom-right causal alignment."""
+    groups = q.shape[1] // k.shape[1]
+    if causal and q.shape[2] != k.shape[2]:
+        cm = causal_mask(q.shape[2], k.shape[2], q.device)
+        mask = cm if mask is None else mask & cm
+        causal = False
+    if mask is not None:
+        return masked_attention(q, k, v, mask, scale=scale)
+    kw = {"enable_gqa": True} if groups > 1 else {}
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **kw)
+
+
+def attention_scores(q: torch.Tensor, k: torch.Tensor, *, scale: float) -> torch.Tensor:
+    """Scaled logits (B, Hq, Nq, Nk) in float32 (float64 stays float64), GQA expanded."""
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k = repeat_kv(k, q.shape[1] // k.shape[1])
+    return torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last axis where ``mask`` is True; a row with no allowed key gets all zeros."""
+    if mask is None:
+        return torch.softmax(scores, dim=-1)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)
+
+
+def masked_attention(q, k, v, mask: torch.Tensor | None, *, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v, computed densely; ``mask`` broadcasts to (B, Hq, Nq, Nk)."""
+    probs = masked_softmax(attention_scores(q, k, scale=scale), mask)
+    v = repeat_kv(v, q.shape[1] // v.shape[1])
+    return torch.matmul(probs, v.to(probs.dtype)).to(q.dtype)

@@ -1,0 +1,233 @@
+"""The method contract: a configured, callable attention with a dense reference and an info card.
+
+Every registered method subclasses :class:`Method`, declares a dataclass ``Config`` and a
+:class:`MethodInfo`, and implements ``_forward`` (the fast path) and ``_reference`` (a plain dense
+computation that follows the paper's equations). Input checks, GQA bookkeeping and call statistics
+live here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from .errors import InvalidArgumentError, UnknownNameError, UnsupportedError
+
+FAMILIES = ("exact", "local", "dynamic", "linear", "learned", "decode", "head", "module", "analysis", "multimodal")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What a user needs to know before choosing a method."""
+
+    name: str
+    title: str
+    arxiv: str | None
+    family: tuple[str, ...]
+    causal: bool
+    non_causal: bool
+    cross: bool
+    gqa: bool
+    training_free: bool
+    time: str
+    memory: str
+    spatial: bool = False
+    summary: str = ""
+
+    def __post_init__(self):
+        unknown = [f for f in self.family if f not in FAMILIES]
+        if unknown:
+            raise InvalidArgumentError("MethodInfo.family", f"names from {FAMILIES}", unknown)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Call:
+    """The shapes and flags of one attention call, checked once and handed to the method."""
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    len_q: int
+    len_kv: int
+    dim: int
+    dim_v: int
+    causal: bool
+    scale: float
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def groups(self) -> int:
+        """Query heads per key/value head (1 without GQA)."""
+        return self.heads_q // self.heads_kv
+
+    @property
+    def self_attention(self) -> bool:
+        return self.len_q == self.len_kv
+
+
+@dataclass
+class CallStats:
+    """Statistics of one call, returned with ``return_stats=True``.
+
+    ``density`` is the fraction of the (causal, where causal) score matrix the fast path computed;
+    times are wall-clock milliseconds (synchronised on GPU).
+    """
+
+    method: str
+    backend: str
+    density: float
+    selection_ms: float = 0.0
+    attention_ms: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _describe(t: object) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+    return f"{type(t).__name__}"
+
+
+def check_finite_tensor(name: str, t: torch.Tensor) -> None:
+    """Raise if ``t`` holds NaN or inf. One reduction (a sum is finite iff every entry is, barring
+    overflow); the exact count runs only when that sum is not finite."""
+    if bool(torch.isfinite(t.sum(dtype=torch.float32 if t.dtype != torch.float64 else t.dtype))):
+        return
+    n_nan = int(torch.isnan(t).sum())
+    n_inf = int(torch.isinf(t).sum())
+    if n_nan or n_inf:
+        raise InvalidArgumentError(name, "finite values", f"{n_nan} NaN and {n_inf} infinite entries")
+
+
+def check_qkv(q: object, k: object, v: object, *, causal: object, scale: object, check_finite: bool = True) -> Call:
+    """Check the SDPA layout q (B,Hq,Nq,D), k (B,Hkv,Nk,D), v (B,Hkv,Nk,Dv) and return the :class:`Call`."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise InvalidArgumentError(name, "a torch.Tensor", _describe(t))
+        if t.dim() != 4:
+            raise InvalidArgumentError(name, "a 4-D tensor (batch, heads, tokens, head_dim)", f"shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise InvalidArgumentError(name, "dtype float32, float16, bfloat16 or float64", t.dtype)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise InvalidArgumentError("k, v", f"the dtype of q ({q.dtype})", f"k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise InvalidArgumentError("k, v", f"the device of q ({q.device})", f"k on {k.device}, v on {v.device}")
+    B, Hq, Nq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise InvalidArgumentError("k, v", f"batch size {B} (from q)", f"k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1]:
+        raise InvalidArgumentError("v", f"{k.shape[1]} heads (from k)", v.shape[1])
+    if k.shape[2] != v.shape[2]:
+        raise InvalidArgumentError("v", f"{k.shape[2]} tokens (from k)", v.shape[2])
+    if k.shape[3] != D:
+        raise InvalidArgumentError("k", f"head_dim {D} (from q)", k.shape[3])
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if min(B, Hq, Nq, D, Hkv, Nk, Dv) == 0:
+        raise InvalidArgumentError("q, k, v", "non-empty tensors", f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if Hq % Hkv:
+        raise InvalidArgumentError("q", f"a number of heads that is a multiple of k's {Hkv} (grouped-query attention)", Hq)
+    if not isinstance(causal, bool):
+        raise InvalidArgumentError("causal", "a bool", repr(causal))
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise InvalidArgumentError("scale", "None or a positive finite number", repr(scale))
+    if check_finite:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            check_finite_tensor(name, t)
+    return Call(B, Hq, Hkv, Nq, Nk, D, Dv, causal, float(scale), q.device, q.dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Method:
+    """Base class of every attention method.
+
+    Subclasses set ``info`` and ``Config`` (a dataclass whose ``__post_init__`` checks values), and
+    implement ``_forward(q, k, v, call)`` and ``_reference(q, k, v, call)``. ``check(call)`` rejects
+    patterns the method cannot run. Both paths receive inputs that passed :func:`check_qkv`.
+    """
+
+    info: ClassVar[MethodInfo]
+    Config: ClassVar[type]
+    backends: ClassVar[tuple[str, ...]] = ("auto",)
+
+    def __init__(self, *, backend: str = "auto", **config: Any):
+        if backend not in self.backends:
+            raise InvalidArgumentError("backend", f"one of {self.backends} for {self.info.name!r}", repr(backend))
+        names = {f.name for f in dataclasses.fields(self.Config)}
+        for key in config:
+            if key not in names:
+                raise UnknownNameError(f"option of method {self.info.name!r}", key, names | {"backend"})
+        self.backend = backend
+        self.config = self.Config(**config)
+
+    # ---- public API -------------------------------------------------------------------------
+    def __call__(self, q, k, v, *, causal: bool = False, scale: float | None = None, return_stats: bool = False):
+        call = self._prepare(q, k, v, causal, scale)
+        _sync(call.device)
+        start = time.perf_counter()
+        result = self._forward(q, k, v, call)
+        _sync(call.device)
+        if isinstance(result, tuple):
+            out, stats = result
+        else:
+            out, stats = result, self.stats(call)
+        if not return_stats:
+            return out
+        stats.attention_ms = (time.perf_counter() - start) * 1e3 - stats.selection_ms
+        return out, stats
+
+    def reference(self, q, k, v, *, causal: bool = False, scale: float | None = None) -> torch.Tensor:
+        """Dense PyTorch computation of the paper's equations (the oracle the fast path is tested against)."""
+        call = self._prepare(q, k, v, causal, scale)
+        return self._reference(q, k, v, call)
+
+    def stats(self, call: Call) -> CallStats:
+        """Statistics of a call with these shapes; methods with content-dependent cost override this."""
+        return CallStats(self.info.name, self.backend, density=1.0)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))
+        return f"{type(self).__name__}({fields})"
+
+    # ---- hooks ------------------------------------------------------------------------------
+    def check(self, call: Call) -> None:
+        """Raise :class:`UnsupportedError` or :class:`InvalidArgumentError` for calls this method can't run."""
+
+    def _forward(self, q, k, v, call: Call):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _reference(self, q, k, v, call: Call) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ---- shared checks ----------------------------------------------------------------------
+    def _prepare(self, q, k, v, causal, scale) -> Call:
+        call = check_qkv(q, k, v, causal=causal, scale=scale)
+        info = self.info
+        if call.causal and not info.causal:
+            raise UnsupportedError(f"method {info.name!r} does not support causal=True (it is non-causal only)")
+        if not call.causal and not info.non_causal:
+            raise UnsupportedError(f"method {info.name!r} does not support causal=False (it is causal only)")
+        if not call.self_attention and not info.cross:
+            raise UnsupportedError(
+                f"method {info.name!r} needs self-attention (q and k of equal length); got Nq={call.len_q}, Nk={call.len_kv}"
+            )
+        if call.groups > 1 and not info.gqa:
+            raise UnsupportedError(f"method {info.name!r} does not support grouped-query attention (Hq={call.heads_q}, Hkv={call.heads_kv})")
+        self.check(call)
+        return call
