@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InvalidArgumentError, UnsupportedError, check_int
-from .kernels.block_sparse import BACKENDS, BlockLayout, block_sparse_attention, choose_backend
+from .kernels.block_sparse import BACKENDS, BlockLayout, Boxes2D, block_sparse_attention, choose_backend
 from .kernels.dense import masked_attention, sdpa
 from .method import Call, CallStats, Method
 
@@ -295,7 +295,8 @@ def box_layout(grid: tuple[int, ...], num_global: int, tile: tuple[int, ...], sp
     union of its queries' windows, plus the global tokens.
 
     ``spans[a](c)`` maps coordinates c (int64 tensor) on axis a to (lo, hi): the key range of a
-    query at c; lo and hi must be non-decreasing in c. Cost: proportional to visited entries.
+    query at c; a tile visits [min lo, max hi) over its queries. Cost: proportional to visited
+    entries.
     """
     nd = len(grid)
     per_axis_tiles = [-(-n // t) for n, t in zip(grid, tile)]
@@ -304,10 +305,11 @@ def box_layout(grid: tuple[int, ...], num_global: int, tile: tuple[int, ...], sp
     for a in range(nd):
         starts = torch.arange(per_axis_tiles[a], device=device) * tile[a]
         c = starts[:, None] + torch.arange(tile[a], device=device)  # (tiles_a, tile_a)
-        q_coords.append(torch.where(c < grid[a], c, -1))
-        ends = (starts + tile[a]).clamp(max=grid[a]) - 1
-        lo, _ = spans[a](starts)
-        _, hi = spans[a](ends)
+        real = c < grid[a]
+        q_coords.append(torch.where(real, c, -1))
+        lo, hi = spans[a](c.clamp(max=grid[a] - 1))
+        lo = torch.where(real, lo, grid[a]).amin(1)
+        hi = torch.where(real, hi, 0).amax(1)
         key_ranges.append((lo.clamp(min=0), hi.clamp(max=grid[a])))
     # broadcast per-axis pieces to (tiles..., within-tile...) and flatten
     strides = [math.prod(grid[a + 1 :]) for a in range(nd)]
@@ -334,4 +336,13 @@ def box_layout(grid: tuple[int, ...], num_global: int, tile: tuple[int, ...], sp
     if num_global:
         keys = torch.cat([torch.arange(num_global, device=device).expand(keys.shape[0], -1), keys], dim=1)
     q_order = q_tok.flatten()  # -1 marks the padding of ragged edge tiles
-    return compact(keys, q_order.numel(), num_global + math.prod(grid), math.prod(tile), q_order=q_order)
+    full_tiles = all(n % t == 0 for n, t in zip(grid, tile))
+    if num_global == 0 and q_order.numel() == math.prod(grid) and bool((q_order == torch.arange(q_order.numel(), device=device)).all()):
+        q_order = None  # 1-D or full-width tiles: the natural order, which lets bands run as slices
+    if q_order is None:
+        return compact(keys, math.prod(grid), math.prod(grid), math.prod(tile))
+    boxes = None
+    if nd == 2 and num_global == 0 and full_tiles:
+        starts = [tuple((lo.clamp(max=n - w)).tolist()) for (lo, _), n, w in zip(key_ranges, grid, widths)]
+        boxes = Boxes2D(grid, tile, starts[0], widths[0], starts[1], widths[1])
+    return compact(keys, q_order.numel(), num_global + math.prod(grid), math.prod(tile), q_order=q_order, boxes=boxes)

@@ -7,7 +7,6 @@ import functools
 
 import torch
 
-from ...errors import UnsupportedError
 from .layout import BlockLayout
 
 
@@ -30,8 +29,6 @@ def block_mask(layout: BlockLayout):
     """The layout as a FlexAttention ``BlockMask`` (in the layout's visiting order)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    if layout.q_block != layout.kv_block:
-        raise UnsupportedError(f"flex backend needs equal query and key block sizes; got {layout.q_block} and {layout.kv_block}")
     key = "flex_block_mask"
     if key in layout.cache:
         return layout.cache[key]

@@ -56,7 +56,7 @@ def _plan_for(layout: BlockLayout, bl: int, hl: int, dtype: torch.dtype, static:
     kv_pos = layout.kv_tokens()[bl, hl]
     real_q = q_pos >= 0
     starts, width = None, kv_pos.shape[-1]
-    if layout.covers_mask and layout.kv_order is None:
+    if layout.covers_mask and layout.kv_order is None and layout.q_order is None:
         # A 1-D band: read a contiguous range per block instead of gathering.
         big = torch.iinfo(torch.int64).max
         lo = torch.where(kv_pos >= 0, kv_pos, big).amin(-1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -38,6 +39,9 @@ class BlockLayout:
     """True when the listed blocks include every (i, j) that ``mask_mod`` allows, so executors may
     visit a superset of the blocks and rely on ``mask_mod`` alone (pattern methods); False when the
     listed blocks are a selection that ``mask_mod`` only refines (dynamic methods)."""
+    boxes: Any = None
+    """Optional geometry (:class:`~attnzoo.kernels.block_sparse.strip.Boxes2D`) of a tiled 2-D
+    layout, which lets the CPU executor read each tile's keys through strided views."""
     cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
