@@ -113,8 +113,9 @@ def range_layout(call: Call, q_block: int, lo, hi, sinks: int = 0) -> BlockLayou
     return compact(keys, call.len_q, call.len_kv, q_block)
 
 
-def compact(keys: torch.Tensor, num_q: int, num_kv: int, q_block: int, **kw) -> BlockLayout:
-    """Token lists (…, nQB, K) with -1 holes -> a layout with kv_block = 1 and holes moved last."""
+def compact(keys: torch.Tensor, num_q: int, num_kv: int, q_block: int, kv_block: int = 1, **kw) -> BlockLayout:
+    """Key lists (…, nQB, K) with -1 holes (token ids, or block ids with ``kv_block`` > 1) -> a
+    layout with the holes moved last."""
     while keys.dim() < 4:
         keys = keys.unsqueeze(0)
     valid = keys >= 0
@@ -122,7 +123,7 @@ def compact(keys: torch.Tensor, num_q: int, num_kv: int, q_block: int, **kw) -> 
     keys = torch.gather(keys, -1, order).clamp(min=0)
     counts = valid.sum(-1)
     width = max(int(counts.max()), 1) if counts.numel() else 1
-    return BlockLayout(num_q, num_kv, q_block, 1, keys[..., :width].contiguous(), counts, **kw)
+    return BlockLayout(num_q, num_kv, q_block, kv_block, keys[..., :width].contiguous(), counts, **kw)
 
 
 class PatternMethod(Method):
@@ -261,12 +262,20 @@ class SpatialMethod(PatternMethod):
 
         return mask_mod
 
-    def reference_mask(self, call: Call) -> torch.Tensor:
-        idx = torch.arange(call.len_q, device=call.device)
-        return self.mask_mod(call)(torch.zeros((), dtype=torch.long), torch.arange(self.mask_heads(call), device=call.device)[:, None, None], idx[:, None], idx[None, :])
+    def embed_grid_mask(self, call: Call, grid_mask: torch.Tensor) -> torch.Tensor:
+        """(n, n) mask over grid tokens -> (N, N) with the global tokens attending everywhere."""
+        G = self.config.num_global
+        full = torch.ones(call.len_q, call.len_kv, dtype=torch.bool)
+        full[G:, G:] = grid_mask
+        return full.to(call.device)
 
-    def mask_heads(self, call: Call) -> int:
-        return 1
+    def axes_product_mask(self, call: Call, axis_masks: list[torch.Tensor]) -> torch.Tensor:
+        """Reference mask of a separable pattern: allowed iff allowed on every axis ((n_a, n_a) each)."""
+        mask = torch.ones(1, 1, dtype=torch.bool)
+        for axis in axis_masks:
+            n = axis.shape[0]
+            mask = (mask[:, None, :, None] & axis[None, :, None, :]).reshape(mask.shape[0] * n, -1)
+        return self.embed_grid_mask(call, mask)
 
     def _forward(self, q, k, v, call: Call):
         out, stats = super()._forward(q, k, v, call)

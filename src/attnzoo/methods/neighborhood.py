@@ -101,7 +101,7 @@ class Neighborhood(SpatialMethod):
     def reference_mask(self, call: Call) -> torch.Tensor:
         """Written from the definition, one query at a time per axis, then combined across axes."""
         grid, kernel, dilation, causal = self._axes(call)
-        mask = torch.ones(1, 1, dtype=torch.bool)
+        axes = []
         for n, k, d, c in zip(grid, kernel, dilation, causal):
             axis = torch.zeros(n, n, dtype=torch.bool)
             for i in range(n):
@@ -113,8 +113,5 @@ class Neighborhood(SpatialMethod):
                     start = min(max(pos - k // 2, 0), len(same) - k)
                     window = same[start : start + k]
                 axis[i, window] = True
-            mask = (mask[:, None, :, None] & axis[None, :, None, :]).reshape(mask.shape[0] * n, mask.shape[1] * n)
-        G = self.config.num_global
-        full = torch.ones(call.len_q, call.len_kv, dtype=torch.bool)
-        full[G:, G:] = mask
-        return full.to(call.device)
+            axes.append(axis)
+        return self.axes_product_mask(call, axes)
