@@ -51,13 +51,16 @@ def coarsen(layout: BlockLayout, block: int) -> BlockLayout:
     queries do not cover (global tokens). Cost: proportional to the listed entries.
     """
     dev = layout.device
-    if layout.kv_block != 1:
-        raise ValueError("coarsen expects a token-level layout (kv_block 1)")
     m = max(1, block // layout.q_block)
     nqb = layout.num_q_blocks
     n_coarse = -(-nqb // m)
     # visiting order of keys: tokens not in q_order first (globals), then q_order without holes
-    if layout.q_order is None:
+    if layout.kv_block > 1:
+        if layout.kv_order is not None or layout.q_order is not None or block % layout.kv_block:
+            raise ValueError(f"coarsen: key blocks of {layout.kv_block} need natural order and a multiple target block; got {block}")
+        kv_order = None
+        rank = torch.arange(layout.num_kv_blocks, device=dev) * layout.kv_block
+    elif layout.q_order is None:
         kv_order = None
         rank = torch.arange(layout.num_kv, device=dev)
     else:
@@ -219,8 +222,6 @@ class SpatialMethod(PatternMethod):
 
     def check(self, call: Call) -> None:
         cfg = self.config
-        if not call.self_attention:
-            raise UnsupportedError(f"method {self.info.name!r} is spatial self-attention; got Nq={call.len_q}, Nk={call.len_kv}")
         n = call.len_q - cfg.num_global
         if n < 1:
             raise InvalidArgumentError("num_global", f"fewer than the {call.len_q} tokens", cfg.num_global)

@@ -31,8 +31,8 @@ class _Group:
     """Query blocks that run the same way: their ids, their keys, and their shared (or own) mask."""
 
     blocks: torch.Tensor  # (n,) query block ids
-    kv_pos: torch.Tensor | None  # (n, K) original key indices, or None for slices
-    starts: torch.Tensor | None  # (n,) first key of each block's slice
+    kv_pos: torch.Tensor  # (n, K) original key indices
+    starts: torch.Tensor | None  # (n,) first key of each block's slice, when its keys are one range
     width: int  # K, keys per block
     mask: torch.Tensor | None  # additive float: (K,)-broadcast (bq, K), per block (n, bq, K), or None
 
@@ -78,7 +78,7 @@ def _plan_for(layout: BlockLayout, bl: int, hl: int, dtype: torch.dtype, static:
 
     def add(ids: torch.Tensor, m: torch.Tensor | None) -> None:
         if ids.numel():
-            groups.append(_Group(ids, None if starts is not None else kv_pos[ids], None if starts is None else starts[ids], width, m))
+            groups.append(_Group(ids, kv_pos[ids], None if starts is None else starts[ids], width, m))
 
     add(torch.nonzero(full).flatten(), None)
     rest = torch.nonzero(~full).flatten()
