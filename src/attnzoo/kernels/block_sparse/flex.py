@@ -35,23 +35,31 @@ def block_mask(layout: BlockLayout):
     inner = layout.mask_mod
     qo = layout.q_order if layout.q_order is not None else torch.arange(layout.num_q, device=layout.device)
     ko = layout.kv_order if layout.kv_order is not None else torch.arange(layout.num_kv, device=layout.device)
-    if inner is None:
-        mask_mod = None
-    elif layout.q_order is None and layout.kv_order is None:
-        mask_mod = inner
-    else:
-        def mask_mod(b, h, q_idx, kv_idx):
-            return inner(b, h, qo[q_idx].clamp(min=0), ko[kv_idx])
-    if mask_mod is not None and layout.kv_indices.shape[1] == 1:
-        # the layout's head index is 0 for a layout shared by every head
-        shared = mask_mod
+    listed = None
+    if not layout.covers_mask:
+        # A selection layout: the listed blocks are part of the pattern. Compiled flex skips unlisted
+        # blocks, but eager flex (the CPU path) applies mask_mod alone, so the mask checks them too.
+        Bl, Hl, nqb, _ = layout.kv_indices.shape
+        listed = torch.zeros(Bl, Hl, nqb, layout.num_kv_blocks + 1, dtype=torch.bool, device=layout.device)
+        listed.scatter_(-1, torch.where(layout.slot_valid(), layout.kv_indices, layout.num_kv_blocks), True)
+    qb, kb, shared_b, shared_h = layout.q_block, layout.kv_block, layout.kv_indices.shape[0] == 1, layout.kv_indices.shape[1] == 1
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            return shared(b, h * 0, q_idx, kv_idx)
+    def mask_mod(b, h, q_idx, kv_idx):
+        # the layout's own batch/head index is 0 where it is shared by every batch row/head
+        b, h = (b * 0 if shared_b else b), (h * 0 if shared_h else h)
+        allowed = q_idx >= 0
+        if inner is not None:
+            allowed = allowed & inner(b, h, qo[q_idx].clamp(min=0), ko[kv_idx])
+        if listed is not None:
+            allowed = allowed & listed[b, h, q_idx // qb, kv_idx // kb]
+        return allowed
 
+    # FlexAttention sizes its block table by the last axis of kv_indices: pad it to all key blocks
+    indices = layout.kv_indices.to(torch.int32)
+    indices = torch.nn.functional.pad(indices, (0, layout.num_kv_blocks - indices.shape[-1]))
     bm = BlockMask.from_kv_blocks(
         layout.kv_counts.to(torch.int32),
-        layout.kv_indices.to(torch.int32),
+        indices,
         BLOCK_SIZE=(layout.q_block, layout.kv_block),
         mask_mod=mask_mod,
         seq_lengths=(layout.num_q, layout.num_kv),
