@@ -50,7 +50,12 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
+_PLAN_CHUNK = 64  # query blocks whose token masks are formed at once while planning
+
+
 def _plan_for(layout: BlockLayout, bl: int, hl: int, dtype: torch.dtype, static: bool) -> _Plan:
+    """Token lists and mask classes for one (layout batch, layout head); masks are formed a chunk
+    of query blocks at a time and only one mask per class is kept, so memory stays linear in N."""
     dev = layout.device
     q_pos = layout.q_tokens()
     kv_pos = layout.kv_tokens()[bl, hl]
@@ -68,31 +73,49 @@ def _plan_for(layout: BlockLayout, bl: int, hl: int, dtype: torch.dtype, static:
             kv_pos = starts[:, None] + torch.arange(width, device=dev)
     b = torch.tensor(bl, device=dev)
     h = torch.tensor(hl, device=dev)
-    mask = layout.token_mask(q_pos[:, :, None], kv_pos[:, None, :], b, h)  # (nQB, bq, K)
-    row_any = mask.any(-1)
-    allowed = int(mask.sum())
-    empty = real_q & ~row_any
-    mask = mask | ~row_any[..., None]  # padding and empty rows attend everywhere; output fixed later
-    full = mask.all(-1).all(-1)
+    full_ids: list[torch.Tensor] = []
+    classes: dict[bytes, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+    own_ids: list[torch.Tensor] = []
+    own_masks: list[torch.Tensor] = []
+    empty_rows: list[torch.Tensor] = []
+    allowed = 0
+    for a in range(0, q_pos.shape[0], _PLAN_CHUNK):
+        ids = torch.arange(a, min(a + _PLAN_CHUNK, q_pos.shape[0]), device=dev)
+        qp = q_pos[ids]
+        mask = layout.token_mask(qp[:, :, None], kv_pos[ids][:, None, :], b, h)  # (c, bq, K)
+        row_any = mask.any(-1)
+        allowed += int(mask.sum())
+        empty = (qp >= 0) & ~row_any
+        if bool(empty.any()):
+            empty_rows.append(qp[empty])
+        mask |= ~row_any[..., None]  # padding and empty rows attend everywhere; output fixed later
+        full = mask.flatten(1).all(-1)
+        full_ids.append(ids[full])
+        rest = torch.nonzero(~full).flatten()
+        if not static:
+            own_ids.append(ids[rest])
+            own_masks.append(mask[rest])
+            continue
+        for i in rest.tolist():
+            key = mask[i].numpy().tobytes() if mask.device.type == "cpu" else mask[i].cpu().numpy().tobytes()
+            if key not in classes:
+                classes[key] = (mask[i].clone(), [])
+            classes[key][1].append(ids[i : i + 1])
     groups: list[_Group] = []
 
     def add(ids: torch.Tensor, m: torch.Tensor | None) -> None:
         if ids.numel():
             groups.append(_Group(ids, kv_pos[ids], None if starts is None else starts[ids], width, m))
 
-    add(torch.nonzero(full).flatten(), None)
-    rest = torch.nonzero(~full).flatten()
-    if rest.numel():
-        if static:
-            uniq, inverse = torch.unique(mask[rest].flatten(1), dim=0, return_inverse=True)
-            for c in range(uniq.shape[0]):
-                add(rest[inverse == c], _additive(uniq[c].view(mask.shape[1:]), dtype))
-        else:
-            add(rest, _additive(mask[rest], dtype))
+    add(torch.cat(full_ids), None)
+    for m, members in classes.values():
+        add(torch.cat(members), _additive(m, dtype))
+    if own_ids:
+        add(torch.cat(own_ids), _additive(torch.cat(own_masks), dtype))
     return _Plan(
         q_pos,
         groups,
-        q_pos[empty] if bool(empty.any()) else None,
+        torch.cat(empty_rows) if empty_rows else None,
         allowed,
         int(real_q.sum()) * width,
     )
