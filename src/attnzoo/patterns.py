@@ -286,8 +286,15 @@ class SpatialMethod(PatternMethod):
         return out, stats
 
 
-def tile_shape(grid: tuple[int, ...], target: int = 64) -> tuple[int, ...]:
-    """A query tile of about ``target`` tokens, square-ish, no larger than the grid (last axis widest)."""
+def tile_shape(grid: tuple[int, ...], target: int | None = None) -> tuple[int, ...]:
+    """A query tile of about ``target`` tokens, square-ish, no larger than the grid (last axis widest).
+
+    The default is 16 tokens on 2-D grids (the strip executor reads boxes without gathering, so a
+    small box wins: a 128 x 128 grid with a 13 x 13 window ran about 1.3x faster on 4 x 4 tiles than
+    on 8 x 8 at 2 CPU threads) and 64 elsewhere (a gathered box costs a copy per tile).
+    """
+    if target is None:
+        target = 16 if len(grid) == 2 else 64
     tile = [1] * len(grid)
     while math.prod(tile) < target:
         grown = False

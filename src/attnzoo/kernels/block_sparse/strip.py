@@ -37,6 +37,7 @@ class _Run:
     stop: int
     col0: int  # first key column of the first tile's box
     mask: torch.Tensor | None  # additive (G * tc * tr, box_w * box_h), rows ordered (col, group, row)
+    allowed: int = 0  # allowed (query, key) entries of one tile of the run, for one head
 
 
 def _runs(layout: BlockLayout, boxes: Boxes2D, groups: int, dtype: torch.dtype) -> list[list[_Run]]:
@@ -67,6 +68,7 @@ def _runs(layout: BlockLayout, boxes: Boxes2D, groups: int, dtype: torch.dtype) 
             runs.append(_Run(tj, tj + 1, boxes.col_start[tj], None))
         for run in runs:
             m = masks[run.first]
+            run.allowed = int(m.sum())
             if not bool(m.all()):
                 m = m.view(tc, 1, tr, -1).expand(tc, groups, tr, m.shape[-1]).reshape(-1, m.shape[-1])
                 run.mask = torch.zeros(m.shape, dtype=dtype, device=dev).masked_fill_(~m, float("-inf"))
@@ -76,7 +78,12 @@ def _runs(layout: BlockLayout, boxes: Boxes2D, groups: int, dtype: torch.dtype) 
 
 
 def strip_attention(q, k, v, layout: BlockLayout, boxes: Boxes2D, *, scale: float) -> tuple[torch.Tensor, dict]:
-    """q (B, Hq, N, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv) with N = R * C -> (B, Hq, N, Dv)."""
+    """q (B, Hq, N, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv) with N = R * C -> (B, Hq, N, Dv).
+
+    Without autograd, the strip and query buffers are allocated once per call and refilled per tile
+    row: a fresh allocation of this size is a fresh mmap on Linux, whose page faults cost more than
+    the copy. With autograd each row gets its own buffers (the backward pass reads them).
+    """
     B, Hq, N, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     G = Hq // Hkv
@@ -86,20 +93,33 @@ def strip_attention(q, k, v, layout: BlockLayout, boxes: Boxes2D, *, scale: floa
     k5, v5 = k.to(work).view(B, Hkv, R, C, D), v.to(work).view(B, Hkv, R, C, Dv)
     out = torch.empty(B, Hkv, G, R, C, Dv, dtype=work, device=q.device)
     nc = C // tc
+    reuse = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+
+    def buffers():
+        return (
+            torch.empty(B, Hkv, C, bh, D, dtype=work, device=q.device),  # column-major strip: a tile's box is one run
+            torch.empty(B, Hkv, C, bh, Dv, dtype=work, device=q.device),
+            torch.empty(B, Hkv, C, G, tr, D, dtype=work, device=q.device),  # queries ordered (column, group, row)
+        )
+
+    ks, vs, qs = buffers()
     allowed = 0
     for ti, runs in enumerate(_runs(layout, boxes, G, work)):
         r0 = boxes.row_start[ti]
-        ks = k5[:, :, r0 : r0 + bh].transpose(2, 3).contiguous()  # (B, Hkv, C, bh, D): column-major strip
-        vs = v5[:, :, r0 : r0 + bh].transpose(2, 3).contiguous()
-        qs = q6[:, :, :, ti * tr : (ti + 1) * tr].permute(0, 1, 4, 2, 3, 5).reshape(B * Hkv, nc, tc * G * tr, D)
-        res = torch.empty(B * Hkv, nc, tc * G * tr, Dv, dtype=work, device=q.device)
+        if ti and not reuse:
+            ks, vs, qs = buffers()
+        ks.copy_(k5[:, :, r0 : r0 + bh].transpose(2, 3))
+        vs.copy_(v5[:, :, r0 : r0 + bh].transpose(2, 3))
+        qs.copy_(q6[:, :, :, ti * tr : (ti + 1) * tr].permute(0, 1, 4, 2, 3, 5))
+        q_tiles = qs.view(B * Hkv, nc, tc * G * tr, D)
+        dest = out[:, :, :, ti * tr : (ti + 1) * tr].view(B * Hkv, G, tr, nc, tc, Dv)
         for run in runs:
             n = run.stop - run.first
-            kb = ks.as_strided((B * Hkv, n, bw * bh, D), (C * bh * D, tc * bh * D, D, 1), ks.storage_offset() + run.col0 * bh * D)
-            vb = vs.as_strided((B * Hkv, n, bw * bh, Dv), (C * bh * Dv, tc * bh * Dv, Dv, 1), vs.storage_offset() + run.col0 * bh * Dv)
-            res[:, run.first : run.stop] = F.scaled_dot_product_attention(qs[:, run.first : run.stop], kb, vb, attn_mask=run.mask, scale=scale)
-            allowed += n * (tc * tr * bw * bh if run.mask is None else int(torch.isfinite(run.mask).sum()) // G)
-        out[:, :, :, ti * tr : (ti + 1) * tr] = res.view(B, Hkv, C, G, tr, Dv).permute(0, 1, 3, 4, 2, 5)
+            kb = ks.as_strided((B * Hkv, n, bw * bh, D), (C * bh * D, tc * bh * D, D, 1), run.col0 * bh * D)
+            vb = vs.as_strided((B * Hkv, n, bw * bh, Dv), (C * bh * Dv, tc * bh * Dv, Dv, 1), run.col0 * bh * Dv)
+            res = F.scaled_dot_product_attention(q_tiles[:, run.first : run.stop], kb, vb, attn_mask=run.mask, scale=scale)
+            dest[:, :, :, run.first : run.stop] = res.view(B * Hkv, n, tc, G, tr, Dv).permute(0, 3, 4, 1, 2, 5)
+            allowed += n * run.allowed
     computed = R * C * bh * bw
     heads = B * Hq
     return out.view(B, Hq, N, Dv).to(q.dtype), {"allowed": allowed * heads, "computed": computed * heads}
