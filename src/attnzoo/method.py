@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from .errors import InvalidArgumentError, UnknownNameError, UnsupportedError
+from .kernels.dense import causal_mask
 
 FAMILIES = ("exact", "local", "dynamic", "linear", "learned", "decode", "head", "module", "analysis", "multimodal")
 
@@ -197,6 +198,12 @@ class Method:
         call = self._prepare(q, k, v, causal, scale)
         return self._reference(q, k, v, call)
 
+    def support(self, q, k, v, *, causal: bool = False, scale: float | None = None) -> torch.Tensor | None:
+        """The (query, key) pairs this method attends to on these inputs, as a boolean mask that
+        broadcasts to (B, Hq, Nq, Nk), for measuring recall of the exact attention mass; None where
+        the method has no sparse support (linear or pooled attention). Dense: O(Nq Nk) memory."""
+        return self._support(q, k, v, self._prepare(q, k, v, causal, scale))
+
     def stats(self, call: Call) -> CallStats:
         """Statistics of a call with these shapes; methods with content-dependent cost override this."""
         return CallStats(self.info.name, self.backend, density=1.0)
@@ -214,6 +221,12 @@ class Method:
 
     def _reference(self, q, k, v, call: Call) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _support(self, q, k, v, call: Call) -> torch.Tensor | None:
+        """See :meth:`support`; exact attention attends everywhere it is allowed to."""
+        if "exact" in self.info.family:
+            return causal_mask(call.len_q, call.len_kv, q.device) if call.causal else torch.ones(1, 1, dtype=torch.bool, device=q.device)
+        return None
 
     # ---- shared checks ----------------------------------------------------------------------
     def _prepare(self, q, k, v, causal, scale) -> Call:

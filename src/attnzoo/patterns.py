@@ -22,7 +22,7 @@ import torch
 
 from .errors import InvalidArgumentError, UnsupportedError, check_int
 from .kernels.block_sparse import BACKENDS, BlockLayout, Boxes2D, block_sparse_attention, choose_backend
-from .kernels.dense import masked_attention, sdpa
+from .kernels.dense import causal_mask, masked_attention, sdpa
 from .method import Call, CallStats, Method
 
 FLEX_BLOCK = 128
@@ -170,7 +170,11 @@ class PatternMethod(Method):
         return out, self._stats(call, backend, counts)
 
     def _reference(self, q, k, v, call: Call) -> torch.Tensor:
-        return masked_attention(q, k, v, self.reference_mask(call), scale=call.scale)
+        return masked_attention(q, k, v, self._support(q, k, v, call), scale=call.scale)
+
+    def _support(self, q, k, v, call: Call) -> torch.Tensor:
+        mask = self.reference_mask(call)
+        return mask & causal_mask(call.len_q, call.len_kv, mask.device) if call.causal else mask
 
     def _stats(self, call: Call, backend: str, counts: dict) -> CallStats:
         area = dense_area(call) * call.batch * call.heads_q

@@ -201,3 +201,18 @@ def test_stats_report_density(rng):
     assert stats.density == pytest.approx(exact)
     assert stats.extra["computed_fraction"] >= stats.density
     assert stats.attention_ms > 0
+
+
+def test_support_is_the_reference_pattern(rng):
+    """support() is the set of pairs the method attends to: its density equals the stats' density,
+    and attention restricted to it is the reference."""
+    q, k, v = qkv(rng, B=1, Nq=256)
+    m = attnzoo.get_method("streaming", sinks=4, window=32)
+    mask = m.support(q, k, v, causal=True)
+    _, stats = m(q, k, v, causal=True, return_stats=True)
+    assert float(mask.float().sum()) / (256 * 257 / 2) == pytest.approx(stats.density)
+    from attnzoo.kernels.dense import masked_attention
+    assert rel_err(masked_attention(q, k, v, mask, scale=q.shape[-1] ** -0.5), m.reference(q, k, v, causal=True)) <= 1e-6
+    assert attnzoo.get_method("hilo", grid=(16, 16)).support(q, k, v) is None
+    dense_support = attnzoo.get_method("dense").support(q, k, v, causal=True)
+    assert dense_support.shape == (256, 256) and int(dense_support.sum()) == 256 * 257 // 2
