@@ -1,0 +1,93 @@
+"""Kernelized linear attention (Katharopoulos et al.) and the base class of the linear family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import check_float, check_int
+from ..kernels.dense import repeat_kv
+from ..kernels.linear import BACKENDS, linear_attention, naive_linear_attention
+from ..kernels.linear.feature_maps import fixed_map
+from ..method import Call, Method, MethodInfo
+from ..registry import register
+
+
+@dataclass
+class LinearConfig:
+    """``chunk``: tokens per chunk of the causal executor (quadratic inside a chunk); ``eps``: added
+    to the normaliser of normalised forms."""
+
+    chunk: int = 64
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        self.chunk = check_int("chunk", self.chunk)
+        self.eps = check_float("eps", self.eps, low=0.0, high=1.0)
+
+
+class LinearMethod(Method):
+    """A linear attention described by a feature map (``features``), an optional per-head decay
+    (``decay``), whether rows are normalised (``normalize``) and a post-processing step
+    (``finish``). The fast path runs the shared executor (:mod:`attnzoo.kernels.linear`), the
+    reference its quadratic twin; both share the description, so the test of one against the other
+    is a test of the executor plus whatever a subclass adds."""
+
+    backends = BACKENDS
+    normalize = True
+
+    def features(self, q: torch.Tensor, k: torch.Tensor, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def decay(self, call: Call) -> torch.Tensor | None:
+        return None
+
+    def finish(self, out: torch.Tensor, q, k, v, call: Call) -> torch.Tensor:
+        return out
+
+    def _forward(self, q, k, v, call: Call):
+        qf, kf = self.features(q, k, call)
+        v = repeat_kv(v, kf.shape[1] // v.shape[1])  # feature maps may expand GQA keys
+        out = linear_attention(qf, kf, v, causal=call.causal, decay=self.decay(call), normalize=self.normalize,
+                               eps=self.config.eps, chunk=self.config.chunk, backend=self.backend)
+        return self.finish(out, q, k, v, call).to(q.dtype)
+
+    def _reference(self, q, k, v, call: Call):
+        qf, kf = self.features(q, k, call)
+        v = repeat_kv(v, kf.shape[1] // v.shape[1])
+        out = naive_linear_attention(qf, kf, v, causal=call.causal, decay=self.decay(call), normalize=self.normalize,
+                                     eps=self.config.eps)
+        return self.finish(out, q, k, v, call).to(q.dtype)
+
+
+@dataclass
+class KernelizedConfig(LinearConfig):
+    """``feature_map``: a name from :data:`attnzoo.kernels.linear.feature_maps.FIXED_MAPS`
+    (``elu`` = elu + 1, ``relu``, ``squared_relu``, ``softmax``, ``silu``, ``identity``)."""
+
+    feature_map: str = "elu"
+
+    def __post_init__(self):
+        super().__post_init__()
+        fixed_map(self.feature_map)
+
+
+@register
+class Linear(LinearMethod):
+    """Kernelized linear attention ("Transformers are RNNs: Fast Autoregressive Transformers with
+    Linear Attention", arXiv 2006.16236): ``out_i = phi(q_i) sum_j phi(k_j)^T v_j / (phi(q_i)
+    sum_j phi(k_j) + eps)``, causal sums over j <= i. q (B, Hq, Nq, D), k (B, Hkv, Nk, D),
+    v (B, Hkv, Nk, Dv) -> (B, Hq, Nq, Dv). ``scale`` is not used (the feature maps are scale-free)."""
+
+    info = MethodInfo(
+        name="linear", title="Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention",
+        arxiv="2006.16236", family=("linear",), causal=True, non_causal=True, cross=True, gqa=True,
+        training_free=True, time="O(N D Dv) (+ O(N C D) causal)", memory="O(N (D + Dv))",
+        summary="phi(Q)(phi(K)^T V) with a named feature map (elu+1, relu, ...), chunked causal form",
+    )
+    Config = KernelizedConfig
+
+    def features(self, q, k, call):
+        phi = fixed_map(self.config.feature_map)
+        return phi(q), phi(k)
