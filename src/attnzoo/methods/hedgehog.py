@@ -1,0 +1,98 @@
+"""Hedgehog: a learnable, softmax-mimicking MLP feature map, fitted to a teacher's attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import InvalidArgumentError, check_int
+from ..kernels.dense import repeat_kv
+from ..kernels.linear.feature_maps import HedgehogFeatureMap, fit_to_softmax
+from ..method import Call, MethodInfo
+from ..registry import register
+from .linear import LinearConfig, LinearMethod
+
+
+class LearnedFeatureMethod(LinearMethod):
+    """Normalised linear attention whose feature map is an ``nn.Module`` ``(q, k) -> (phi(q),
+    phi(k))`` with one parameter set per query head (``config.feature_map``; an untrained map is
+    made when it is None). ``fit`` trains the map on a teacher's softmax attention weights."""
+
+    map_class: type[nn.Module]
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self._untrained: dict = {}
+
+    def new_map(self, heads: int, dim: int) -> nn.Module:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def feature_module(self, call: Call) -> nn.Module:
+        """The configured map, or an untrained one for these shapes (cached)."""
+        if self.config.feature_map is not None:
+            return self.config.feature_map
+        key = (call.heads_q, call.dim, call.device)
+        if key not in self._untrained:
+            self._untrained[key] = self.new_map(call.heads_q, call.dim).to(call.device)
+        return self._untrained[key]
+
+    def features(self, q, k, call: Call):
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        fmap = self.feature_module(call)
+        return fmap(q.to(work), repeat_kv(k, call.groups).to(work))
+
+    def fit(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, scale: float | None = None,
+            steps: int = 200, lr: float = 1e-2) -> list[float]:
+        """Fit the feature map on sample queries/keys of one layer, q (B, Hq, N, D), k (B, Hkv, N, D),
+        to the teacher ``softmax(q k^T * scale)`` (Hedgehog's cross-entropy distillation); the fitted
+        map becomes ``config.feature_map``. Returns the loss per step."""
+        if q.dim() != 4 or k.dim() != 4 or q.shape[1] % k.shape[1]:
+            raise InvalidArgumentError("q, k", "(B, Hq, N, D) and (B, Hkv, N, D) with Hq a multiple of Hkv", f"{tuple(q.shape)}, {tuple(k.shape)}")
+        fmap = self.config.feature_map or self.new_map(q.shape[1], q.shape[-1]).to(q.device)
+        losses = fit_to_softmax(fmap, q, repeat_kv(k, q.shape[1] // k.shape[1]), causal=causal, scale=scale, steps=steps, lr=lr)
+        self.config.feature_map = fmap
+        return losses
+
+
+def check_map(value, cls):
+    if value is not None and not isinstance(value, cls):
+        raise InvalidArgumentError("feature_map", f"None or a {cls.__name__}", type(value).__name__)
+    return value
+
+
+@dataclass
+class HedgehogConfig(LinearConfig):
+    """``feature_map``: a trained :class:`~attnzoo.kernels.linear.feature_maps.HedgehogFeatureMap`
+    (one per layer; get one with ``method.fit(q, k)`` on sample queries/keys, or build and train it
+    yourself); None uses an untrained map (W = I). ``features``: its width F (default: head dim)."""
+
+    feature_map: HedgehogFeatureMap | None = None
+    features: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_map(self.feature_map, HedgehogFeatureMap)
+        if self.features is not None:
+            self.features = check_int("features", self.features)
+
+
+@register
+class Hedgehog(LearnedFeatureMethod):
+    """Hedgehog ("The Hedgehog & the Porcupine: Expressive Linear Attentions with Softmax Mimicry",
+    arXiv 2402.04347): normalised linear attention with the learnable feature map ``[softmax(xW + b),
+    softmax(-xW - b)]`` per head (queries and keys separately), trained so its attention weights
+    match softmax attention (``fit``). q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv) -> (B, Hq, Nq, Dv);
+    ``scale`` is only used by ``fit``'s teacher."""
+
+    info = MethodInfo(
+        name="hedgehog", title="The Hedgehog & the Porcupine: Expressive Linear Attentions with Softmax Mimicry",
+        arxiv="2402.04347", family=("linear", "learned"), causal=True, non_causal=True, cross=True, gqa=True,
+        training_free=False, time="O(N F (D + Dv))", memory="O(N (F + Dv))",
+        summary="learnable spiky/monotone MLP feature map distilled from softmax attention weights",
+    )
+    Config = HedgehogConfig
+
+    def new_map(self, heads: int, dim: int) -> nn.Module:
+        return HedgehogFeatureMap(heads, dim, self.config.features)
