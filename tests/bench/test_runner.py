@@ -1,0 +1,82 @@
+"""The sweep: rows for every method x length, dense in the same run, failures recorded and survived."""
+
+import pytest
+
+from attnzoo.bench.runner import BenchOptions, run_bench
+from attnzoo.bench.specs import MethodSpec, config_at, near_square_grid, parse_method_spec
+from attnzoo.bench.store import Store
+from attnzoo.errors import InvalidArgumentError, UnknownNameError
+
+
+def _specs(*texts):
+    return [parse_method_spec(t) for t in texts]
+
+
+def _run(tmp_path, **kw):
+    opts = BenchOptions(**{"lengths": (64, 256), "heads": 2, "dim": 16, "repeats": 2, **kw})
+    store = Store(tmp_path / "s.sqlite")
+    outcome = run_bench(opts, store, progress=False)
+    return store, outcome, store.results(outcome.run_id)
+
+
+def test_tiny_sweep_measures_every_method_against_dense(tmp_path):
+    store, outcome, rows = _run(tmp_path, methods=_specs("sliding_window:window=16", "neighborhood:kernel_size=3"),
+                                backward=True)
+    assert outcome.status == "complete" and store.run(outcome.run_id)["status"] == "complete"
+    got = {(r["method"], r["length"], r["pass"], r["causal"]) for r in rows}
+    for n in (64, 256):
+        for p in ("forward", "forward+backward"):
+            # auto mode: both run non-causal, so dense runs non-causal only
+            assert {("dense", n, p, 0), ("sliding_window", n, p, 0), ("neighborhood", n, p, 0)} <= got
+    assert len(rows) == 12 and all(r["status"] == "ok" for r in rows), [r["message"] for r in rows]
+    nb = [r for r in rows if r["method"] == "neighborhood" and r["length"] == 256][0]
+    assert nb["config"]["grid"] == [16, 16] and nb["config"]["kernel_size"] == 3
+    sw = [r for r in rows if r["method"] == "sliding_window" and r["length"] == 256 and r["pass"] == "forward"][0]
+    assert 0 < sw["density"] < 0.1 and sw["repeats"] == 2 and len(sw["times_ms"]) == 2
+    assert sw["median_ms"] > 0 and sw["setup_ms"] > 0 and sw["peak_bytes"] > 0 and sw["tflops"] > 0
+    assert sw["flops"] == pytest.approx(4 * 2 * 256 * 256 * 16 * sw["density"])
+
+
+def test_failing_method_does_not_stop_the_run(tmp_path, test_methods):
+    store, outcome, rows = _run(tmp_path, methods=_specs("bench_test_broken", "bench_test_hungry", "sliding_window"),
+                                lengths=(64, 128, 256))
+    assert outcome.status == "complete"
+    by = {(r["method"], r["length"]): r for r in rows}
+    for n in (64, 128, 256):
+        assert by[("bench_test_broken", n)]["status"] == "error"
+        assert "deliberate failure" in by[("bench_test_broken", n)]["message"]
+        assert by[("sliding_window", n)]["status"] == "ok" and by[("dense", n)]["status"] == "ok"
+    assert by[("bench_test_hungry", 64)]["status"] == "ok"
+    assert by[("bench_test_hungry", 128)]["status"] == "oom"
+    assert by[("bench_test_hungry", 256)]["status"] == "skipped"
+    assert "out of memory at N=128" in by[("bench_test_hungry", 256)]["message"]
+
+
+def test_refused_shapes_and_modes_are_skipped_with_reasons(tmp_path):
+    _, _, rows = _run(tmp_path, methods=_specs("hilo", "neighborhood:grid=(8,8)", "streaming"), mode="both",
+                      dense_max_len=64)
+    by = {(r["method"], r["length"], r["causal"]): r for r in rows}
+    assert by[("hilo", 64, 1)]["status"] == "skipped" and "non-causal only" in by[("hilo", 64, 1)]["message"]
+    assert by[("streaming", 64, 0)]["status"] == "skipped" and "causal only" in by[("streaming", 64, 0)]["message"]
+    assert by[("neighborhood", 64, 0)]["status"] == "ok"
+    assert by[("neighborhood", 256, 0)]["status"] == "skipped" and "grid" in by[("neighborhood", 256, 0)]["message"]
+    assert by[("dense", 256, 0)]["status"] == "skipped" and "--dense-max-len" in by[("dense", 256, 0)]["message"]
+    assert by[("hilo", 256, 0)]["status"] == "ok"
+
+
+def test_method_specs():
+    spec = parse_method_spec("neighborhood:kernel_size=13,dilation=(1,2),grid=128x128")
+    assert spec == MethodSpec("neighborhood", {"kernel_size": 13, "dilation": (1, 2), "grid": (128, 128)})
+    assert spec.key == "neighborhood:dilation=(1,2),grid=(128,128),kernel_size=13"
+    assert config_at(parse_method_spec("neighborhood:grid=1d"), 100)["grid"] == (100,)
+    assert config_at(MethodSpec("maxvit_block"), 4096) == {"block_size": 8, "grid": (64, 64)}
+    assert config_at(MethodSpec("sliding_window"), 4096) == {}
+    assert near_square_grid(2048) == (32, 64) and near_square_grid(1000) == (25, 40) and near_square_grid(4096, 3) == (16, 16, 16)
+    with pytest.raises(UnknownNameError, match="did you mean 'sliding_window'"):
+        parse_method_spec("sliding_windw")
+    with pytest.raises(InvalidArgumentError, match="--method"):
+        parse_method_spec("sliding_window:512")
+    with pytest.raises(InvalidArgumentError, match="mode"):
+        BenchOptions(mode="sideways")
+    with pytest.raises(InvalidArgumentError, match="heads_kv"):
+        BenchOptions(heads=8, heads_kv=3)
