@@ -49,16 +49,23 @@ def orthogonal_gaussian(num_features: int, dim: int, *, seed: int, heads: int = 
     return torch.stack(mats).float()
 
 
-def favor_features(x: torch.Tensor, proj: torch.Tensor, *, is_query: bool) -> torch.Tensor:
-    """Positive random features ``exp(w x - |x|^2 / 2 - c) / sqrt(M)`` of x (B, H, N, D) already
-    scaled by ``scale ** 0.5``; proj (H|1, M, D). The stabiliser c (a per-query max for queries, a
-    per-head max over all keys for keys) cancels in the normalised attention."""
+def favor_exponent(x: torch.Tensor, proj: torch.Tensor, *, is_query: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exponent, stabiliser) of the FAVOR+ features of x (B, H, N, D), already scaled by
+    ``scale ** 0.5``; proj (H|1, M, D): ``exponent = w x - |x|^2 / 2``, the stabiliser c is a
+    per-query max (queries) or a per-head max over all keys (keys), detached."""
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     x = x.to(work)
     wx = x @ proj.to(x.device, work).transpose(-1, -2)
-    half_norm = 0.5 * (x * x).sum(-1, keepdim=True)
+    exponent = wx - 0.5 * (x * x).sum(-1, keepdim=True)
     stab = wx.amax(-1, keepdim=True) if is_query else wx.amax(dim=(-2, -1), keepdim=True)
-    return torch.exp(wx - half_norm - stab.detach()) / math.sqrt(proj.shape[-2])
+    return exponent, stab.detach()
+
+
+def favor_features(x: torch.Tensor, proj: torch.Tensor, *, is_query: bool) -> torch.Tensor:
+    """Positive random features ``exp(w x - |x|^2 / 2 - c) / sqrt(M)`` (see :func:`favor_exponent`),
+    so that ``E[phi(q) phi(k)] = exp(q k - c_q - c_k)``; the stabilisers cancel in normalised attention."""
+    exponent, stab = favor_exponent(x, proj, is_query=is_query)
+    return torch.exp(exponent - stab) / math.sqrt(proj.shape[-2])
 
 
 def lrpe(x: torch.Tensor, theta: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
