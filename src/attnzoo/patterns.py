@@ -93,8 +93,9 @@ def coarsen(layout: BlockLayout, block: int) -> BlockLayout:
 def range_layout(call: Call, q_block: int, lo, hi, sinks: int = 0) -> BlockLayout:
     """1-D layout where query position p visits keys [lo(p), hi(p)) plus the first ``sinks`` keys.
 
-    ``lo`` and ``hi`` map absolute query positions (bottom-right aligned: index + Nk - Nq) to key
-    positions and must be non-decreasing; a block visits the union of its queries' ranges.
+    ``lo`` and ``hi`` map absolute query positions (bottom-right aligned: index + Nk - Nq), an
+    (nQB,) tensor, to key positions of shape (nQB,) or, for a range per head, (H, nQB); they must
+    be non-decreasing in p. A block visits the union of its queries' ranges.
     """
     dev = call.device
     nqb = -(-call.len_q // q_block)
@@ -103,17 +104,18 @@ def range_layout(call: Call, q_block: int, lo, hi, sinks: int = 0) -> BlockLayou
     off = call.len_kv - call.len_q
     start = lo(first + off).clamp(min=0, max=call.len_kv)
     stop = hi(last + off).clamp(min=0, max=call.len_kv)
+    start, stop = torch.broadcast_tensors(start, stop)
     if sinks:
         start = torch.where(start <= sinks, torch.zeros_like(start), start)
-    count = (stop - start).clamp(min=0)
-    width = int(count.max()) if nqb else 0
-    keys = start[:, None] + torch.arange(width, device=dev)
-    keys = torch.where(keys < stop[:, None], keys, -1)
-    if sinks:
-        sink = torch.arange(min(sinks, call.len_kv), device=dev).expand(nqb, -1)
-        sink = torch.where(sink < start[:, None], sink, -1)
-        keys = torch.cat([sink, keys], dim=1)
-    return compact(keys, call.len_q, call.len_kv, q_block)
+    # listed keys, already compact: the sinks (where the range does not reach them), then the range
+    n_sinks = torch.where(start > 0, min(sinks, call.len_kv), 0)
+    counts = n_sinks + (stop - start).clamp(min=0)
+    slot = torch.arange(max(int(counts.max()), 1) if nqb else 1, device=dev)
+    keys = torch.where(slot < n_sinks[..., None], slot, start[..., None] + slot - n_sinks[..., None])
+    keys = torch.where(slot < counts[..., None], keys, 0)
+    while keys.dim() < 4:
+        keys, counts = keys.unsqueeze(0), counts.unsqueeze(0)
+    return BlockLayout(call.len_q, call.len_kv, q_block, 1, keys.contiguous(), counts)
 
 
 def compact(keys: torch.Tensor, num_q: int, num_kv: int, q_block: int, kv_block: int = 1, **kw) -> BlockLayout:

@@ -74,3 +74,23 @@ def test_layout_shape_errors():
         BlockLayout(10, 10, 4, 4, torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="query blocks listed, expected 3"):
         BlockLayout(10, 10, 4, 4, torch.zeros(1, 1, 2, 1, dtype=torch.long), torch.zeros(1, 1, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name,cfg", [("streaming", dict(sinks=5, window=40)), ("moa", dict(spans=[20, 70, 33, 150], sinks=9))])
+def test_sinks_run_as_a_prefix_merged_by_log_sum_exp(name, cfg, rng):
+    """Without autograd, sinks + band layouts attend the sinks in one separate call and merge the two
+    by log-sum-exp; with autograd they are gathered. Both equal the reference."""
+    import attnzoo
+    from attnzoo.method import check_qkv
+
+    q, k, v = qkv(rng, B=2, Hq=4, Hkv=2, Nq=300, D=16)
+    m = attnzoo.get_method(name, **cfg)
+    ref = m.reference(q, k, v, causal=True)
+    with torch.no_grad():
+        out = m(q, k, v, causal=True)
+    layout = m.layout(check_qkv(q, k, v, causal=True, scale=None))
+    split = [p for row in layout.cache[("gather", torch.float32, True)] for p in row]
+    assert all(p.prefix is not None and p.prefix.size == cfg["sinks"] for p in split)
+    assert rel_err(out, ref) <= 1e-5
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    assert rel_err(m(qg, kg, vg, causal=True), ref) <= 1e-5

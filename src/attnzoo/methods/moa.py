@@ -9,7 +9,7 @@ import torch
 
 from ..errors import InvalidArgumentError, check_int
 from ..method import Call, MethodInfo
-from ..patterns import PatternMethod, causal_allowed, compact, range_layout
+from ..patterns import PatternMethod, causal_allowed, range_layout
 from ..registry import register
 
 
@@ -77,16 +77,8 @@ class MoA(PatternMethod):
         return mask_mod
 
     def build_layout(self, call: Call):
-        per_head = [
-            range_layout(call, self.q_block, lambda p, s=s: p - s + 1, lambda p: p + 1, sinks=self.config.sinks)
-            for s in self.config.head_spans(call.heads_q, call.len_kv)
-        ]
-        width = max(layout.kv_indices.shape[-1] for layout in per_head)
-        keys = torch.stack([
-            torch.nn.functional.pad(torch.where(layout.slot_valid(), layout.kv_indices, -1)[0, 0], (0, width - layout.kv_indices.shape[-1]), value=-1)
-            for layout in per_head
-        ])
-        return compact(keys, call.len_q, call.len_kv, self.q_block)
+        spans = torch.tensor(self.config.head_spans(call.heads_q, call.len_kv), device=call.device)[:, None]
+        return range_layout(call, self.q_block, lambda p: p - spans + 1, lambda p: p + 1, sinks=self.config.sinks)
 
     def reference_mask(self, call: Call) -> torch.Tensor:
         spans = self.config.head_spans(call.heads_q, call.len_kv)

@@ -38,12 +38,25 @@ class _Group:
 
 
 @dataclass
+class _Prefix:
+    """Leading keys [0, size) that some blocks visit besides their range (attention sinks): one SDPA
+    call over them for all those rows, merged with the range's output by log-sum-exp."""
+
+    size: int
+    rows: torch.Tensor  # (M,) original query indices that visit the prefix
+    mask: torch.Tensor | None  # additive (M, size), or None where every pair is allowed
+    empty: torch.Tensor  # (M,) bool: no allowed prefix key in this row
+    band_empty: torch.Tensor | None  # original query indices with no allowed key in their range
+
+
+@dataclass
 class _Plan:
     q_pos: torch.Tensor  # (nQB, bq) original query index, -1 for padding
     groups: list[_Group]
     empty_rows: torch.Tensor | None  # original query indices with no allowed key (output 0)
     allowed: int  # allowed (query, key) entries
     computed: int  # entries the executor computes
+    prefix: _Prefix | None = None
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -53,23 +66,28 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 _PLAN_CHUNK = 64  # query blocks whose token masks are formed at once while planning
 
 
-def _plan_for(layout: BlockLayout, bl: int, hl: int, dtype: torch.dtype, static: bool) -> _Plan:
+def _plan_for(layout: BlockLayout, kv_pos: torch.Tensor, bl: int, hl: int, dtype: torch.dtype, static: bool,
+              split_prefix: bool) -> _Plan:
     """Token lists and mask classes for one (layout batch, layout head); masks are formed a chunk
-    of query blocks at a time and only one mask per class is kept, so memory stays linear in N."""
+    of query blocks at a time and only one mask per class is kept, so memory stays linear in N.
+    ``kv_pos``: (nQB, K) original key indices of this batch row and head."""
     dev = layout.device
     q_pos = layout.q_tokens()
-    kv_pos = layout.kv_tokens()[bl, hl]
     real_q = q_pos >= 0
-    starts, width = None, kv_pos.shape[-1]
+    starts, width, prefix = None, kv_pos.shape[-1], 0
     if layout.covers_mask and layout.kv_order is None and layout.q_order is None:
-        # A 1-D band: read a contiguous range per block instead of gathering.
-        big = torch.iinfo(torch.int64).max
-        lo = torch.where(kv_pos >= 0, kv_pos, big).amin(-1)
-        hi = kv_pos.amax(-1)
-        span = int((hi - lo).clamp(min=0).max()) + 1
-        if span <= width:
-            width = span
-            starts = lo.clamp(max=layout.num_kv - width).clamp(min=0)
+        # A 1-D band: read a contiguous range per block instead of gathering; with split_prefix,
+        # also a band after a shared prefix of leading keys (sinks), attended separately.
+        band = _band(kv_pos, 0)
+        if band is None and split_prefix:
+            prefix = _shared_prefix(kv_pos)
+            band = _band(kv_pos, prefix) if prefix else None
+        if band is None:
+            prefix = 0
+        else:
+            lo, width = band
+            starts = lo.clamp(max=layout.num_kv - width).clamp(min=prefix)
+            has_prefix = ((kv_pos >= 0) & (kv_pos < prefix)).sum(-1) == prefix if prefix else None
             kv_pos = starts[:, None] + torch.arange(width, device=dev)
     b = torch.tensor(bl, device=dev)
     h = torch.tensor(hl, device=dev)
@@ -84,7 +102,7 @@ def _plan_for(layout: BlockLayout, bl: int, hl: int, dtype: torch.dtype, static:
         qp = q_pos[ids]
         mask = layout.token_mask(qp[:, :, None], kv_pos[ids][:, None, :], b, h)  # (c, bq, K)
         row_any = mask.any(-1)
-        allowed += int(mask.sum())
+        allowed += int(torch.count_nonzero(mask))
         empty = (qp >= 0) & ~row_any
         if bool(empty.any()):
             empty_rows.append(qp[empty])
@@ -112,29 +130,80 @@ def _plan_for(layout: BlockLayout, bl: int, hl: int, dtype: torch.dtype, static:
         add(torch.cat(members), _additive(m, dtype))
     if own_ids:
         add(torch.cat(own_ids), _additive(torch.cat(own_masks), dtype))
-    return _Plan(
-        q_pos,
-        groups,
-        torch.cat(empty_rows) if empty_rows else None,
-        allowed,
-        int(real_q.sum()) * width,
-    )
+    band_empty = torch.cat(empty_rows) if empty_rows else None
+    computed = int(real_q.sum()) * width
+    plan = _Plan(q_pos, groups, band_empty, allowed, computed)
+    if prefix:
+        rows = q_pos[has_prefix].flatten()
+        rows = rows[rows >= 0]
+        mask = layout.token_mask(rows[:, None], torch.arange(prefix, device=dev)[None, :], b, h)
+        row_any = mask.any(-1)
+        plan.prefix = _Prefix(prefix, rows, None if bool(mask.all()) else _additive(mask | ~row_any[:, None], dtype), ~row_any, band_empty)
+        plan.allowed += int(torch.count_nonzero(mask))
+        plan.computed += rows.numel() * prefix
+        if band_empty is not None:
+            plan.empty_rows = band_empty[~torch.isin(band_empty, rows[row_any])]
+    return plan
 
 
-def plans(layout: BlockLayout, dtype: torch.dtype, static: bool) -> list[list[_Plan]]:
-    """Per (layout batch, layout head) execution plans; cached on the layout for static patterns."""
-    key = ("gather", dtype)
+def _band(kv_pos: torch.Tensor, prefix: int) -> tuple[torch.Tensor, int] | None:
+    """(first key, width) of the range spanned by each block's keys at or after ``prefix``, when no
+    span is wider than the key lists (a superset is fine: the token mask still applies); None
+    otherwise. kv_pos (nQB, K), -1 for holes."""
+    valid = kv_pos >= prefix
+    lo = torch.where(valid, kv_pos, torch.iinfo(torch.int64).max).amin(-1)
+    hi = torch.where(valid, kv_pos, -1).amax(-1)
+    listed = valid.any(-1)
+    width = int(torch.where(listed, hi - lo + 1, 0).max())
+    if width > kv_pos.shape[-1]:
+        return None
+    return torch.where(listed, lo, prefix), max(width, 1)
+
+
+def _shared_prefix(kv_pos: torch.Tensor) -> int:
+    """P such that every block visits all of [0, P) or none of it, plus keys >= P (0 if none fits):
+    the attention sinks of a streaming pattern. P is the shortest leading run 0, 1, ... among the
+    blocks whose keys are not one range."""
+    valid = kv_pos >= 0
+    keys = torch.where(valid, kv_pos, torch.iinfo(torch.int64).max).sort(-1).values
+    lead = (keys == torch.arange(keys.shape[-1], device=keys.device)).cumprod(-1).sum(-1)
+    count = valid.sum(-1)
+    gapped = (keys.gather(-1, (count - 1).clamp(min=0)[:, None]).squeeze(-1) - keys[:, 0] + 1 != count) & (count > 0)
+    if not bool(gapped.any()):
+        return 0
+    p = int(lead[gapped].min())
+    below = (valid & (kv_pos < p)).sum(-1)
+    return p if p and bool(((below == 0) | (below == p)).all()) else 0
+
+
+def plans(layout: BlockLayout, dtype: torch.dtype, static: bool, split_prefix: bool = False) -> list[list[_Plan]]:
+    """Per (layout batch, layout head) execution plans; cached on the layout for static patterns.
+    ``split_prefix``: attend a shared prefix of keys separately (needs :func:`_sdpa_lse`)."""
+    key = ("gather", dtype, split_prefix)
     if static and key in layout.cache:
         return layout.cache[key]
     Bl, Hl = layout.kv_indices.shape[:2]
-    result = [[_plan_for(layout, b, h, dtype, static) for h in range(Hl)] for b in range(Bl)]
+    kv_pos = layout.kv_tokens()
+    result = [[_plan_for(layout, kv_pos[b, h], b, h, dtype, static, split_prefix) for h in range(Hl)] for b in range(Bl)]
     if static:
         layout.cache[key] = result
     return result
 
 
-def _run_slices(q, k, v, out, plan: _Plan, g: _Group, scale: float, groups: int) -> None:
-    """Band blocks: contiguous queries against a contiguous key range; q/k/v/out in (B, H, N, D)."""
+def _sdpa_lse(q, k, v, mask, scale: float, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused CPU SDPA that also returns each row's log-sum-exp (float32); q (B, Hq, L, D), mask (L, K)
+    or None. GQA folds each key head's query heads into its query rows."""
+    B, Hq, L, _ = q.shape
+    if groups > 1:
+        q = q.reshape(B, Hq // groups, groups * L, q.shape[-1])
+        mask = None if mask is None else mask.repeat(groups, 1)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+    return out.reshape(B, Hq, L, -1), lse.reshape(B, Hq, L)
+
+
+def _run_slices(q, k, v, out, plan: _Plan, g: _Group, scale: float, groups: int, lse=None) -> None:
+    """Band blocks: contiguous queries against a contiguous key range; q/k/v/out in (B, H, N, D),
+    and each row's log-sum-exp into ``lse`` (B, H, N) when given."""
     bq = plan.q_pos.shape[1]
     gqa = {"enable_gqa": True} if groups > 1 else {}
     nq = out.shape[2]
@@ -142,10 +211,25 @@ def _run_slices(q, k, v, out, plan: _Plan, g: _Group, scale: float, groups: int)
     for i, (blk, s) in enumerate(zip(g.blocks.tolist(), g.starts.tolist())):
         a, b = blk * bq, min(nq, (blk + 1) * bq)
         mask = g.mask[i] if per_block_mask else g.mask
-        out[:, :, a:b] = F.scaled_dot_product_attention(
-            q[:, :, a:b], k[:, :, s : s + g.width], v[:, :, s : s + g.width],
-            attn_mask=None if mask is None else mask[: b - a], scale=scale, **gqa,
-        )
+        mask = None if mask is None else mask[: b - a]
+        qb, kb, vb = q[:, :, a:b], k[:, :, s : s + g.width], v[:, :, s : s + g.width]
+        if lse is None:
+            out[:, :, a:b] = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, **gqa)
+        else:
+            out[:, :, a:b], lse[:, :, a:b] = _sdpa_lse(qb, kb, vb, mask, scale, groups)
+
+
+def _merge_prefix(q, k, v, out, lse, prefix: _Prefix, scale: float, groups: int) -> None:
+    """Attend the prefix rows to keys [0, size) and merge with the range outputs by log-sum-exp."""
+    if prefix.band_empty is not None:
+        lse[:, :, prefix.band_empty] = float("-inf")
+    rows = prefix.rows
+    o_p, lse_p = _sdpa_lse(q[:, :, rows], k[:, :, : prefix.size], v[:, :, : prefix.size], prefix.mask, scale, groups)
+    lse_p = lse_p.masked_fill(prefix.empty, float("-inf"))
+    lse_b = lse[:, :, rows]
+    top = torch.maximum(lse_b, lse_p)
+    w_b, w_p = torch.exp(lse_b - top), torch.exp(lse_p - top)
+    out[:, :, rows] = ((w_b[..., None] * out[:, :, rows] + w_p[..., None] * o_p) / (w_b + w_p)[..., None]).to(out.dtype)
 
 
 def _run_gathered(q_t, k_t, v_t, out_t, plan: _Plan, g: _Group, scale: float, groups: int) -> None:
@@ -189,12 +273,19 @@ def gather_attention(q, k, v, layout: BlockLayout, *, scale: float, static: bool
     work = q.dtype if (q.device.type != "cpu" or q.dtype in (torch.float32, torch.float64)) else torch.float32
     q, k, v = q.to(work), k.to(work), v.to(work)
     Bl, Hl = layout.kv_indices.shape[:2]
-    all_plans = plans(layout, work, static)
+    # attention sinks as a separate call merged by log-sum-exp: needs the CPU fused kernel (equal
+    # q and v head sizes) and no autograd (its log-sum-exp output carries no gradient)
+    split_prefix = (q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
+                    and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
+    all_plans = plans(layout, work, static, split_prefix)
     gathers = any(g.starts is None for row in all_plans for p in row for g in p.groups)
     sliced = layout.q_order is None and not gathers
+    lse = None
     if sliced:
         out = torch.empty(B, Hq, Nq, v.shape[-1], dtype=work, device=q.device)
         tq, tk, tv, tout, head_axis = q, k, v, out, 1
+        if any(p.prefix is not None for row in all_plans for p in row):
+            lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
     else:
         tq, tk, tv = (x.transpose(1, 2).contiguous() for x in (q, k, v))
         tout = (tq.new_zeros if layout.q_order is not None else tq.new_empty)(B, Nq, Hq, v.shape[-1])
@@ -208,12 +299,19 @@ def gather_attention(q, k, v, layout: BlockLayout, *, scale: float, static: bool
                 sel = [bsl] + [slice(None)] * (head_axis - 1)
                 qs, os = tq[(*sel, slice(hl, hl + 1))], tout[(*sel, slice(hl, hl + 1))]
                 ks, vs = tk[(*sel, slice(kvh, kvh + 1))], tv[(*sel, slice(kvh, kvh + 1))]
+                ls = None if lse is None else lse[bsl, hl : hl + 1]
                 groups = 1
             else:
                 qs, ks, vs, os, groups = tq[bsl], tk[bsl], tv[bsl], tout[bsl], Hq // Hkv
+                ls = None if lse is None else lse[bsl]
             plan = all_plans[bl][hl]
             for grp in plan.groups:
-                (_run_slices if sliced else _run_gathered)(qs, ks, vs, os, plan, grp, scale, groups)
+                if sliced:
+                    _run_slices(qs, ks, vs, os, plan, grp, scale, groups, ls)
+                else:
+                    _run_gathered(qs, ks, vs, os, plan, grp, scale, groups)
+            if plan.prefix is not None:
+                _merge_prefix(qs, ks, vs, os, ls, plan.prefix, scale, groups)
             if plan.empty_rows is not None:
                 if sliced:
                     os[:, :, plan.empty_rows] = 0

@@ -47,25 +47,25 @@ def _runs(layout: BlockLayout, boxes: Boxes2D, groups: int, dtype: torch.dtype) 
     (R, C), (tr, tc), bh, bw = boxes.grid, boxes.tile, boxes.box_h, boxes.box_w
     dev = layout.device
     zero = torch.zeros((), dtype=torch.long, device=dev)
+    col_start = torch.tensor(boxes.col_start, device=dev)
+    qc = torch.arange(len(boxes.col_start), device=dev)[:, None] * tc + torch.arange(tc, device=dev)  # (nc, tc)
+    kc = col_start[:, None] + torch.arange(bw, device=dev)  # (nc, bw)
+    # a run continues while the box moves by one tile width and the token mask repeats
+    steps = (col_start[1:] - col_start[:-1]) == tc
     rows = []
     for ti, r0 in enumerate(boxes.row_start):
         qr = ti * tr + torch.arange(tr, device=dev)
         kr = r0 + torch.arange(bh, device=dev)
-        masks = []
-        for tj, c0 in enumerate(boxes.col_start):
-            qc = tj * tc + torch.arange(tc, device=dev)
-            kc = c0 + torch.arange(bw, device=dev)
-            q_idx = (qr[None, :] * C + qc[:, None]).reshape(-1)  # (col, row) order
-            k_idx = (kr[None, :] * C + kc[:, None]).reshape(-1)
-            masks.append(layout.token_mask(q_idx[:, None], k_idx[None, :], zero, zero))
-        runs: list[_Run] = []
-        for tj, m in enumerate(masks):
-            prev = runs[-1] if runs else None
-            if (prev is not None and torch.equal(masks[prev.first], m)
-                    and boxes.col_start[tj] - boxes.col_start[tj - 1] == tc):
-                prev.stop = tj + 1
-                continue
-            runs.append(_Run(tj, tj + 1, boxes.col_start[tj], None))
+        q_idx = (qr[None, None, :] * C + qc[:, :, None]).flatten(1)  # (nc, tc * tr), (col, row) order
+        k_idx = (kr[None, None, :] * C + kc[:, :, None]).flatten(1)
+        masks = layout.token_mask(q_idx[:, :, None], k_idx[:, None, :], zero, zero)  # (nc, tc * tr, bw * bh)
+        joins = (steps & (masks[1:] == masks[:-1]).flatten(1).all(1)).tolist()
+        runs = [_Run(0, 1, boxes.col_start[0], None)]
+        for tj, join in enumerate(joins, start=1):
+            if join:
+                runs[-1].stop = tj + 1
+            else:
+                runs.append(_Run(tj, tj + 1, boxes.col_start[tj], None))
         for run in runs:
             m = masks[run.first]
             run.allowed = int(m.sum())
