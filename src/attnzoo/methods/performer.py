@@ -14,8 +14,10 @@ from .linear import LinearConfig, LinearMethod
 @dataclass
 class PerformerConfig(LinearConfig):
     """``num_features``: random features M (more: closer to softmax); ``seed``: the projection
-    draw (fixed, so repeated calls agree; change it to redraw)."""
+    draw (fixed, so repeated calls agree; change it to redraw). ``eps`` defaults to 0: the features
+    are stabilised by a per-query factor, so an absolute eps would bias rows."""
 
+    eps: float = 0.0
     num_features: int = 256
     seed: int = 0
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ..errors import InvalidArgumentError, check_int
 from ..kernels.dense import causal_mask, repeat_kv
 from ..kernels.linear import state_product, work_dtype
+from ..kernels.linear.naive import safe_denominator
 from ..kernels.linear.feature_maps import favor_exponent, orthogonal_gaussian
 from ..method import Call, MethodInfo
 from ..registry import register
@@ -23,6 +24,7 @@ class ScatterbrainConfig(LinearConfig):
     buckets (even, or 1: one bucket); ``bucket_chunk``: tokens per chunk after sorting by bucket (the sparse part
     pairs a query and a key when they share a bucket and a sorted chunk); ``seed``: both draws."""
 
+    eps: float = 0.0
     num_features: int = 64
     num_buckets: int = 8
     bucket_chunk: int = 64
@@ -116,7 +118,7 @@ class Scatterbrain(LinearMethod):
         v_aug = torch.cat([repeat_kv(v, call.groups), torch.ones_like(v[:, :1, :, :1]).expand(*qf.shape[:3], 1)], dim=-1)
         low_rank = state_product(qf, kf, v_aug, causal=call.causal, chunk=self.config.chunk, backend=self.backend)
         total = low_rank + self._correction(q, k, v, call)
-        return (total[..., :-1] / (total[..., -1:] + self.config.eps)).to(q.dtype)
+        return (total[..., :-1] / safe_denominator(total[..., -1:], self.config.eps)).to(q.dtype)
 
     def _reference(self, q, k, v, call: Call):
         qf, kf, cq, ck, ((bq, chq, _), (bk, chk, _)) = self.parts(q, k, call)
@@ -126,5 +128,5 @@ class Scatterbrain(LinearMethod):
         scores = torch.where(in_set, exact, qf @ kf.transpose(-1, -2))
         if call.causal:
             scores = scores * causal_mask(call.len_q, call.len_kv, q.device)
-        out = scores @ repeat_kv(v, call.groups).to(work) / (scores.sum(-1, keepdim=True) + self.config.eps)
+        out = scores @ repeat_kv(v, call.groups).to(work) / safe_denominator(scores.sum(-1, keepdim=True), self.config.eps)
         return out.to(q.dtype)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import InvalidArgumentError
-from .naive import work_dtype
+from .naive import safe_denominator, work_dtype
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -44,7 +44,7 @@ def linear_attention(qf, kf, v, *, causal: bool, decay: torch.Tensor | None = No
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
     out = state_product(qf, kf, v, causal=causal, decay=decay, chunk=chunk, segment=segment, backend=backend)
     if normalize:
-        out = out[..., :-1] / (out[..., -1:] + eps)
+        out = out[..., :-1] / safe_denominator(out[..., -1:], eps)
     return out
 
 

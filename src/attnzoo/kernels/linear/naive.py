@@ -3,7 +3,7 @@
 ``A = (phi(Q) phi(K)^T) * M`` where ``M`` is the (decayed) causal mask, ``M_ij = lambda_h^(p_i - j)``
 for keys ``j <= p_i`` (query i at position ``p_i = i + Nk - Nq``, bottom-right aligned) and 0
 elsewhere; without ``causal`` ``M`` is all ones. The product is ``A V``; the normalised form divides
-each row by ``A 1 + eps`` (Katharopoulos et al.). Computed in float32 (float64 stays float64).
+each row by ``A 1 + eps`` (Katharopoulos et al.; a zero normaliser counts as 1). Computed in float32 (float64 stays float64).
 """
 
 from __future__ import annotations
@@ -43,5 +43,11 @@ def naive_linear_attention(qf, kf, v, *, causal: bool, decay: torch.Tensor | Non
         scores = scores * weights.to(work)
     out = scores @ v
     if normalize:
-        out = out / (scores.sum(-1, keepdim=True) + eps)
+        out = out / safe_denominator(scores.sum(-1, keepdim=True), eps)
     return out
+
+
+def safe_denominator(den: torch.Tensor, eps: float) -> torch.Tensor:
+    """``den + eps``, with exact zeros (rows that see nothing, or underflow) replaced by 1."""
+    den = den + eps
+    return torch.where(den == 0, torch.ones_like(den), den)
