@@ -1,6 +1,7 @@
 """The shared block-sparse executor: one entry point, a backend chosen per device behind it.
 
-Backends: ``gather`` (fused SDPA per block group, 2-D boxes through strided views; the fastest on CPU), ``flex`` (compiled
+Backends: ``gather`` (fused SDPA per block group, 2-D boxes through strided views, block-granular
+layouts through :mod:`.blocks`; the fastest on CPU), ``flex`` (compiled
 FlexAttention with a BlockMask built from the block lists; the default on GPU), ``naive`` (dense
 reference with the materialised mask; tests only).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import InvalidArgumentError
+from .blocks import CausalMask, block_attention, handles
 from .flex import flex_block_sparse
 from .gather import gather_attention
 from .layout import BlockLayout, MaskMod
@@ -18,7 +20,7 @@ from .strip import Boxes2D, strip_attention
 
 BACKENDS = ("auto", "gather", "flex", "naive")
 
-__all__ = ["BACKENDS", "BlockLayout", "Boxes2D", "MaskMod", "block_sparse_attention", "choose_backend"]
+__all__ = ["BACKENDS", "BlockLayout", "Boxes2D", "CausalMask", "MaskMod", "block_sparse_attention", "choose_backend"]
 
 
 def choose_backend(requested: str, device: torch.device) -> str:
@@ -40,6 +42,8 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale: float, backen
     if backend == "gather":
         if layout.boxes is not None and layout.kv_indices.shape[:2] == (1, 1):
             return strip_attention(q, k, v, layout, layout.boxes, scale=scale)
+        if handles(layout):
+            return block_attention(q, k, v, layout, scale=scale, static=static)
         return gather_attention(q, k, v, layout, scale=scale, static=static)
     if backend == "flex":
         out = flex_block_sparse(q, k, v, layout, scale=scale, compile=q.device.type == "cuda")
