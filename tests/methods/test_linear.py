@@ -22,7 +22,7 @@ CASES = [
     ("transnormer", dict(chunk=32)),
     ("transnormer", dict(decay=0.95, lrpe=False)),
     ("transnormer", dict(mode="diag", block_size=32)),
-    ("hedgehog", dict(features=8)),
+    ("hedgehog", dict(width=8)),
     ("linfusion", dict()),
     ("rala", dict()),
     ("inline", dict()),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -56,26 +57,30 @@ class LearnedFeatureMethod(LinearMethod):
         return losses
 
 
-def check_map(value, cls):
-    if value is not None and not isinstance(value, cls):
-        raise InvalidArgumentError("feature_map", f"None or a {cls.__name__}", type(value).__name__)
-    return value
-
-
 @dataclass
-class HedgehogConfig(LinearConfig):
-    """``feature_map``: a trained :class:`~attnzoo.kernels.linear.feature_maps.HedgehogFeatureMap`
-    (one per layer; get one with ``method.fit(q, k)`` on sample queries/keys, or build and train it
-    yourself); None uses an untrained map (W = I). ``features``: its width F (default: head dim)."""
+class LearnedMapConfig(LinearConfig):
+    """``feature_map``: a trained map of type ``map_type`` (None: an untrained one); ``width``: the
+    width of a new map (default: the head dim)."""
 
-    feature_map: HedgehogFeatureMap | None = None
-    features: int | None = None
+    map_type: ClassVar[type] = nn.Module
+    feature_map: nn.Module | None = None
+    width: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
-        check_map(self.feature_map, HedgehogFeatureMap)
-        if self.features is not None:
-            self.features = check_int("features", self.features)
+        if self.feature_map is not None and not isinstance(self.feature_map, self.map_type):
+            raise InvalidArgumentError("feature_map", f"None or a {self.map_type.__name__}", type(self.feature_map).__name__)
+        if self.width is not None:
+            self.width = check_int("width", self.width)
+
+
+@dataclass
+class HedgehogConfig(LearnedMapConfig):
+    """``feature_map``: a trained :class:`~attnzoo.kernels.linear.feature_maps.HedgehogFeatureMap`
+    (one per layer; get one with ``method.fit(q, k)`` on sample queries/keys, or build and train it
+    yourself); None uses an untrained map (W = I). ``width``: its F features per sign (default: head dim)."""
+
+    map_type: ClassVar[type] = HedgehogFeatureMap
 
 
 @register
@@ -95,4 +100,4 @@ class Hedgehog(LearnedFeatureMethod):
     Config = HedgehogConfig
 
     def new_map(self, heads: int, dim: int) -> nn.Module:
-        return HedgehogFeatureMap(heads, dim, self.config.features)
+        return HedgehogFeatureMap(heads, dim, self.config.width)

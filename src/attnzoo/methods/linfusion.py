@@ -3,31 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
-from ..errors import check_int
 from ..kernels.linear.feature_maps import KernelMLP
 from ..method import MethodInfo
 from ..registry import register
-from .hedgehog import LearnedFeatureMethod, check_map
-from .linear import LinearConfig
+from .hedgehog import LearnedFeatureMethod, LearnedMapConfig
 
 
 @dataclass
-class LinFusionConfig(LinearConfig):
+class LinFusionConfig(LearnedMapConfig):
     """``feature_map``: a trained :class:`~attnzoo.kernels.linear.feature_maps.KernelMLP` (one per
     layer; ``method.fit(q, k, causal=False)`` distils it from the layer's softmax attention); None
-    uses an untrained one, which is exactly elu + 1. ``hidden``: its MLP width (default: head dim)."""
+    uses an untrained one, which is exactly elu + 1. ``width``: its MLP width (default: head dim)."""
 
-    feature_map: KernelMLP | None = None
-    hidden: int | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_map(self.feature_map, KernelMLP)
-        if self.hidden is not None:
-            self.hidden = check_int("hidden", self.hidden)
+    map_type: ClassVar[type] = KernelMLP
 
 
 @register
@@ -48,4 +40,4 @@ class LinFusion(LearnedFeatureMethod):
     Config = LinFusionConfig
 
     def new_map(self, heads: int, dim: int) -> nn.Module:
-        return KernelMLP(heads, dim, self.config.hidden)
+        return KernelMLP(heads, dim, self.config.width)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import InvalidArgumentError
+from ..dense import repeat_kv
 from .naive import safe_denominator, work_dtype
 
 BACKENDS = ("auto", "torch", "triton")
@@ -37,46 +38,58 @@ def linear_attention(qf, kf, v, *, causal: bool, decay: torch.Tensor | None = No
     qf (B, H, Nq, F), kf (B, Hk, Nk, F), v (B, Hk, Nk, Dv), H a multiple of Hk; ``decay`` (H,) in
     (0, 1] or None. Returns ``(phi(Q) phi(K)^T * M) V`` (B, H, Nq, Dv) in the work dtype, divided
     row-wise by ``(phi(Q) phi(K)^T * M) 1 + eps`` when ``normalize`` (the normaliser rides along as
-    an extra value column). Causal masks are bottom-right aligned; see :mod:`.naive` for the math.
+    an extra value column of ones). Causal masks are bottom-right aligned; see :mod:`.naive`.
     """
     _check_decay(decay, qf.shape[1])
-    if normalize:
-        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-    out = state_product(qf, kf, v, causal=causal, decay=decay, chunk=chunk, segment=segment, backend=backend)
+    out = state_product(qf, kf, v, causal=causal, decay=decay, chunk=chunk, segment=segment, backend=backend,
+                        append_ones=normalize)
     if normalize:
         out = out[..., :-1] / safe_denominator(out[..., -1:], eps)
     return out
 
 
 def state_product(qf, kf, v, *, causal: bool, decay: torch.Tensor | None = None, chunk: int = 64,
-                  segment: int = 1024, backend: str = "auto") -> torch.Tensor:
-    """The unnormalised product ``(phi(Q) phi(K)^T * M) V`` (shapes as :func:`linear_attention`)."""
+                  segment: int = 1024, backend: str = "auto", append_ones: bool = False) -> torch.Tensor:
+    """The unnormalised product ``(phi(Q) phi(K)^T * M) V`` (shapes as :func:`linear_attention`);
+    ``append_ones`` adds a column of ones to V (its output is the normaliser ``(phi(Q) phi(K)^T * M) 1``)."""
     if backend not in BACKENDS:
         raise InvalidArgumentError("backend", f"one of {BACKENDS}", repr(backend))
     work = work_dtype(qf)
     B, H, Nq, Fd = qf.shape
-    Hk, Nk, Dv = kf.shape[1], kf.shape[2], v.shape[-1]
+    Hk, Nk = kf.shape[1], kf.shape[2]
     G = H // Hk
     if not causal:
-        state = kf.to(work).transpose(-1, -2) @ v.to(work)  # (B, Hk, F, Dv)
-        return (qf.to(work).reshape(B, Hk, G * Nq, Fd) @ state).view(B, H, Nq, Dv)
+        kf, v = kf.to(work), v.to(work)
+        state = kf.transpose(-1, -2) @ v  # (B, Hk, F, Dv)
+        if append_ones:
+            state = torch.cat([state, kf.sum(2)[..., None]], dim=-1)
+        return (qf.to(work).reshape(B, Hk, G * Nq, Fd) @ state).view(B, H, Nq, -1)
     if _use_triton(backend, qf, Nq, Nk):
         from .triton_chunked import triton_state_product
 
+        if append_ones:
+            v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
         return triton_state_product(qf, kf, v, decay=decay, chunk=chunk)
-    lam = None if decay is None else decay.to(qf.device, torch.float64).view(Hk, G)
+    if decay is not None and G > 1:  # a decay per query head needs a state per query head
+        kf, v, Hk, G = repeat_kv(kf, G), repeat_kv(v, G), H, 1
+    lam = None if decay is None else decay.to(qf.device, torch.float64)
     off = Nk - Nq
     if off < 0:  # the first -off queries precede every key: they see nothing
-        rest = _causal_chunks(qf[:, :, -off:], kf, v, lam, None, chunk, segment, work)
-        return torch.cat([rest.new_zeros(B, H, -off, Dv), rest], dim=2)
+        rest = _causal_chunks(qf[:, :, -off:], kf, v, lam, None, chunk, segment, work, append_ones)
+        return torch.cat([rest.new_zeros(B, H, -off, rest.shape[-1]), rest], dim=2)
     init = None
     if off > 0:  # keys before the first query are visible to every query: they start the state
-        prefix_k = kf[:, :, :off].to(work).unsqueeze(2)
+        prefix_k, prefix_v = kf[:, :, :off].to(work), _values(v[:, :, :off], work, append_ones)
         if lam is not None:
             powers = torch.arange(off - 1, -1, -1, device=qf.device, dtype=torch.float64)
-            prefix_k = prefix_k * (lam[..., None] ** powers).to(work)[None, ..., None]
-        init = prefix_k.transpose(-1, -2) @ v[:, :, :off].to(work).unsqueeze(2)
-    return _causal_chunks(qf, kf[:, :, off:], v[:, :, off:], lam, init, chunk, segment, work)
+            prefix_k = prefix_k * (lam[:, None] ** powers).to(work)[None, :, :, None]
+        init = prefix_k.transpose(-1, -2) @ prefix_v
+    return _causal_chunks(qf, kf[:, :, off:], v[:, :, off:], lam, init, chunk, segment, work, append_ones)
+
+
+def _values(v: torch.Tensor, work: torch.dtype, append_ones: bool) -> torch.Tensor:
+    v = v.to(work)
+    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if append_ones else v
 
 
 def _use_triton(backend: str, qf: torch.Tensor, len_q: int, len_kv: int) -> bool:
@@ -96,55 +109,66 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _chunk_tables(lam: torch.Tensor | None, chunk: int, chunks: int, work: torch.dtype, device):
-    """Decay tables of one segment, shaped to broadcast against (B, Hk, G, n, ...): intra-chunk
-    weights (C, C), query scales (C, 1), key scales (C, 1), the state mixing W (n+1, n) with
-    ``W[c, c'] = lambda^(C (c - 1 - c'))`` for c' < c, and the powers (n+1, 1, 1) of the incoming state."""
-    i = torch.arange(chunk, device=device)
+def _decay_tables(lam: torch.Tensor, chunk: int, chunks: int, work: torch.dtype):
+    """Per-head decay tables of one segment, shaped to broadcast against (B, H, n, rows, ...):
+    intra-chunk weights (C, C), query scales (C, 1), key scales (C, 1), the state mixing W
+    (n+1, n) with ``W[c, c'] = lambda^(C (c - 1 - c'))`` for c' < c, and the powers (n+1, 1, 1)
+    of the incoming state."""
+    i = torch.arange(chunk, device=lam.device)
     dist = (i[:, None] - i[None, :]).double()
-    c = torch.arange(chunks + 1, device=device)[:, None]
-    gap = (c - 1 - torch.arange(chunks, device=device)[None, :]).double()
-    if lam is None:
-        return (dist >= 0).to(work), None, None, (gap >= 0).to(work), None
-    log = torch.log(lam)[:, :, None, None]  # (Hk, G, 1, 1)
-    per_chunk = lambda t: t.to(work)[None, :, :, None]  # (Hk, G, a, b) -> (1, Hk, G, 1, a, b)  # noqa: E731
-    intra = per_chunk(torch.where(dist >= 0, torch.exp(dist.clamp(min=0) * log), 0.0))
-    q_scale = per_chunk(torch.exp((i + 1).double()[:, None] * log))
-    k_scale = per_chunk(torch.exp((chunk - 1 - i).double()[:, None] * log))
+    c = torch.arange(chunks + 1, device=lam.device)[:, None]
+    gap = (c - 1 - torch.arange(chunks, device=lam.device)[None, :]).double()
+    log = torch.log(lam)[:, None, None]  # (H, 1, 1)
+    per_head = lambda t: t.to(work)[None, :, None]  # (H, a, b) -> (1, H, 1, a, b)  # noqa: E731
+    intra = per_head(torch.where(dist >= 0, torch.exp(dist.clamp(min=0) * log), 0.0))
+    q_scale = per_head(torch.exp((i + 1).double()[:, None] * log))
+    k_scale = per_head(torch.exp((chunk - 1 - i).double()[:, None] * log))
     mix = torch.where(gap >= 0, torch.exp(gap.clamp(min=0) * chunk * log), 0.0).to(work)[None]
     init = torch.exp(c.double() * chunk * log).to(work)[None, ..., None]
     return intra, q_scale, k_scale, mix, init
 
 
-def _causal_chunks(qf, kf, v, lam, init, chunk: int, segment: int, work: torch.dtype) -> torch.Tensor:
-    """Causal product for Nq == Nk (after alignment), starting from state ``init`` (B, Hk, G|1, F, Dv)."""
+def _causal_chunks(qf, kf, v, lam, init, chunk: int, segment: int, work: torch.dtype, append_ones: bool) -> torch.Tensor:
+    """Causal product for Nq == Nk (after alignment), starting from state ``init`` (B, Hk, F, Dv).
+    Query heads sharing a key head are stacked as extra rows of each chunk (no decay: one shared
+    state), so every product is a plain batched matmul."""
     B, H, N, Fd = qf.shape
-    Hk, Dv = kf.shape[1], v.shape[-1]
+    Hk = kf.shape[1]
     G = H // Hk
     segment = max(chunk, segment // chunk * chunk)
-    chunks = segment // chunk
-    intra_w, q_scale, k_scale, mix, init_pow = _chunk_tables(lam, chunk, chunks, work, qf.device)
-    q5, k5, v5 = qf.view(B, Hk, G, N, Fd), kf.unsqueeze(2), v.unsqueeze(2)
+    causal_w = (torch.arange(chunk, device=qf.device)[:, None] >= torch.arange(chunk, device=qf.device)[None, :]).to(work)
+    tables = None if lam is None else _decay_tables(lam, chunk, segment // chunk, work)
+    intra_w = causal_w.repeat(G, 1) if tables is None else tables[0]
     state = init
     outs = []
     for start in range(0, N, segment):
         stop = min(start + segment, N)
         length, pad = stop - start, (-(stop - start)) % chunk
         n = (length + pad) // chunk
-        qs, ks, vs = (F.pad(t[..., start:stop, :].to(work), (0, 0, 0, pad)).unflatten(-2, (n, chunk)) for t in (q5, k5, v5))
-        # inside chunks: (B, Hk, G, n, C, C) decayed causal scores
-        scores = (qs @ ks.transpose(-1, -2)) * intra_w
-        out = scores @ vs
-        if k_scale is not None:
-            ks = ks * k_scale
-        chunk_kv = ks.transpose(-1, -2) @ vs  # (B, Hk, G|1, n, F, Dv)
-        w = mix[..., : n + 1, :n]
-        states = (w @ chunk_kv.flatten(-2)).unflatten(-1, (Fd, Dv))  # (…, n+1, F, Dv): before each chunk, then after
-        if state is not None:
-            states = states + (state.unsqueeze(-3) if init_pow is None else init_pow[..., : n + 1, :, :] * state.unsqueeze(-3))
-        if q_scale is not None:
+        cut = lambda t: F.pad(t, (0, 0, 0, pad)) if pad else t  # noqa: E731
+        qs = cut(qf[:, :, start:stop].to(work)).view(B, Hk, G, n, chunk, Fd)
+        qs = qs.transpose(2, 3).reshape(B, Hk, n, G * chunk, Fd) if G > 1 else qs.view(B, Hk, n, chunk, Fd)
+        ks = cut(kf[:, :, start:stop].to(work)).view(B, Hk, n, chunk, Fd)
+        vs = cut(_values(v[:, :, start:stop], work, append_ones))
+        vs = vs.view(B, Hk, n, chunk, vs.shape[-1])
+        Dv = vs.shape[-1]
+        out = (qs @ ks.transpose(-1, -2)).mul_(intra_w) @ vs  # inside chunks (in place: no extra temporaries)
+        if tables is None:
+            chunk_kv = ks.transpose(-1, -2) @ vs  # (B, Hk, n, F, Dv)
+            before = chunk_kv.cumsum(2).sub_(chunk_kv)
+            if state is not None:
+                before.add_(state[:, :, None])
+            state = before[:, :, -1] + chunk_kv[:, :, -1]
+        else:
+            _, q_scale, k_scale, mix, init_pow = tables
+            chunk_kv = (ks * k_scale).transpose(-1, -2) @ vs
+            states = (mix[..., : n + 1, :n] @ chunk_kv.flatten(-2)).unflatten(-1, (Fd, Dv))  # (B, H, n+1, F, Dv)
+            if state is not None:
+                states = states + init_pow[:, :, : n + 1] * state[:, :, None]
+            before, state = states[:, :, :n], states[:, :, n]
             qs = qs * q_scale
-        out = out + qs @ states[..., :n, :, :]
-        state = states[..., n, :, :]
-        outs.append(out.flatten(3, 4)[..., :length, :])
-    return torch.cat(outs, dim=-2).view(B, H, N, Dv)
+        out = out.add_(qs @ before)
+        if G > 1:
+            out = out.view(B, Hk, n, G, chunk, Dv).transpose(2, 3)
+        outs.append(out.reshape(B, H, n * chunk, Dv)[:, :, :length])
+    return torch.cat(outs, dim=2)

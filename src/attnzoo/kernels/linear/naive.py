@@ -27,7 +27,7 @@ def decay_matrix(len_q: int, len_kv: int, decay: torch.Tensor | None, *, causal:
     if decay is None:
         return allowed[None].float()
     log_decay = torch.log(decay.double().to(device))[:, None, None]
-    return torch.where(allowed, torch.exp(dist.clamp(min=0).double() * log_decay), 0.0).float()
+    return torch.where(allowed, torch.exp(dist.clamp(min=0).double() * log_decay), 0.0)
 
 
 def naive_linear_attention(qf, kf, v, *, causal: bool, decay: torch.Tensor | None = None, normalize: bool = True,
