@@ -123,7 +123,9 @@ def bench_command(args: argparse.Namespace) -> int:
         if args.quality != "none" and outcome.status == "complete":
             from .quality import run_quality
 
-            run_quality(store, outcome.run_id, opts, level=args.quality, progress=args.progress)
+            outcome.status = run_quality(store, outcome.run_id, opts, level=args.quality, progress=args.progress)
+        elif args.quality == "none":
+            print("quality: none (add --quality quick for error, recall and perplexity on SmolLM2-135M and MiniLM)", flush=True)
         results = store.results(outcome.run_id)
         print_results(results)
         report = write_report(store, outcome.run_id, out / "report.html")

@@ -166,8 +166,9 @@ def _heatmap_plots(heatmaps, plt) -> list[str]:
         for ax in axes.flat:
             ax.axis("off")
         for ax, h in zip(axes.flat, maps):
-            ax.imshow(h["data"], cmap="viridis", interpolation="nearest")
+            ax.imshow([[x ** 0.5 for x in row] for row in h["data"]], cmap="viridis", interpolation="nearest")
             ax.set_title(f"L{h['layer']} H{h['head']} {h['label']}", fontsize=7)
+        fig.suptitle(f"{model}: exact attention per head (square-root colour scale)", fontsize=9)
         safe = "".join(c if c.isalnum() else "-" for c in model)
         out.append(_figure(f"plot-heatmap-{safe}", f"per-head attention patterns, {model}", _png(fig, plt)))
     return out
@@ -211,6 +212,18 @@ def _quality_table(quality) -> str:
     return _table(["method", "model", "metric", "value", "status", "message"], rows, "quality")
 
 
+def _quality_pivot(quality) -> str:
+    """One row per method, one column per (model, metric) with a value."""
+    columns = sorted({(q["model"], q["metric"]) for q in quality if q["status"] == "ok"})
+    values = defaultdict(dict)
+    for q in quality:
+        if q["status"] == "ok":
+            values[q["spec"]][(q["model"], q["metric"])] = q["value"]
+    rows = [f'<tr><td class="l">{_esc(spec)}</td>' + "".join(_num(v.get(c), None if v.get(c) is None else f"{v[c]:.4g}") for c in columns)
+            + "</tr>" for spec, v in sorted(values.items())]
+    return _table(["method"] + [f"{m} {metric}" for m, metric in columns], rows, "quality-pivot")
+
+
 def render(export: dict[str, Any]) -> str:
     """HTML of one run's export (:meth:`Store.export`)."""
     run, results, quality, heatmaps = export["run"], export["results"], export["quality"], export["heatmaps"]
@@ -245,7 +258,10 @@ def render(export: dict[str, Any]) -> str:
     if not quality:
         parts.append(f"<p class='note'>{QUALITY_HINT}</p>")
     else:
-        parts.append("<h2>Quality</h2>" + _quality_table(quality))
+        parts.append("<h2>Quality</h2><p class='note'>rel_error: ||out - exact|| / ||exact|| on captured q/k/v (mean over "
+                     "layers); mass_recall: exact attention probability on the pairs the method attends to; perplexity and "
+                     "passkey_accuracy: the model patched with the method, end to end.</p>"
+                     + _quality_pivot(quality) + "<h3>All quality rows</h3>" + _quality_table(quality))
     parts.append("<h2>All measurements</h2>" + _results_table(results))
     parts.append("</body></html>")
     return "\n".join(parts)
