@@ -14,7 +14,7 @@ from .analysis import compare_runs, summary, with_dense
 from .report import write_report
 from .runner import CPU_LENGTHS, CUDA_LENGTHS, DTYPES, MODES, BenchOptions, run_bench
 from .specs import default_specs, parse_method_spec
-from .store import Store
+from .store import NotStoredError, Store
 
 DEFAULT_OUT = "attnzoo-results"
 STORE_NAME = "attnzoo.sqlite"
@@ -168,41 +168,44 @@ def _print_table(rows) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+def _open_store(path: str) -> Store:
+    if not Path(path).exists():
+        raise NotStoredError(f"no store at {path} (run attnzoo bench first, or pass --store)")
+    return Store(path)
+
+
+def _lookup_errors(command):
+    """Print a missing store or run as ``attnzoo CMD: message`` and exit 2 instead of a traceback."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except NotStoredError as exc:
+            print(f"attnzoo {args.command}: {exc}", file=sys.stderr)
+            return 2
+    return run
+
+
+@_lookup_errors
 def report_command(args: argparse.Namespace) -> int:
-    path = Path(args.store)
-    if not path.exists():
-        print(f"attnzoo report: no store at {path} (run attnzoo bench first, or pass --store)", file=sys.stderr)
-        return 2
-    with Store(path) as store:
+    with _open_store(args.store) as store:
         if args.list:
             for r in store.runs():
                 n = len(store.results(r["id"]))
                 print(f"{r['id']}  {r['status']:<11}  {n:4d} measurements  {r['machine'].get('cpu')}  "
                       f"torch {r['machine'].get('torch')}  commit {(r['machine'].get('git_commit') or '-')[:12]}")
             return 0
-        try:
-            run = store.run(args.run)
-        except LookupError as exc:
-            print(f"attnzoo report: {exc}", file=sys.stderr)
-            return 2
-        out = Path(args.out) if args.out else path.parent / f"report-{run['id']}.html"
+        run = store.run(args.run)
+        out = Path(args.out) if args.out else store.path.parent / f"report-{run['id']}.html"
         print(f"report: {write_report(store, run['id'], out).resolve()}")
         if args.json:
             print(f"json:   {store.export_json(run['id'], args.json).resolve()}")
     return 0
 
 
+@_lookup_errors
 def compare_command(args: argparse.Namespace) -> int:
-    path = Path(args.store)
-    if not path.exists():
-        print(f"attnzoo compare: no store at {path}", file=sys.stderr)
-        return 2
-    with Store(path) as store:
-        try:
-            a, b = store.run(args.run_a), store.run(args.run_b)
-        except LookupError as exc:
-            print(f"attnzoo compare: {exc}", file=sys.stderr)
-            return 2
+    with _open_store(args.store) as store:
+        a, b = store.run(args.run_a), store.run(args.run_b)
         rows = compare_runs(store.results(a["id"]), store.results(b["id"]))
     if args.json:
         print(json.dumps({"a": a, "b": b, "rows": rows}, indent=1, default=str))

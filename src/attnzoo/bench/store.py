@@ -69,6 +69,10 @@ RESULT_FIELDS = (
 QUALITY_FIELDS = ("method", "spec", "config", "model", "metric", "value", "status", "message", "detail")
 
 
+class NotStoredError(LookupError):
+    """A store file or a run that is not there."""
+
+
 class Store:
     """A SQLite file of runs and their measurements."""
 
@@ -133,12 +137,12 @@ class Store:
         if run_id is None:
             row = self.conn.execute("SELECT * FROM runs ORDER BY started DESC LIMIT 1").fetchone()
             if row is None:
-                raise LookupError(f"no runs in {self.path}")
+                raise NotStoredError(f"no runs in {self.path}")
             return _run_dict(row)
         rows = self.conn.execute("SELECT * FROM runs WHERE id LIKE ?", (run_id + "%",)).fetchall()
         if len(rows) != 1:
             known = ", ".join(r["id"] for r in self.runs()) or "none"
-            raise LookupError(f"run {run_id!r} matches {len(rows)} runs in {self.path} (runs: {known})")
+            raise NotStoredError(f"run {run_id!r} matches {len(rows)} runs in {self.path} (runs: {known})")
         return _run_dict(rows[0])
 
     def results(self, run_id: str) -> list[dict[str, Any]]:
