@@ -10,12 +10,22 @@ from __future__ import annotations
 
 from .api import attention
 from .errors import AttnzooError, InvalidArgumentError, UnknownNameError, UnsupportedError
+from .integrations import patch, unpatch
 from .method import CallStats, Method, MethodInfo
 from .registry import get_method, list_methods, register
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``attnzoo.models`` and ``attnzoo.eval`` import on first use (they need the optional [models] extra)."""
+    if name in ("models", "eval"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "AttnzooError", "CallStats", "InvalidArgumentError", "Method", "MethodInfo", "UnknownNameError",
-    "UnsupportedError", "attention", "get_method", "list_methods", "register",
+    "UnsupportedError", "attention", "get_method", "list_methods", "patch", "register", "unpatch",
 ]

@@ -8,7 +8,7 @@ import importlib
 import json
 import sys
 
-COMMAND_MODULES: tuple[str, ...] = ("attnzoo.bench.cli",)
+COMMAND_MODULES: tuple[str, ...] = ("attnzoo.bench.cli", "attnzoo.eval.cli")
 
 
 def _list(args: argparse.Namespace) -> int:

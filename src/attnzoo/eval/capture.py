@@ -1,0 +1,60 @@
+"""Capture the real post-RoPE q, k, v that a model's attention layers receive."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InvalidArgumentError
+from .perplexity import token_ids
+from .common import english_text, model_device
+
+
+@dataclass
+class CapturedQKV:
+    """One layer's attention inputs: q (B, Hq, N, D), k and v (B, Hkv, N, D) as the model's
+    attention function received them (post-RoPE; GQA key/value heads not repeated)."""
+
+    layer: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    causal: bool
+    scale: float
+
+    def as_dict(self) -> dict:
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in "qkv"},
+                "shape_q": list(self.q.shape), "shape_kv": list(self.k.shape)}
+
+
+@torch.no_grad()
+def capture_qkv(model, tokenizer, text: str | None = None, layers: Iterable[int] | None = None, *,
+                max_tokens: int | None = 4096) -> dict[int, CapturedQKV]:
+    """{layer: CapturedQKV} from one forward pass of ``model`` (unpatched) over the first
+    ``max_tokens`` tokens of ``text`` (default: :func:`~attnzoo.eval.english_text`); ``layers``:
+    indices (default all). Tensors are detached, on the CPU, in the model's dtype."""
+    from ..integrations.transformers import CapturePlan, attention_modules, install, unpatch
+
+    if getattr(model, "_attnzoo_state", None) is not None:
+        raise InvalidArgumentError("model", "an unpatched model (capture_qkv records exact attention inputs)", "a patched model")
+    _, modules = attention_modules(model)
+    layers = list(range(len(modules))) if layers is None else list(layers)
+    ids = token_ids(tokenizer, english_text() if text is None else text)
+    if max_tokens is not None:
+        if len(ids) < max_tokens:
+            raise InvalidArgumentError("max_tokens", f"at most {len(ids)} (the length of the text in tokens)", max_tokens)
+        ids = ids[:max_tokens]
+    plans = {i: CapturePlan() for i in layers}
+    install(model, plans)  # checks the layer indices
+    try:
+        model.base_model(input_ids=ids[None].to(model_device(model)))
+    finally:
+        unpatch(model)
+    captured = {}
+    for i, plan in plans.items():
+        record = plan.records[0]
+        captured[i] = CapturedQKV(i, record["q"], record["k"], record["v"], record["causal"], record["scale"])
+    return captured

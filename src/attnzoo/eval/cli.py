@@ -1,0 +1,124 @@
+"""``attnzoo eval``: one method on one real model and one task; a table on screen, JSON on disk.
+
+    attnzoo eval --model smollm2-135m --method streaming --set window=1024 --task passkey --context 4096
+
+The JSON file (``--out`` folder, default ``attnzoo-results/``) is rewritten after every trial or
+layer, so an interrupted run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidArgumentError
+
+TASKS = ("ppl", "passkey", "approx")
+
+
+def parse_settings(pairs: list[str]) -> dict[str, Any]:
+    """``["window=1024", "spans=[512,1024]"]`` -> {"window": 1024, "spans": [512, 1024]} (JSON values, else strings)."""
+    config = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidArgumentError("--set", "key=value", repr(pair))
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            config[key] = value
+    return config
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="measure a method on a real pretrained model (perplexity, passkey, approximation)",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (decoder) or minilm-l6 (encoder; --task approx)")
+    p.add_argument("--method", required=True, help="registered method name (attnzoo list)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method option, JSON value (repeatable)")
+    p.add_argument("--task", choices=TASKS, required=True)
+    p.add_argument("--context", type=int, default=4096, help="tokens per window / prompt / capture")
+    p.add_argument("--depths", type=_floats, default=[0.1, 0.35, 0.65, 0.9], help="passkey depths, comma-separated")
+    p.add_argument("--n", type=int, default=1, help="passkey trials per depth")
+    p.add_argument("--windows", type=int, default=1, help="perplexity windows")
+    p.add_argument("--layers", type=_ints, default=None, help="approx: layers to capture, comma-separated (default all)")
+    p.add_argument("--decode", choices=("auto", "exact", "method"), default="auto", help="how decode steps attend (passkey)")
+    p.add_argument("--out", default="attnzoo-results", help="folder for the JSON result")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _table(task: str, result: dict[str, Any]) -> list[tuple[str, ...]]:
+    if task == "ppl":
+        return [("context", "tokens", "nll", "perplexity"),
+                (str(result["context_len"]), str(result["tokens"]), f"{result['nll']:.4f}", f"{result['perplexity']:.3f}")]
+    if task == "passkey":
+        rows = [("depth", "tokens", "key at", "key", "answer", "correct")]
+        rows += [(f"{t['depth']:.2f}", str(t["tokens"]), str(t["key_position"]), t["key"], t["answer"][:20], "yes" if t["correct"] else "no")
+                 for t in result["trials"]]
+        return rows + [("accuracy", "", "", "", "", f"{result['correct']}/{len(result['trials'])}")]
+    rows = [("layer", "rel. error", "recall of attention mass")]
+    rows += [(str(r["layer"]), f"{r['rel_error']:.4g}", "n/a" if r["recall"] is None else f"{r['recall']:.4f}") for r in result["layers"]]
+    recall = result["mean_recall"]
+    return rows + [("mean", f"{result['mean_rel_error']:.4g}", "n/a" if recall is None else f"{recall:.4f}")]
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import models
+    from ..integrations.transformers import patch
+    from ..registry import get_method
+    from .approximation import approximation
+    from .capture import capture_qkv
+    from .common import save_json
+    from .passkey import passkey
+    from .perplexity import perplexity
+
+    config = parse_settings(args.set)
+    method = get_method(args.method, **config)  # bad names and options fail before the model loads
+    path = Path(args.out) / f"eval_{args.model}_{args.method}_{args.task}_{args.context}.json"
+    record: dict[str, Any] = {"model": args.model, "method": args.method, "config": config, "task": args.task,
+                              "context": args.context, "status": "running"}
+    show = not args.no_progress
+
+    def save(partial) -> None:
+        record["result"] = partial.as_dict()
+        save_json(path, record)
+
+    model, tokenizer = models.load(args.model)
+    print(f"{args.model}: {args.method} {config or ''} -> {path}", file=sys.stderr)
+    try:
+        if args.task == "approx":
+            captured = capture_qkv(model, tokenizer, layers=args.layers, max_tokens=args.context)
+            result = approximation(method, captured, show_progress=show, on_layer=save)
+        else:
+            with patch(model, method, decode=args.decode):
+                if args.task == "ppl":
+                    result = perplexity(model, tokenizer, context_len=args.context, windows=args.windows, show_progress=show)
+                else:
+                    result = passkey(model, tokenizer, args.context, args.depths, args.n, show_progress=show, on_trial=save)
+    except KeyboardInterrupt:
+        record["status"] = "interrupted"
+        save_json(path, record)
+        raise
+    record["status"] = "done"
+    save(result)
+    _print_table(_table(args.task, record["result"]))
+    print(f"saved {path}", file=sys.stderr)
+    return 0
