@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .layout import BlockLayout
 
-_CHUNK_KEYS = 16384  # gathered keys per SDPA call
+_CHUNK_KEYS = 32768  # gathered keys per SDPA call
 _EVAL_TILES = 256  # tiles whose token masks are evaluated at once while planning
 
 
@@ -51,19 +51,22 @@ def handles(layout: BlockLayout) -> bool:
 
 @dataclass
 class _Group:
-    """Query blocks that share their tile structure: ids, key block ids (full tiles first), mask."""
+    """Query blocks that share their tile structure (full tiles first), hence one mask.
 
-    blocks: torch.Tensor  # (c,) query block ids
-    keys: torch.Tensor  # (c, n) key block ids
-    mask: torch.Tensor | None  # additive (q_block, n * kv_block), shared by the group
+    ``members`` holds, per layout entry (batch bl, head hl), its query block ids (c,) and key block
+    ids (c, n); the executor expands an entry to the batch rows and heads that share it."""
+
+    width: int  # n, key blocks per query block
+    mask: torch.Tensor | None  # additive (q_block, n * kv_block), or None where every tile is full
     empty_rows: torch.Tensor | None  # rows (within a block) with no allowed key: output 0
+    members: list[tuple[int, int, torch.Tensor, torch.Tensor]]
 
 
 @dataclass
 class _Plan:
     groups: list[_Group]
-    allowed: int
-    computed: int
+    allowed: list[list[int]]  # per layout entry
+    computed: list[list[int]]
 
 
 def _tile_extent(layout: BlockLayout, qb: torch.Tensor, kb: torch.Tensor):
@@ -113,79 +116,111 @@ def _classify(layout: BlockLayout, bl: int, hl: int, qb: torch.Tensor, kb: torch
     return full, empty, torch.cat(kept)
 
 
-def _plan_for(layout: BlockLayout, bl: int, hl: int, dtype: torch.dtype) -> _Plan:
-    dev = layout.device
+def _tiles(layout: BlockLayout, bl: int, hl: int):
+    """Listed tiles of one layout entry, classified: query and key block ids, full, partial, the
+    partial tiles' token masks, and the allowed-entry count."""
     bq, bk = layout.q_block, layout.kv_block
-    nqb = layout.num_q_blocks
     valid = layout.slot_valid()[bl, hl]
-    slot_q = torch.arange(nqb, device=dev)[:, None].expand_as(valid)[valid]
+    slot_q = torch.arange(layout.num_q_blocks, device=layout.device)[:, None].expand_as(valid)[valid]
     slot_k = layout.kv_indices[bl, hl][valid]
     full, empty, masks = _classify(layout, bl, hl, slot_q, slot_k)
-    partial = ~full & ~empty
     rows_real = ((slot_q + 1) * bq).clamp(max=layout.num_q) - slot_q * bq
     allowed = int((rows_real[full] * bk).sum()) + int(masks.sum())
-    # partial tiles: one class per distinct token mask; padding rows may attend anywhere
-    pad_rows = torch.arange(bq, device=dev)[None, :] >= rows_real[partial][:, None]
-    exec_masks = (masks | pad_rows[:, :, None]).flatten(1)
-    if exec_masks.shape[0]:
-        classes, cls = torch.unique(exec_masks, dim=0, return_inverse=True)
-    else:
-        classes, cls = exec_masks, torch.zeros(0, dtype=torch.long, device=dev)
-    # per query block: full key blocks in order, then partial ones sorted by class
-    order_key = torch.full((slot_q.numel(),), -1, dtype=torch.long, device=dev)
-    order_key[full] = 0
-    order_key[partial] = cls + 1
-    blocks_full = [[] for _ in range(nqb)]
-    blocks_part = [[] for _ in range(nqb)]
-    for q_id, k_id, key in zip(slot_q.tolist(), slot_k.tolist(), order_key.tolist()):
-        if key == 0:
-            blocks_full[q_id].append(k_id)
-        elif key > 0:
-            blocks_part[q_id].append((key - 1, k_id))
-    signature: dict[tuple, list[int]] = {}
+    partial = ~full & ~empty
+    pad_rows = torch.arange(bq, device=layout.device)[None, :] >= rows_real[partial][:, None]
+    return slot_q, slot_k, full, partial, masks | pad_rows[:, :, None], allowed
+
+
+def _signatures(nqb: int, slot_q, slot_k, full, partial, classes) -> dict[tuple, tuple[list[int], list[list[int]]]]:
+    """Group the query blocks of one entry by (full tiles, partial tile classes); keys full first,
+    then partial ones by class."""
+    key = torch.full((slot_q.numel(),), -1, dtype=torch.long, device=slot_q.device)
+    key[full] = 0
+    key[partial] = classes + 1
+    full_keys: list[list[int]] = [[] for _ in range(nqb)]
+    part_keys: list[list[tuple[int, int]]] = [[] for _ in range(nqb)]
+    for q_id, k_id, c in zip(slot_q.tolist(), slot_k.tolist(), key.tolist()):
+        if c == 0:
+            full_keys[q_id].append(k_id)
+        elif c > 0:
+            part_keys[q_id].append((c - 1, k_id))
+    groups: dict[tuple, tuple[list[int], list[list[int]]]] = {}
     for q_id in range(nqb):
-        parts = sorted(blocks_part[q_id])
-        if blocks_full[q_id] or parts:
-            sig = (len(blocks_full[q_id]), tuple(c for c, _ in parts))
-            blocks_part[q_id] = parts
-            signature.setdefault(sig, []).append(q_id)
-    groups = []
-    computed = 0
-    starts = torch.arange(nqb, device=dev) * bq
+        parts = sorted(part_keys[q_id])
+        if full_keys[q_id] or parts:
+            ids, keys = groups.setdefault((len(full_keys[q_id]), tuple(c for c, _ in parts)), ([], []))
+            ids.append(q_id)
+            keys.append(full_keys[q_id] + [k for _, k in parts])
+    return groups
+
+
+def _plan(layout: BlockLayout, dtype: torch.dtype) -> _Plan:
+    dev = layout.device
+    bq, bk = layout.q_block, layout.kv_block
+    Bl, Hl = layout.kv_indices.shape[:2]
+    entries = [(bl, hl, *_tiles(layout, bl, hl)) for bl in range(Bl) for hl in range(Hl)]
+    # one class per distinct partial tile mask, over all entries
+    every = torch.cat([e[6].flatten(1) for e in entries])
+    if every.shape[0]:
+        class_masks, class_ids = torch.unique(every, dim=0, return_inverse=True)
+    else:
+        class_masks, class_ids = every, torch.zeros(0, dtype=torch.long, device=dev)
+    class_masks = class_masks.view(-1, bq, bk)
+    starts = torch.arange(layout.num_q_blocks, device=dev) * bq
     block_rows = (starts + bq).clamp(max=layout.num_q) - starts
-    cls_masks = classes.view(-1, bq, bk)
-    for (n_full, part_cls), members in signature.items():
-        keys = torch.tensor([blocks_full[i] + [k for _, k in blocks_part[i]] for i in members], dtype=torch.long, device=dev)
-        ids = torch.tensor(members, dtype=torch.long, device=dev)
-        computed += int(block_rows[ids].sum()) * keys.shape[1] * bk
+    allowed = [[0] * Hl for _ in range(Bl)]
+    computed = [[0] * Hl for _ in range(Bl)]
+    merged: dict[tuple, list] = {}
+    used = 0
+    for bl, hl, slot_q, slot_k, full, partial, masks, n_allowed in entries:
+        classes, used = class_ids[used : used + masks.shape[0]], used + masks.shape[0]
+        allowed[bl][hl] = n_allowed
+        for sig, (ids, keys) in _signatures(layout.num_q_blocks, slot_q, slot_k, full, partial, classes).items():
+            ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
+            computed[bl][hl] += int(block_rows[ids_t].sum()) * len(keys[0]) * bk
+            merged.setdefault(sig, []).append((bl, hl, ids_t, torch.tensor(keys, dtype=torch.long, device=dev)))
+    groups = []
+    for (n_full, part_cls), members in merged.items():
         mask = empty_rows = None
         if part_cls:
-            allowed_cells = torch.cat(
-                [torch.ones(bq, n_full * bk, dtype=torch.bool, device=dev)] + [cls_masks[c] for c in part_cls], dim=1
-            )
-            none = ~allowed_cells.any(-1)
+            cells = torch.cat([torch.ones(bq, n_full * bk, dtype=torch.bool, device=dev)] + [class_masks[c] for c in part_cls], dim=1)
+            none = ~cells.any(-1)
             if bool(none.any()):
                 empty_rows = torch.nonzero(none).flatten()
-                allowed_cells[none] = True  # attend anywhere, output set to 0 afterwards
-            mask = torch.zeros(allowed_cells.shape, dtype=dtype, device=dev).masked_fill_(~allowed_cells, float("-inf"))
-        groups.append(_Group(ids, keys, mask, empty_rows))
+                cells[none] = True  # attend anywhere, output set to 0 afterwards
+            mask = torch.zeros(cells.shape, dtype=dtype, device=dev).masked_fill_(~cells, float("-inf"))
+        groups.append(_Group(n_full + len(part_cls), mask, empty_rows, members))
     return _Plan(groups, allowed, computed)
 
 
-def _plans(layout: BlockLayout, dtype: torch.dtype, static: bool) -> list[list[_Plan]]:
+def _cached_plan(layout: BlockLayout, dtype: torch.dtype, static: bool) -> _Plan:
     key = ("gather", "blocks", dtype)
     if static and key in layout.cache:
         return layout.cache[key]
-    Bl, Hl = layout.kv_indices.shape[:2]
-    result = [[_plan_for(layout, b, h, dtype) for h in range(Hl)] for b in range(Bl)]
+    plan = _plan(layout, dtype)
     if static:
-        layout.cache[key] = result
-    return result
+        layout.cache[key] = plan
+    return plan
 
 
-def _chunk(g: _Group, kv_block: int) -> int:
-    """Query blocks of group ``g`` per SDPA call."""
-    return max(1, _CHUNK_KEYS // (g.keys.shape[1] * kv_block))
+def _chunk(width: int, kv_block: int) -> int:
+    """Query blocks per SDPA call when each visits ``width`` key blocks."""
+    return max(1, _CHUNK_KEYS // (width * kv_block))
+
+
+def _expand(members, B: int, Hq: int, Hkv: int, Bl: int, Hl: int, nqb: int, nkb: int):
+    """Members of a group -> flat query block ids into (B * Hq * nQB) and key block ids (rows of n)
+    into (B * Hkv * nKB), for every batch row and head that shares each layout entry."""
+    groups = Hq // Hkv
+    q_ids, k_ids = [], []
+    for bl, hl, ids, keys in members:
+        b = torch.arange(B, device=ids.device) if Bl == 1 else torch.tensor([bl], device=ids.device)
+        h = torch.arange(Hq, device=ids.device) if Hl == 1 else torch.tensor([hl], device=ids.device)
+        q_pair = (b[:, None] * Hq + h[None, :]).flatten()
+        kv_pair = (b[:, None] * Hkv + h[None, :] // groups).flatten()
+        q_ids.append((q_pair[:, None] * nqb + ids[None, :]).flatten())
+        k_ids.append((kv_pair[:, None, None] * nkb + keys[None]).flatten(0, 1))
+    return torch.cat(q_ids), torch.cat(k_ids)
 
 
 def _blocked(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -223,34 +258,32 @@ def block_attention(q, k, v, layout: BlockLayout, *, scale: float, static: bool 
     work = q.dtype if (q.device.type != "cpu" or q.dtype in (torch.float32, torch.float64)) else torch.float32
     bq, bk = layout.q_block, layout.kv_block
     Bl, Hl = layout.kv_indices.shape[:2]
-    groups = Hq // Hkv
-    all_plans = _plans(layout, work, static)
-    qb, kb, vb = _blocked(q.to(work), bq), _blocked(k.to(work), bk), _blocked(v.to(work), bk)
-    out = torch.zeros(B, Hq, qb.shape[2], bq, Dv, dtype=work, device=q.device)
+    plan = _cached_plan(layout, work, static)
+    qb, kb, vb = (_blocked(x.to(work), blk).flatten(0, 2) for x, blk in ((q, bq), (k, bk), (v, bk)))
+    nqb, nkb = layout.num_q_blocks, layout.num_kv_blocks
+    out = torch.zeros(B * Hq * nqb, bq, Dv, dtype=work, device=q.device)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     width = 0
-    for g in (g for row in all_plans for p in row for g in p.groups):
-        c = min(g.blocks.numel(), _chunk(g, bk))
-        width = max(width, c * g.keys.shape[1] * bk * max(D, Dv), c * bq * D)
+    for g in plan.groups:
+        total = sum(m[2].numel() for m in g.members) * (B if Bl == 1 else 1) * (Hq if Hl == 1 else 1)
+        c = min(total, _chunk(g.width, bk))
+        width = max(width, c * g.width * bk * max(D, Dv), c * bq * D)
     buffers = _Buffers(0 if grad else 3 * width, work, q.device)
-    allowed = computed = 0
-    for b in range(B):
-        for h in range(Hq):
-            plan = all_plans[b if Bl > 1 else 0][h if Hl > 1 else 0]
-            kvh = h // groups
-            for g in plan.groups:
-                n, step = g.keys.shape[1], _chunk(g, bk)
-                for a in range(0, g.blocks.numel(), step):
-                    ids, keys = g.blocks[a : a + step], g.keys[a : a + step].flatten()
-                    c = ids.numel()
-                    qs = buffers.select(0, qb[b, h], ids, width).view(c, 1, bq, D)
-                    ks = buffers.select(1, kb[b, kvh], keys, width).view(c, 1, n * bk, D)
-                    vs = buffers.select(2, vb[b, kvh], keys, width).view(c, 1, n * bk, Dv)
-                    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=g.mask, scale=scale).view(c, bq, Dv)
-                    if g.empty_rows is not None:
-                        o = o.index_fill(1, g.empty_rows, 0.0)
-                    out[b, h].index_copy_(0, ids, o)
-            allowed += plan.allowed
-            computed += plan.computed
+    for g in plan.groups:
+        q_ids, k_ids = _expand(g.members, B, Hq, Hkv, Bl, Hl, nqb, nkb)
+        n, step = g.width, _chunk(g.width, bk)
+        for a in range(0, q_ids.numel(), step):
+            ids, keys = q_ids[a : a + step], k_ids[a : a + step].flatten()
+            c = ids.numel()
+            qs = buffers.select(0, qb, ids, width).view(c, 1, bq, D)
+            ks = buffers.select(1, kb, keys, width).view(c, 1, n * bk, D)
+            vs = buffers.select(2, vb, keys, width).view(c, 1, n * bk, Dv)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=g.mask, scale=scale).view(c, bq, Dv)
+            if g.empty_rows is not None:
+                o = o.index_fill(1, g.empty_rows, 0.0)
+            out.index_copy_(0, ids, o)
+    share = (B if Bl == 1 else 1) * (Hq if Hl == 1 else 1)
+    allowed = sum(map(sum, plan.allowed)) * share
+    computed = sum(map(sum, plan.computed)) * share
     out = out.view(B, Hq, -1, Dv)[:, :, :Nq]
     return out.to(dtype), {"allowed": allowed, "computed": computed}
