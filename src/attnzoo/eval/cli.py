@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidArgumentError
+from ..errors import AttnzooError, InvalidArgumentError
+from ..models import MODELS
 
 TASKS = ("ppl", "passkey", "approx")
 
@@ -44,7 +45,7 @@ def _ints(text: str) -> list[int]:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="measure a method on a real pretrained model (perplexity, passkey, approximation)",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (decoder) or minilm-l6 (encoder; --task approx)")
+    p.add_argument("--model", default="smollm2-135m", choices=sorted(MODELS), help="smollm2-135m (decoder) or minilm-l6 (encoder: --task approx only)")
     p.add_argument("--method", required=True, help="registered method name (attnzoo list)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method option, JSON value (repeatable)")
     p.add_argument("--task", choices=TASKS, required=True)
@@ -81,6 +82,14 @@ def _table(task: str, result: dict[str, Any]) -> list[tuple[str, ...]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (AttnzooError, ImportError) as e:
+        print(f"attnzoo eval: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from .. import models
     from ..integrations.transformers import patch
     from ..registry import get_method

@@ -286,7 +286,7 @@ def _plans(model, method, layers, heads, decode, config) -> dict[int, LayerPlan]
 
     if isinstance(method, str) and method == "auto":
         if set(config) != {"config"}:
-            raise InvalidArgumentError("config", f"patch(model, 'auto', config=PATH_OR_DICT) and no other options", sorted(config))
+            raise InvalidArgumentError("config", "patch(model, 'auto', config=PATH_OR_DICT) and no other options", sorted(config))
         if layers is not None or heads is not None:
             raise InvalidArgumentError("layers, heads", "None with 'auto' (the patterns file sets both)", f"layers={layers!r}, heads={heads!r}")
         data, methods = _load_patterns(config["config"]), {}
