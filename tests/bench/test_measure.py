@@ -1,5 +1,7 @@
 """The measurement primitives: peak memory reports what a function allocates, the FLOP model, timing."""
 
+import time
+
 import torch
 
 from attnzoo.bench.measure import attention_flops, measure_time, peak_memory, score_entries
@@ -50,6 +52,8 @@ def test_measure_time_separates_setup_and_stops_on_budget():
     calls = []
     timing = measure_time(lambda: calls.append(1), torch.device("cpu"), repeats=7, setup=lambda: calls.append(0))
     assert calls == [0] + [1] * 7 and len(timing.times_ms) == 7 and timing.setup_ms >= 0
-    slow = measure_time(lambda: torch.ones(10).sum(), torch.device("cpu"), repeats=50, max_seconds=0.0)
-    assert len(slow.times_ms) == 3  # the minimum, then the budget (0 s) stops it
+    slow = measure_time(lambda: time.sleep(0.005), torch.device("cpu"), repeats=50, max_seconds=0.001, setup=lambda: None)
+    assert len(slow.times_ms) == 3  # the minimum, then the budget (1 ms) stops it
     assert slow.min_ms <= slow.median_ms
+    once = measure_time(lambda: None, torch.device("cpu"), repeats=50, max_seconds=0.01, setup=lambda: time.sleep(0.02))
+    assert len(once.times_ms) == 1 and once.setup_ms >= 20  # a setup call over budget: one timed repeat

@@ -80,3 +80,10 @@ def test_method_specs():
         BenchOptions(mode="sideways")
     with pytest.raises(InvalidArgumentError, match="heads_kv"):
         BenchOptions(heads=8, heads_kv=3)
+
+
+def test_too_slow_methods_skip_longer_lengths(tmp_path):
+    _, _, rows = _run(tmp_path, methods=_specs("sliding_window:window=16"), lengths=(64, 128), max_call_seconds=1e-9)
+    by = {(r["method"], r["length"]): r for r in rows}
+    assert by[("sliding_window", 64)]["status"] == "ok" and by[("dense", 64)]["status"] == "ok"
+    assert by[("sliding_window", 128)]["status"] == "skipped" and "too slow" in by[("sliding_window", 128)]["message"]

@@ -59,6 +59,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--backward", action="store_true", help="also time forward+backward")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats after the setup call (median reported)")
     p.add_argument("--max-seconds", type=float, default=10.0, help="stop repeating (after 3) once repeats took this long")
+    p.add_argument("--max-call-seconds", type=float, default=30.0,
+                   help="skip a method's longer lengths once one call takes longer than this")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory call")
     p.add_argument("--dense-max-len", type=int, help="skip dense above this length")
@@ -100,6 +102,7 @@ def _options(args: argparse.Namespace) -> BenchOptions:
         batch=args.batch, heads=args.heads, heads_kv=args.kv_heads, dim=args.dim,
         dtype=args.dtype or ("bfloat16" if device.type == "cuda" else "float32"), device=args.device,
         mode=args.mode, backward=args.backward, repeats=args.repeats, max_seconds=args.max_seconds,
+        max_call_seconds=args.max_call_seconds,
         memory=args.memory, dense_max_len=args.dense_max_len, seed=args.seed)
 
 

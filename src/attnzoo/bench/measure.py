@@ -66,8 +66,11 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
 def measure_time(fn: Callable[[], object], device: torch.device, *, repeats: int, max_seconds: float = math.inf,
                  min_repeats: int = 3, setup: Callable[[], object] | None = None) -> Timing:
     """Time the first call (``setup``, by default ``fn`` itself) on its own, then ``fn`` up to ``repeats``
-    times; stop early (after ``min_repeats``) once the timed repeats passed ``max_seconds`` in total."""
+    times; stop early (after ``min_repeats``, or after one repeat when the setup call alone took
+    ``max_seconds``) once the timed repeats passed ``max_seconds`` in total."""
     setup_ms = _timed(setup or fn, device)
+    if setup_ms / 1e3 >= max_seconds:
+        min_repeats = 1
     times: list[float] = []
     while len(times) < repeats:
         times.append(_timed(fn, device))

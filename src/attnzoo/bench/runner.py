@@ -41,6 +41,7 @@ class BenchOptions:
     backward: bool = False
     repeats: int = 5
     max_seconds: float = 10.0
+    max_call_seconds: float = 30.0
     memory: bool = True
     dense_max_len: int | None = None
     seed: int = 0
@@ -106,12 +107,12 @@ def _inputs(opts: BenchOptions, length: int, device: torch.device):
 
 
 class _Progress:
-    """tqdm when installed, else one line per measurement on stderr."""
+    """One line per measurement on stderr, under a tqdm bar when tqdm is installed and stderr is a terminal."""
 
     def __init__(self, total: int, enabled: bool):
         self.bar = None
         self.enabled = enabled
-        if enabled:
+        if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
 
@@ -187,7 +188,7 @@ class _Sweep:
         self.length = None
         self.qkv: list[torch.Tensor] = []
         self.methods: dict[MethodSpec, Method | Exception] = {}
-        self.oom_at: dict[tuple[MethodSpec, bool, str], int] = {}
+        self.stopped: dict[tuple[MethodSpec, bool, str], str] = {}  # why longer lengths are skipped
         self.stats: dict[tuple[MethodSpec, bool], Any] = {}
 
     def _set_length(self, length: int) -> None:
@@ -229,9 +230,9 @@ class _Sweep:
             return {"status": "skipped", "message": f"{spec.name} is causal only"}
         if spec.name == "dense" and opts.dense_max_len is not None and length > opts.dense_max_len:
             return {"status": "skipped", "message": f"dense capped at --dense-max-len {opts.dense_max_len}"}
-        oom = self.oom_at.get((spec, causal, pass_))
-        if oom is not None:
-            return {"status": "skipped", "message": f"out of memory at N={oom}"}
+        stopped = self.stopped.get((spec, causal, pass_))
+        if stopped is not None:
+            return {"status": "skipped", "message": stopped}
         backward = pass_ == "forward+backward"
         if backward and (spec, causal) in self.stats and isinstance(self.stats[(spec, causal)], BaseException):
             return {"status": "skipped", "message": "the forward pass failed"}
@@ -240,7 +241,11 @@ class _Sweep:
             method = self._method(spec, length)
             if isinstance(method, Exception):
                 return {"status": "skipped", "message": f"cannot configure: {method}"}
-            return self._timed_call(method, spec, causal, backward)
+            outcome = self._timed_call(method, spec, causal, backward)
+            if outcome["median_ms"] / 1e3 > opts.max_call_seconds:
+                self.stopped[(spec, causal, pass_)] = (f"too slow: {outcome['median_ms'] / 1e3:.1f} s per call at N={length} "
+                                                       f"(--max-call-seconds {opts.max_call_seconds:g})")
+            return outcome
         except AttnzooError as exc:
             self.stats[(spec, causal)] = exc
             return {"status": "skipped", "message": str(exc)}
@@ -249,7 +254,7 @@ class _Sweep:
         except Exception as exc:  # noqa: BLE001 - a failing method is recorded and the sweep goes on
             self.stats.setdefault((spec, causal), exc)
             if is_out_of_memory(exc):
-                self.oom_at[(spec, causal, pass_)] = length
+                self.stopped[(spec, causal, pass_)] = f"out of memory at N={length}"
                 _release(self.device)
                 return {"status": "oom", "message": f"{type(exc).__name__}: {str(exc)[:500]}"}
             return {"status": "error", "message": f"{type(exc).__name__}: {str(exc)[:2000]}"}
