@@ -1,0 +1,104 @@
+"""Quality of the dynamic methods on SmolLM2-135M (offline; needs the [models] extra and the model files).
+
+    python benchmarks/dynamic_quality.py recall      [--tokens 4096] [--layers 0 5 10 ...]
+    python benchmarks/dynamic_quality.py perplexity  [--tokens 4096]
+    python benchmarks/dynamic_quality.py passkey     [--tokens 7168] [--n 3]
+
+``recall``: on q/k/v captured from the model (post-RoPE), each method's density actually used,
+recall of the exact attention mass and relative output error, averaged over layers and heads.
+``perplexity``: the patched model's perplexity on the first ``--tokens`` tokens of the English text
+against dense. ``passkey``: exact-match passkey retrieval at about ``--tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import attnzoo
+from attnzoo import eval as ev
+from attnzoo import models
+
+RECALL_CASES = [
+    ("vertical_slash", dict(vertical_blocks=2, slash_blocks=3, block_size=32)),
+    ("vertical_slash", dict(vertical_blocks=3, slash_blocks=3, block_size=32)),
+    ("block_sparse", dict(top_k=5, block_size=32)),
+    ("block_sparse", dict(top_k=3, block_size=64)),
+    ("hip", dict(top_k=5, block_size=32)),
+    ("hip", dict(top_k=3, block_size=64)),
+]
+PPL_CASES = [
+    ("vertical_slash", dict(vertical_blocks=4, slash_blocks=4, block_size=32)),
+    ("block_sparse", dict(top_k=8, block_size=32)),
+    ("hip", dict(top_k=8, block_size=32)),
+    ("streaming", dict(sinks=4, window=512)),
+]
+PASSKEY_CASES = [
+    ("vertical_slash", dict(vertical_blocks=4, slash_blocks=4, block_size=64)),
+    ("hip", dict(top_k=8, block_size=64)),
+    ("block_sparse", dict(top_k=8, block_size=64)),
+    ("streaming", dict(sinks=4, window=1024)),
+]
+
+
+def recall(a, model, tokenizer) -> None:
+    captured = ev.capture_qkv(model, tokenizer, max_tokens=a.tokens, layers=a.layers)
+    print(f"SmolLM2-135M, {a.tokens} tokens, layers {sorted(captured)}; means over layers and heads")
+    for name, cfg in RECALL_CASES:
+        method = attnzoo.get_method(name, **cfg)
+        densities = [method(c.q, c.k, c.v, causal=c.causal, scale=c.scale, return_stats=True)[1].density for c in captured.values()]
+        result = ev.approximation(method, captured, show_progress=False)
+        print(f"{name:15s} density {statistics.mean(densities):.3f}  recall {result.mean_recall:.3f}  "
+              f"rel. error {result.mean_rel_error:.3f}  {cfg}", flush=True)
+
+
+def perplexity(a, model, tokenizer) -> None:
+    dense = ev.perplexity(model, tokenizer, context_len=a.tokens, show_progress=False).perplexity
+    print(f"SmolLM2-135M perplexity at {a.tokens} tokens: dense {dense:.3f}", flush=True)
+    for name, cfg in PPL_CASES:
+        densities = []
+        base = type(attnzoo.get_method(name, **cfg))
+
+        def counted(self, q, k, v, *, causal=False, scale=None, return_stats=False, _base=base):
+            out, stats = _base.__call__(self, q, k, v, causal=causal, scale=scale, return_stats=True)
+            if q.shape[2] > 1:  # prefill calls, not decoding steps
+                densities.append(stats.density)
+            return (out, stats) if return_stats else out
+
+        method = type(f"Counted{base.__name__}", (base,), {"__call__": counted})(**cfg)
+        with attnzoo.patch(model, method):
+            ppl = ev.perplexity(model, tokenizer, context_len=a.tokens, show_progress=False).perplexity
+        print(f"{name:15s} ppl {ppl:.3f} ({(ppl / dense - 1) * 100:+.2f}% vs dense)  density {statistics.mean(densities):.3f}  {cfg}", flush=True)
+
+
+def passkey(a, model, tokenizer) -> None:
+    print(f"SmolLM2-135M passkey at about {a.tokens} tokens, {a.n} keys x 4 depths")
+    dense = ev.passkey(model, tokenizer, context_len=a.tokens, n=a.n, show_progress=False)
+    print(f"{'dense':15s} accuracy {dense.accuracy:.2f}", flush=True)
+    for name, cfg in PASSKEY_CASES:
+        with attnzoo.patch(model, name, **cfg):
+            result = ev.passkey(model, tokenizer, context_len=a.tokens, n=a.n, show_progress=False)
+        print(f"{name:15s} accuracy {result.accuracy:.2f}  {cfg}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["recall", "perplexity", "passkey"])
+    p.add_argument("--tokens", type=int, default=None)
+    p.add_argument("--layers", type=int, nargs="+", default=None)
+    p.add_argument("--n", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    a.tokens = a.tokens or (7168 if a.what == "passkey" else 4096)
+    torch.set_num_threads(a.threads)
+    start = time.time()
+    model, tokenizer = models.load("smollm2-135m")
+    {"recall": recall, "perplexity": perplexity, "passkey": passkey}[a.what](a, model, tokenizer)
+    print(f"({time.time() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

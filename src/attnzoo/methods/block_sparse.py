@@ -1,0 +1,48 @@
+"""MInference block-sparse: top-k key blocks per query block from mean-pooled q and k."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import check_int
+from ..method import Call, MethodInfo
+from ..registry import register
+from ..selection import BlockSelectionMethod, clamp_budget, last_key_block, pooled_scores, top_blocks
+
+
+@register
+class BlockSparse(BlockSelectionMethod):
+    """MInference's block-sparse pattern ("MInference 1.0: Accelerating Pre-filling for Long-Context
+    LLMs via Dynamic Sparse Attention", arXiv 2407.02490): queries and keys are mean-pooled over
+    blocks of ``block_size`` tokens, each query block scores every key block with the pooled
+    logits, and attends exactly to its ``top_k`` best key blocks (its diagonal block always
+    included when causal). q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv); selection per query head.
+    Selection O(N^2 D / b^2), attention O(N top_k b D). ``top_k`` above the number of key blocks
+    is clamped (warning)."""
+
+    info = MethodInfo(
+        name="block_sparse", title="MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse Attention",
+        arxiv="2407.02490", family=("dynamic",), causal=True, non_causal=True, cross=True, gqa=True, training_free=True,
+        time="O(N^2 D / b^2 + N k b D)", memory="O(N^2 / b^2 + N k b) per head (gathered blocks chunked)",
+        summary="top-k key blocks per query block from mean-pooled q and k (MInference block-sparse)",
+    )
+
+    @dataclass
+    class Config:
+        top_k: int = 8
+        block_size: int = 64
+
+        def __post_init__(self):
+            self.top_k = check_int("top_k", self.top_k)
+            self.block_size = check_int("block_size", self.block_size, minimum=2)
+
+    def _select(self, q, k, call: Call) -> torch.Tensor:
+        b = self.config.block_size
+        scores = pooled_scores(q, k, call, b, b)
+        top_k = clamp_budget(self.info.name, "top_k", self.config.top_k, scores.shape[-1])
+        if call.causal:  # the diagonal block first, so every query sees at least itself
+            diag = last_key_block(call, b, b)
+            scores.scatter_(-1, diag.clamp(min=0).expand(*scores.shape[:2], -1)[..., None], torch.finfo(scores.dtype).max)
+        return top_blocks(scores, top_k)

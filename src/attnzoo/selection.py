@@ -1,0 +1,142 @@
+"""Shared machinery of the dynamic (content-selected, block-granular) methods.
+
+A :class:`BlockSelectionMethod` chooses, from q and k, which key blocks each query block attends to
+(``_select`` returns per (batch, query head, query block) key block ids with -1 holes), and the
+block executor then computes exact softmax attention on exactly those blocks. The reference is dense
+attention under the same selection (:meth:`BlockSelectionMethod.selection` exposes it), so the
+fast path and the oracle never disagree about where to look.
+
+Budgets are counts of key blocks. A budget larger than the number of key blocks is clamped to all of
+them (which is dense attention) with a :class:`UserWarning`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+
+from .kernels.block_sparse import BACKENDS, BlockLayout, CausalMask, block_sparse_attention, choose_backend
+from .kernels.dense import masked_attention, repeat_kv
+from .method import Call, CallStats, Method, _sync
+from .patterns import compact, dense_area
+
+
+def clamp_budget(method: str, argument: str, value: int, available: int) -> int:
+    """``value`` key blocks, at most ``available``; warns when it had to clamp."""
+    if value > available:
+        warnings.warn(
+            f"{method}: {argument}={value} exceeds the {available} key blocks of this input; using all of them "
+            f"(dense attention)", UserWarning, stacklevel=4,
+        )
+        return available
+    return value
+
+
+def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, H, N, D) -> (B, H, ceil(N / block), D): mean of each block (a ragged last block over its own tokens)."""
+    n = x.shape[2]
+    nb = -(-n // block)
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * block - n))
+    sums = padded.unflatten(2, (nb, block)).sum(3)
+    sizes = torch.clamp(n - torch.arange(nb, device=x.device) * block, max=block)
+    return sums / sizes[:, None].to(sums.dtype)
+
+
+def last_key_block(call: Call, q_block: int, kv_block: int) -> torch.Tensor:
+    """(nQB,) the last key block a query block may see: its diagonal block when causal (queries
+    aligned bottom-right), the last key block otherwise."""
+    nqb = -(-call.len_q // q_block)
+    if not call.causal:
+        return torch.full((nqb,), -(-call.len_kv // kv_block) - 1, device=call.device)
+    last_q = (torch.arange(1, nqb + 1, device=call.device) * q_block).clamp(max=call.len_q) - 1
+    return (last_q + call.len_kv - call.len_q).clamp(min=-1) // kv_block
+
+
+def top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Ids of the ``k`` best key blocks per row of ``scores`` (..., nKB), -1 where the score is -inf."""
+    k = min(k, scores.shape[-1])
+    top = scores.topk(k, dim=-1)
+    return torch.where(torch.isfinite(top.values), top.indices, -1)
+
+
+def allowed_blocks(call: Call, q_block: int, kv_block: int) -> torch.Tensor:
+    """(nQB, nKB) bool: key blocks a query block may visit (the causal block triangle, or all)."""
+    nkb = -(-call.len_kv // kv_block)
+    last = last_key_block(call, q_block, kv_block)
+    return torch.arange(nkb, device=call.device)[None, :] <= last[:, None]
+
+
+def unique_blocks(keys: torch.Tensor, num_kv_blocks: int) -> torch.Tensor:
+    """Key block lists (..., K) with -1 holes and repeats -> each block once (sorted), -1 holes."""
+    hit = torch.zeros(*keys.shape[:-1], num_kv_blocks + 1, dtype=torch.bool, device=keys.device)
+    hit.scatter_(-1, torch.where(keys >= 0, keys, num_kv_blocks), True)
+    hit = hit[..., :num_kv_blocks]
+    ids = torch.arange(num_kv_blocks, device=keys.device).expand_as(hit)
+    width = max(int(hit.sum(-1).max()), 1)
+    order = torch.sort((~hit).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+    return torch.where(torch.gather(hit, -1, order), torch.gather(ids, -1, order), -1)
+
+
+class BlockSelectionMethod(Method):
+    """A dynamic method: ``_select`` picks key blocks per query block; the executor computes there.
+
+    Subclasses set ``info`` and ``Config`` (with ``block_size``) and implement
+    ``_select(q, k, call) -> (B, Hq, nQB, K)`` key block ids with -1 holes; selections should keep
+    each query block's diagonal block when causal, so every query sees at least one key.
+    """
+
+    backends = BACKENDS
+
+    def q_block(self, call: Call) -> int:
+        return self.config.block_size
+
+    def kv_block(self, call: Call) -> int:
+        return self.config.block_size
+
+    def _select(self, q, k, call: Call) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _layout(self, q, k, call: Call) -> BlockLayout:
+        keys = self._select(q, k, call)
+        mask_mod = CausalMask(call.len_kv - call.len_q) if call.causal else None
+        return compact(keys, call.len_q, call.len_kv, self.q_block(call), kv_block=self.kv_block(call), mask_mod=mask_mod)
+
+    def selection(self, q, k, v, *, causal: bool = False, scale: float | None = None) -> BlockLayout:
+        """The layout (key blocks per batch, query head and query block) this call attends to."""
+        return self._layout(q, k, self._prepare(q, k, v, causal, scale))
+
+    def _forward(self, q, k, v, call: Call):
+        start = time.perf_counter()
+        layout = self._layout(q, k, call)
+        _sync(call.device)
+        selection_ms = (time.perf_counter() - start) * 1e3
+        backend = choose_backend(self.backend, call.device)
+        out, counts = block_sparse_attention(q, k, v, layout, scale=call.scale, backend=backend, static=False)
+        area = dense_area(call) * call.batch * call.heads_q
+        allowed = counts["allowed"]
+        if allowed is None:  # backends that do not count: the support's size
+            allowed = int(self._support_of(layout, call).expand(call.batch, call.heads_q, -1, -1).sum())
+        return out, CallStats(
+            self.info.name, backend, density=allowed / area, selection_ms=selection_ms,
+            extra={"computed_fraction": counts["computed"] / area, "blocks_per_query_block": float(layout.kv_counts.float().mean())},
+        )
+
+    def _support_of(self, layout: BlockLayout, call: Call) -> torch.Tensor:
+        return layout.dense_mask(call.len_q, call.len_kv)
+
+    def _support(self, q, k, v, call: Call) -> torch.Tensor:
+        return self._support_of(self._layout(q, k, call), call)
+
+    def _reference(self, q, k, v, call: Call) -> torch.Tensor:
+        return masked_attention(q, k, v, self._support(q, k, v, call), scale=call.scale)
+
+
+def pooled_scores(q, k, call: Call, q_block: int, kv_block: int) -> torch.Tensor:
+    """(B, Hq, nQB, nKB) block-to-block logits of mean-pooled queries and keys (GQA expanded),
+    -inf on blocks a query block may not visit."""
+    qp = block_means(q, q_block)
+    kp = repeat_kv(block_means(k, kv_block), call.groups)
+    scores = qp @ kp.transpose(-1, -2) * call.scale
+    return scores.masked_fill(~allowed_blocks(call, q_block, kv_block), float("-inf"))

@@ -1,0 +1,125 @@
+"""The dynamic family: fast path vs reference under the same selection, full budgets vs dense,
+clamped budgets, determinism, causal prefix invariance, GQA/cross, dtypes, gradients, statistics."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from helpers import qkv, rel_err
+
+import attnzoo
+from attnzoo.errors import InvalidArgumentError
+from attnzoo.kernels.dense import sdpa
+
+# (name, small config, config whose budget covers every key block of a 96-token input)
+CASES = [
+    ("vertical_slash", dict(vertical_blocks=2, slash_blocks=2, block_size=16, last_q=16), dict(vertical_blocks=6, slash_blocks=1, block_size=16)),
+    ("block_sparse", dict(top_k=2, block_size=16), dict(top_k=6, block_size=16)),
+    ("hip", dict(top_k=2, block_size=16), dict(top_k=6, block_size=16)),
+]
+BLOCK_METHODS = [c[0] for c in CASES]
+PREFIX_INVARIANT = ["block_sparse", "hip"]
+
+
+def modes(m):
+    return [c for c in (True, False) if (m.info.causal if c else m.info.non_causal)]
+
+
+@pytest.mark.parametrize("name,cfg,_", CASES, ids=[c[0] for c in CASES])
+def test_fast_path_equals_reference(name, cfg, _, rng):
+    m = attnzoo.get_method(name, **cfg)
+    assert "dynamic" in m.info.family
+    for nq, nk in ((150, 150), (37, 150)):
+        q, k, v = qkv(rng, B=2, Hq=4, Hkv=2, Nq=nq, Nk=nk, D=16, Dv=8)
+        for causal in modes(m):
+            out, stats = m(q, k, v, causal=causal, return_stats=True)
+            assert out.shape == (2, 4, nq, 8)
+            assert rel_err(out, m.reference(q, k, v, causal=causal)) <= 1e-4, (causal, nq, rng.initial_seed())
+            assert 0 < stats.density < 1 and stats.selection_ms > 0 and stats.attention_ms > 0
+            support = m.support(q, k, v, causal=causal).expand(2, 4, nq, nk)
+            area = support.new_ones(nq, nk).tril(nk - nq).sum() if causal else nq * nk
+            assert stats.density == pytest.approx(float(support.sum()) / (8 * float(area)))
+
+
+@pytest.mark.parametrize("name,_,full", CASES, ids=[c[0] for c in CASES])
+def test_budget_covering_everything_equals_dense(name, _, full, rng):
+    m = attnzoo.get_method(name, **full)
+    q, k, v = qkv(rng, Nq=96, D=16)
+    for causal in modes(m):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out, stats = m(q, k, v, causal=causal, return_stats=True)
+        assert rel_err(out, sdpa(q, k, v, causal=causal, scale=16 ** -0.5)) <= 1e-5
+        assert stats.density == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name,_,full", CASES, ids=[c[0] for c in CASES])
+def test_budget_beyond_the_blocks_is_clamped_with_a_warning(name, _, full, rng):
+    larger = {key: (val * 10 if key != "block_size" else val) for key, val in full.items()}
+    m = attnzoo.get_method(name, **larger)
+    q, k, v = qkv(rng, Nq=96, D=16)
+    causal = m.info.causal
+    with pytest.warns(UserWarning, match="exceeds the 6 key blocks"):
+        out = m(q, k, v, causal=causal)
+    assert rel_err(out, sdpa(q, k, v, causal=causal, scale=16 ** -0.5)) <= 1e-5
+
+
+@pytest.mark.parametrize("name,cfg,_", CASES, ids=[c[0] for c in CASES])
+def test_same_input_same_selection(name, cfg, _, rng):
+    q, k, v = qkv(rng, Nq=128, D=16)
+    a, b = attnzoo.get_method(name, **cfg), attnzoo.get_method(name, **cfg)
+    causal = a.info.causal
+    la, lb = a.selection(q, k, v, causal=causal), b.selection(q, k, v, causal=causal)
+    assert torch.equal(la.kv_indices, lb.kv_indices) and torch.equal(la.kv_counts, lb.kv_counts)
+    assert torch.equal(a(q, k, v, causal=causal), b(q, k, v, causal=causal))
+
+
+@pytest.mark.parametrize("name", PREFIX_INVARIANT)
+def test_causal_prefix_invariance(name, rng):
+    cfg = dict(next(c[1] for c in CASES if c[0] == name))
+    m = attnzoo.get_method(name, **cfg)
+    q, k, v = qkv(rng, Nq=160, D=16)
+    full = m(q, k, v, causal=True)
+    prefix = 64  # a whole number of blocks: the selection of a block sees only its past
+    head = m(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], causal=True)
+    assert rel_err(full[:, :, :prefix], head) <= 1e-5
+
+
+@pytest.mark.parametrize("name,cfg,_", CASES, ids=[c[0] for c in CASES])
+def test_gradients_match_reference(name, cfg, _, rng):
+    m = attnzoo.get_method(name, **cfg)
+    q, k, v = qkv(rng, B=1, Hq=4, Hkv=2, Nq=80, D=8, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(1, 4, 80, 8, generator=rng, dtype=torch.float64)
+    causal = m.info.causal
+    got = torch.autograd.grad((m(q, k, v, causal=causal) * grad_out).sum(), (q, k, v))
+    want = torch.autograd.grad((m.reference(q, k, v, causal=causal) * grad_out).sum(), (q, k, v))
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= 1e-8
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,cfg,_", CASES, ids=[c[0] for c in CASES])
+def test_low_precision(name, cfg, _, dtype, rng):
+    m = attnzoo.get_method(name, **cfg)
+    q, k, v = qkv(rng, B=1, Hq=2, Hkv=2, Nq=96, D=16, dtype=dtype)
+    causal = m.info.causal
+    out = m(q, k, v, causal=causal)
+    assert out.dtype == dtype
+    assert rel_err(out, m.reference(q, k, v, causal=causal)) <= 2e-2
+
+
+@pytest.mark.parametrize("name", BLOCK_METHODS)
+def test_bad_options_name_the_argument(name):
+    with pytest.raises(InvalidArgumentError, match="block_size"):
+        attnzoo.get_method(name, block_size=0)
+    budget = {"vertical_slash": "vertical_blocks"}.get(name, "top_k")
+    with pytest.raises(InvalidArgumentError, match=budget):
+        attnzoo.get_method(name, **{budget: -1})
+
+
+def test_vertical_slash_is_causal_only(rng):
+    q, k, v = qkv(rng, Nq=32, D=16)
+    with pytest.raises(attnzoo.UnsupportedError, match="causal"):
+        attnzoo.attention(q, k, v, "vertical_slash", causal=False)
