@@ -81,6 +81,8 @@ def test_report_parses_and_has_every_plot(tiny_run, tmp_path):
     expected = {f"plot-{kind}-local-{p}" for kind in ("time", "memory") for p in ("forward", "forward-backward")}
     assert set(page.figures) == expected
     assert all(src.startswith("data:image/png;base64,iVBOR") for src in page.figures.values())
+    saved = report.save_plots(path.read_text(), tmp_path / "plots")
+    assert sorted(p.stem for p in saved) == sorted(expected) and all(p.read_bytes()[:4] == b"\x89PNG" for p in saved)
     assert report.QUALITY_HINT in "".join(page.text)
 
 

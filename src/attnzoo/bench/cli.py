@@ -11,7 +11,7 @@ import torch
 
 from ..errors import AttnzooError, InvalidArgumentError
 from .analysis import compare_runs, summary, with_dense
-from .report import write_report
+from .report import save_plots, write_report
 from .runner import CPU_LENGTHS, CUDA_LENGTHS, DTYPES, MODES, BenchOptions, run_bench
 from .specs import default_specs, parse_method_spec
 from .store import NotStoredError, Store
@@ -77,6 +77,7 @@ def add_parser(subparsers) -> None:
     r.add_argument("--run", help="run id or unique prefix (default: the latest)")
     r.add_argument("--out", help="HTML path (default: report-RUN.html beside the store)")
     r.add_argument("--json", help="also export the run as JSON to this path")
+    r.add_argument("--plots", help="also write every plot as PNG into this folder")
     r.add_argument("--list", action="store_true", help="list the stored runs and exit")
     r.set_defaults(func=report_command)
 
@@ -199,7 +200,11 @@ def report_command(args: argparse.Namespace) -> int:
             return 0
         run = store.run(args.run)
         out = Path(args.out) if args.out else store.path.parent / f"report-{run['id']}.html"
-        print(f"report: {write_report(store, run['id'], out).resolve()}")
+        report = write_report(store, run["id"], out)
+        print(f"report: {report.resolve()}")
+        if args.plots:
+            for plot in save_plots(report.read_text(encoding="utf-8"), args.plots):
+                print(f"plot:   {plot.resolve()}")
         if args.json:
             print(f"json:   {store.export_json(run['id'], args.json).resolve()}")
     return 0

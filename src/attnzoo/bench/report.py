@@ -7,6 +7,7 @@ import base64
 import html
 import io
 import json
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -265,6 +266,20 @@ def render(export: dict[str, Any]) -> str:
     parts.append("<h2>All measurements</h2>" + _results_table(results))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+FIGURE = re.compile(r'<figure id="([\w-]+)"><img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
+
+
+def save_plots(page: str, folder: str | Path) -> list[Path]:
+    """Write every plot of a rendered report as ``folder/<plot id>.png`` (for READMEs and slides)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for plot_id, data in FIGURE.findall(page):
+        paths.append(folder / f"{plot_id}.png")
+        paths[-1].write_bytes(base64.b64decode(data))
+    return paths
 
 
 def write_report(store: Store, run_id: str, path: str | Path) -> Path:
