@@ -59,7 +59,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--backward", action="store_true", help="also time forward+backward")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats after the setup call (median reported)")
     p.add_argument("--max-seconds", type=float, default=10.0, help="stop repeating (after 3) once repeats took this long")
-    p.add_argument("--max-call-seconds", type=float, default=30.0,
+    p.add_argument("--max-call-seconds", type=float, default=10.0,
                    help="skip a method's longer lengths once one call takes longer than this")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory call")

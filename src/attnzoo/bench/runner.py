@@ -41,7 +41,7 @@ class BenchOptions:
     backward: bool = False
     repeats: int = 5
     max_seconds: float = 10.0
-    max_call_seconds: float = 30.0
+    max_call_seconds: float = 10.0
     memory: bool = True
     dense_max_len: int | None = None
     seed: int = 0
