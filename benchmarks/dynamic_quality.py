@@ -21,14 +21,17 @@ import torch
 import attnzoo
 from attnzoo import eval as ev
 from attnzoo import models
+from attnzoo.kernels.dense import sdpa
+from attnzoo.search import head_scores
 
 RECALL_CASES = [
-    ("vertical_slash", dict(vertical_blocks=2, slash_blocks=3, block_size=32)),
-    ("vertical_slash", dict(vertical_blocks=3, slash_blocks=3, block_size=32)),
-    ("block_sparse", dict(top_k=5, block_size=32)),
+    ("streaming", dict(sinks=64, window=140)),
+    ("vertical_slash", dict(vertical_blocks=2, slash_blocks=4, block_size=32)),
+    ("vertical_slash", dict(vertical_blocks=1, slash_blocks=2, block_size=64)),
+    ("block_sparse", dict(top_k=6, block_size=32)),
     ("block_sparse", dict(top_k=3, block_size=64)),
     ("hip", dict(top_k=5, block_size=32)),
-    ("hip", dict(top_k=3, block_size=64)),
+    ("hip", dict(top_k=2, block_size=64)),
 ]
 PPL_CASES = [
     ("vertical_slash", dict(vertical_blocks=4, slash_blocks=4, block_size=32)),
@@ -47,12 +50,18 @@ PASSKEY_CASES = [
 def recall(a, model, tokenizer) -> None:
     captured = ev.capture_qkv(model, tokenizer, max_tokens=a.tokens, layers=a.layers)
     print(f"SmolLM2-135M, {a.tokens} tokens, layers {sorted(captured)}; means over layers and heads")
-    for name, cfg in RECALL_CASES:
-        method = attnzoo.get_method(name, **cfg)
-        densities = [method(c.q, c.k, c.v, causal=c.causal, scale=c.scale, return_stats=True)[1].density for c in captured.values()]
-        result = ev.approximation(method, captured, show_progress=False)
-        print(f"{name:15s} density {statistics.mean(densities):.3f}  recall {result.mean_recall:.3f}  "
-              f"rel. error {result.mean_rel_error:.3f}  {cfg}", flush=True)
+    specs = [{"method": name, "config": cfg} for name, cfg in RECALL_CASES]
+    recalls, densities, errors = ([[] for _ in specs] for _ in range(3))
+    for c in captured.values():
+        exact = sdpa(c.q, c.k, c.v, causal=c.causal, scale=c.scale)
+        for i, ((r, d), spec) in enumerate(zip(head_scores(c.q, c.k, c.v, c.causal, c.scale, specs), specs)):
+            out = attnzoo.get_method(spec["method"], **spec["config"])(c.q, c.k, c.v, causal=c.causal, scale=c.scale)
+            recalls[i].append(float(r.mean()))
+            densities[i].append(float(d.mean()))
+            errors[i].append(float((out - exact).norm() / exact.norm()))
+    for (name, cfg), r, d, e in zip(RECALL_CASES, recalls, densities, errors):
+        print(f"{name:15s} density {statistics.mean(d):.3f}  recall {statistics.mean(r):.3f} (worst layer {min(r):.3f})  "
+              f"rel. error {statistics.mean(e):.3f}  {cfg}", flush=True)
 
 
 def perplexity(a, model, tokenizer) -> None:

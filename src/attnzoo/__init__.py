@@ -23,9 +23,13 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")
+    if name == "search_patterns":  # MInference's per-head pattern search (runs a model: [models] extra)
+        from .search import search_patterns
+
+        return search_patterns
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "AttnzooError", "CallStats", "InvalidArgumentError", "Method", "MethodInfo", "UnknownNameError",
-    "UnsupportedError", "attention", "get_method", "list_methods", "patch", "register", "unpatch",
+    "UnsupportedError", "attention", "get_method", "list_methods", "patch", "register", "search_patterns", "unpatch",
 ]

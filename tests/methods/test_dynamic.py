@@ -18,6 +18,7 @@ CASES = [
     ("vertical_slash", dict(vertical_blocks=2, slash_blocks=2, block_size=16, last_q=16), dict(vertical_blocks=6, slash_blocks=1, block_size=16)),
     ("block_sparse", dict(top_k=2, block_size=16), dict(top_k=6, block_size=16)),
     ("hip", dict(top_k=2, block_size=16), dict(top_k=6, block_size=16)),
+    ("biformer", dict(n_win=6, topk=2), dict(n_win=6, topk=6)),
 ]
 BLOCK_METHODS = [c[0] for c in CASES]
 PREFIX_INVARIANT = ["block_sparse", "hip"]
@@ -31,7 +32,7 @@ def modes(m):
 def test_fast_path_equals_reference(name, cfg, _, rng):
     m = attnzoo.get_method(name, **cfg)
     assert "dynamic" in m.info.family
-    for nq, nk in ((150, 150), (37, 150)):
+    for nq, nk in ((150, 150), (37, 150))[: 2 if m.info.cross else 1]:
         q, k, v = qkv(rng, B=2, Hq=4, Hkv=2, Nq=nq, Nk=nk, D=16, Dv=8)
         for causal in modes(m):
             out, stats = m(q, k, v, causal=causal, return_stats=True)
@@ -57,7 +58,7 @@ def test_budget_covering_everything_equals_dense(name, _, full, rng):
 
 @pytest.mark.parametrize("name,_,full", CASES, ids=[c[0] for c in CASES])
 def test_budget_beyond_the_blocks_is_clamped_with_a_warning(name, _, full, rng):
-    larger = {key: (val * 10 if key != "block_size" else val) for key, val in full.items()}
+    larger = {key: (val * 10 if key not in ("block_size", "n_win") else val) for key, val in full.items()}
     m = attnzoo.get_method(name, **larger)
     q, k, v = qkv(rng, Nq=96, D=16)
     causal = m.info.causal
@@ -68,7 +69,7 @@ def test_budget_beyond_the_blocks_is_clamped_with_a_warning(name, _, full, rng):
 
 @pytest.mark.parametrize("name,cfg,_", CASES, ids=[c[0] for c in CASES])
 def test_same_input_same_selection(name, cfg, _, rng):
-    q, k, v = qkv(rng, Nq=128, D=16)
+    q, k, v = qkv(rng, Nq=96, D=16)
     a, b = attnzoo.get_method(name, **cfg), attnzoo.get_method(name, **cfg)
     causal = a.info.causal
     la, lb = a.selection(q, k, v, causal=causal), b.selection(q, k, v, causal=causal)
@@ -90,8 +91,8 @@ def test_causal_prefix_invariance(name, rng):
 @pytest.mark.parametrize("name,cfg,_", CASES, ids=[c[0] for c in CASES])
 def test_gradients_match_reference(name, cfg, _, rng):
     m = attnzoo.get_method(name, **cfg)
-    q, k, v = qkv(rng, B=1, Hq=4, Hkv=2, Nq=80, D=8, dtype=torch.float64, requires_grad=True)
-    grad_out = torch.randn(1, 4, 80, 8, generator=rng, dtype=torch.float64)
+    q, k, v = qkv(rng, B=1, Hq=4, Hkv=2, Nq=96, D=8, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(1, 4, 96, 8, generator=rng, dtype=torch.float64)
     causal = m.info.causal
     got = torch.autograd.grad((m(q, k, v, causal=causal) * grad_out).sum(), (q, k, v))
     want = torch.autograd.grad((m.reference(q, k, v, causal=causal) * grad_out).sum(), (q, k, v))
@@ -110,13 +111,30 @@ def test_low_precision(name, cfg, _, dtype, rng):
     assert rel_err(out, m.reference(q, k, v, causal=causal)) <= 2e-2
 
 
-@pytest.mark.parametrize("name", BLOCK_METHODS)
+OPTIONS = {"vertical_slash": ("block_size", "vertical_blocks"), "block_sparse": ("block_size", "top_k"),
+           "hip": ("block_size", "top_k"), "biformer": ("n_win", "topk")}
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
 def test_bad_options_name_the_argument(name):
-    with pytest.raises(InvalidArgumentError, match="block_size"):
-        attnzoo.get_method(name, block_size=0)
-    budget = {"vertical_slash": "vertical_blocks"}.get(name, "top_k")
-    with pytest.raises(InvalidArgumentError, match=budget):
-        attnzoo.get_method(name, **{budget: -1})
+    for option in OPTIONS[name]:
+        with pytest.raises(InvalidArgumentError, match=option):
+            attnzoo.get_method(name, **{option: 0})
+
+
+def test_biformer_routes_regions_of_a_2d_grid(rng):
+    """Regions are n_win x n_win tiles of the grid: every query of a tile sees the same key tokens."""
+    m = attnzoo.get_method("biformer", n_win=2, topk=1, grid=(4, 6))
+    q, k, v = qkv(rng, B=1, Hq=2, Hkv=2, Nq=24, D=8)
+    support = m.support(q, k, v)[0, 0]
+    top_left = [0, 1, 2, 6, 7, 8]  # the 2 x 3 tile at the top left of the 4 x 6 grid
+    assert all(torch.equal(support[i], support[top_left[0]]) for i in top_left)
+    assert int(support[0].sum()) == 6  # one routed region of 2 x 3 tokens
+    routed = torch.nonzero(support[0]).flatten().tolist()
+    assert routed in ([0, 1, 2, 6, 7, 8], [3, 4, 5, 9, 10, 11], [12, 13, 14, 18, 19, 20], [15, 16, 17, 21, 22, 23])
+    assert rel_err(m(q, k, v), m.reference(q, k, v)) <= 1e-5
+    with pytest.raises(InvalidArgumentError, match="n_win"):
+        attnzoo.get_method("biformer", n_win=4, grid=(4, 6))(q, k, v)
 
 
 def test_vertical_slash_is_causal_only(rng):
