@@ -10,8 +10,11 @@ allocation and free events is taken (every tensor allocation goes through the pr
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,9 +112,29 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
         raise NotImplementedError(f"peak memory on {device.type} is not measured (cpu and cuda are)")
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # some torch builds print a line on every profiler start and stop
+        prof.start()
+    try:
         fn()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
     return _cpu_peak_from_profile(prof)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send file descriptor 2 to /dev/null for the duration (C++ prints bypass sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def score_entries(len_q: int, len_kv: int, causal: bool) -> int:
