@@ -20,6 +20,7 @@ from ..registry import list_methods, method_class
 SWEEP_DEFAULTS: dict[str, dict[str, Any]] = {
     "maxvit_block": {"block_size": 8},
     "maxvit_grid": {"grid_size": 8},
+    "biformer": {"n_win": 8},
 }
 
 GRID_RANKS = {"1d": 1, "2d": 2, "3d": 3}
