@@ -2,9 +2,10 @@
 
 For ``dense`` and each local method that runs causal attention (sliding_window, streaming, s2,
 moa; configs below, each sparse at 4K): perplexity at 4096 tokens on the Python language reference
-(``attnzoo.eval.english_text``) and passkey accuracy at 4096 and 7168 tokens (3 depths, one random
-key each, greedy decode; decode steps run the method's own pattern over the cache). Also checks
-that the model patched with ``dense`` matches the unpatched model (relative logit difference).
+(``attnzoo.eval.english_text``) and passkey accuracy at 4096 tokens (depths 0.1, 0.5, 0.9) and 7168
+tokens (depths 0.1, 0.9; one random key per depth, greedy decode; decode steps run the method's own
+pattern over the cache). Also checks that the model patched with ``dense`` matches the unpatched
+model (relative logit difference).
 
     python benchmarks/real_model_quality.py [--out attnzoo-results/real_model_quality.json]
 
@@ -33,8 +34,7 @@ METHODS: dict[str, dict] = {
     "s2": {"block_size": 64, "local_blocks": 16, "vert_stride": 8},
     "moa": {"spans": [512, 1024, 2048] * 3, "sinks": 64},
 }
-DEPTHS = (0.1, 0.5, 0.9)
-TASKS = [("ppl", 4096), ("passkey", 4096), ("passkey", 7168)]
+TASKS = [("ppl", 4096, ()), ("passkey", 4096, (0.1, 0.5, 0.9)), ("passkey", 7168, (0.1, 0.9))]
 
 
 @torch.no_grad()
@@ -55,24 +55,29 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {"model": "smollm2-135m", "results": {}}
-    data.update(configs=METHODS, depths=list(DEPTHS), torch_threads=torch.get_num_threads(), decode="method (decode='auto')",
+    data.update(configs=METHODS, tasks=TASKS, torch_threads=torch.get_num_threads(), decode="method (decode='auto')",
                 text="attnzoo.eval.english_text(): pydoc_data.topics, the Python language reference")
     model, tokenizer = attnzoo.models.load("smollm2-135m")
     if "dense_vs_unpatched" not in data:
         data["dense_vs_unpatched"] = dense_matches_unpatched(model, tokenizer)
         save_json(out, data)
     print("dense vs unpatched:", data["dense_vs_unpatched"], flush=True)
-    for task, context in TASKS:
+    for task, context, depths in TASKS:
         for name in args.methods.split(","):
             key = f"{name}/{task}/{context}"
-            if key in data["results"]:
+            if key in data["results"] and not data["results"][key].get("partial"):
                 continue
             start = time.perf_counter()
+
+            def save_partial(result, key=key):
+                data["results"][key] = {**result.as_dict(), "partial": True}
+                save_json(out, data)
+
             with attnzoo.patch(model, name, **METHODS[name]):
                 if task == "ppl":
                     row = perplexity(model, tokenizer, context_len=context).as_dict()
                 else:
-                    row = passkey(model, tokenizer, context, DEPTHS, 1).as_dict()
+                    row = passkey(model, tokenizer, context, depths, 1, on_trial=save_partial).as_dict()
             row["seconds"] = round(time.perf_counter() - start, 1)
             data["results"][key] = row
             save_json(out, data)
