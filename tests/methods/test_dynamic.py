@@ -19,7 +19,9 @@ CASES = [
     ("block_sparse", dict(top_k=2, block_size=16), dict(top_k=6, block_size=16)),
     ("hip", dict(top_k=2, block_size=16), dict(top_k=6, block_size=16)),
     ("biformer", dict(n_win=6, topk=2), dict(n_win=6, topk=6)),
+    ("routing", dict(num_clusters=3, block_size=16), dict(num_clusters=1, block_size=16)),
 ]
+CLAMPED = [c for c in CASES if c[0] != "routing"]  # routing's budget is a cluster count: 1 is dense
 BLOCK_METHODS = [c[0] for c in CASES]
 PREFIX_INVARIANT = ["block_sparse", "hip"]
 
@@ -56,7 +58,7 @@ def test_budget_covering_everything_equals_dense(name, _, full, rng):
         assert stats.density == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("name,_,full", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,_,full", CLAMPED, ids=[c[0] for c in CLAMPED])
 def test_budget_beyond_the_blocks_is_clamped_with_a_warning(name, _, full, rng):
     larger = {key: (val * 10 if key not in ("block_size", "n_win") else val) for key, val in full.items()}
     m = attnzoo.get_method(name, **larger)
@@ -112,7 +114,7 @@ def test_low_precision(name, cfg, _, dtype, rng):
 
 
 OPTIONS = {"vertical_slash": ("block_size", "vertical_blocks"), "block_sparse": ("block_size", "top_k"),
-           "hip": ("block_size", "top_k"), "biformer": ("n_win", "topk")}
+           "hip": ("block_size", "top_k"), "biformer": ("n_win", "topk"), "routing": ("block_size", "num_clusters")}
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
