@@ -1,7 +1,7 @@
 """How well does each linear-family method approximate exact attention on real q/k/v? (issue 5)
 
-    python benchmarks/linear_approx.py [--tokens 4096] [--layers 0,10,20,29] [--fit-tokens 1024]
-                                       [--fit-steps 300] [--json out.json]
+    python benchmarks/linear_approx.py [--tokens 4096] [--layers 0,10,20,29] [--fit-tokens 4096]
+                                       [--fit-steps 150] [--json out.json]
 
 Captures the post-RoPE q, k, v of SmolLM2-135M (``attnzoo.models.load("smollm2-135m")``, offline)
 on two disjoint stretches of ``attnzoo.eval.english_text()``: a training stretch (first half of the
@@ -9,8 +9,8 @@ text) and a held-out stretch (second half). For every method it reports the rela
 ||out - exact|| / ||exact|| on the held-out q/k/v, averaged over the chosen layers, against exact
 softmax attention in the same mode: causal where the method supports causal attention, otherwise
 non-causal (the table says which). The learned parts are fitted on the training stretch only:
-``hedgehog`` (feature map per layer, Hedgehog's cross-entropy to the softmax weights, on the first
---fit-tokens tokens) and ``random_feature`` (value matrices by ridge regression), and compared with
+``hedgehog`` (feature map per layer, Hedgehog's cross-entropy to the softmax weights, on 256-token
+windows of the first --fit-tokens tokens) and ``random_feature`` (value matrices by ridge regression), and compared with
 their untrained forms and with elu+1 (``linear``). Needs the ``[models]`` extra and the model files.
 """
 
@@ -61,7 +61,7 @@ def fit(name: str, cfg: dict, train, fit_tokens: int, steps: int):
         m = attnzoo.get_method(name, **cfg)
         q, k, v = (t[:, :, :fit_tokens].float() for t in (c.q, c.k, c.v))
         if name == "hedgehog":
-            m.fit(q, k, causal=True, scale=c.scale, steps=steps, lr=1e-2)
+            m.fit(q, k, causal=True, scale=c.scale, steps=steps, lr=1e-2, window=256, windows_per_step=4)
         else:
             exact = sdpa(q, k, v, causal=True, scale=c.scale)
             m.fit_values(q, k, v, exact, causal=True, scale=c.scale)
@@ -87,8 +87,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--layers", default="0,10,20,29")
-    ap.add_argument("--fit-tokens", type=int, default=1024)
-    ap.add_argument("--fit-steps", type=int, default=300)
+    ap.add_argument("--fit-tokens", type=int, default=4096, help="training tokens (hedgehog: 256-token windows; random_feature: one least-squares solve)")
+    ap.add_argument("--fit-steps", type=int, default=150)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the table as JSON here")
     args = ap.parse_args()

@@ -45,14 +45,16 @@ class LearnedFeatureMethod(LinearMethod):
         return fmap(q.to(work), repeat_kv(k, call.groups).to(work))
 
     def fit(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, scale: float | None = None,
-            steps: int = 200, lr: float = 1e-2) -> list[float]:
+            steps: int = 200, lr: float = 1e-2, window: int = 256, windows_per_step: int = 4) -> list[float]:
         """Fit the feature map on sample queries/keys of one layer, q (B, Hq, N, D), k (B, Hkv, N, D),
-        to the teacher ``softmax(q k^T * scale)`` (Hedgehog's cross-entropy distillation); the fitted
-        map becomes ``config.feature_map``. Returns the loss per step."""
+        to the teacher ``softmax(q k^T * scale)`` (Hedgehog's cross-entropy distillation, on windows
+        of ``window`` tokens, see :func:`~attnzoo.kernels.linear.feature_maps.fit_to_softmax`); the
+        fitted map becomes ``config.feature_map``. Returns the loss per step."""
         if q.dim() != 4 or k.dim() != 4 or q.shape[1] % k.shape[1]:
             raise InvalidArgumentError("q, k", "(B, Hq, N, D) and (B, Hkv, N, D) with Hq a multiple of Hkv", f"{tuple(q.shape)}, {tuple(k.shape)}")
         fmap = self.config.feature_map or self.new_map(q.shape[1], q.shape[-1]).to(q.device)
-        losses = fit_to_softmax(fmap, q, repeat_kv(k, q.shape[1] // k.shape[1]), causal=causal, scale=scale, steps=steps, lr=lr)
+        losses = fit_to_softmax(fmap, q, repeat_kv(k, q.shape[1] // k.shape[1]), causal=causal, scale=scale, steps=steps,
+                                lr=lr, window=window, windows_per_step=windows_per_step)
         self.config.feature_map = fmap
         return losses
 

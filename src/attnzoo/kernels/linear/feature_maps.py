@@ -147,28 +147,35 @@ def linear_weights(qf: torch.Tensor, kf: torch.Tensor, mask: torch.Tensor | None
 
 
 def fit_to_softmax(feature_map: nn.Module, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True,
-                   scale: float | None = None, steps: int = 200, lr: float = 1e-2, log_every: int = 0) -> list[float]:
+                   scale: float | None = None, steps: int = 200, lr: float = 1e-2, window: int = 256,
+                   windows_per_step: int = 4, seed: int = 0) -> list[float]:
     """Train ``feature_map`` (``(q, k) -> (phi(q), phi(k))``) so that its normalised linear
     attention weights match the teacher's ``softmax(q k^T * scale)`` (Hedgehog's distillation:
-    soft-label cross-entropy over keys, averaged over queries). q, k (B, H, N, D) are samples of
-    one layer's queries and keys (same heads; expand GQA keys first). Returns the loss per step."""
+    soft-label cross-entropy over keys, averaged over queries). q, k (B, H, N, D) are samples of one
+    layer's queries and keys (same heads; expand GQA keys first), cut into windows of ``window``
+    tokens (each window its own sequence, so a step costs O(window^2)); every step trains on
+    ``windows_per_step`` windows drawn at random (``seed``). Returns the loss per step."""
     if q.shape != k.shape:
         raise InvalidArgumentError("k", f"the shape of q {tuple(q.shape)} (expand GQA heads first)", tuple(k.shape))
-    steps = check_int("steps", steps)
-    q, k = q.detach().float(), k.detach().float()
+    steps, window = check_int("steps", steps), check_int("window", window)
+    windows_per_step = check_int("windows_per_step", windows_per_step)
+    window = min(window, q.shape[2])
+    cut = lambda x: x.detach().float()[:, :, : x.shape[2] // window * window].unflatten(2, (-1, window)).transpose(1, 2).flatten(0, 1)  # noqa: E731
+    q, k = cut(q), cut(k)  # (B * N / window, H, window, D)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    mask = causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
-    teacher = masked_softmax((q @ k.transpose(-1, -2)) * scale, mask)
+    mask = causal_mask(window, window, q.device) if causal else None
+    gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(feature_map.parameters(), lr=lr)
     losses = []
-    for step in range(steps):
-        qf, kf = feature_map(q, k)
+    for _ in range(steps):
+        pick = torch.randperm(q.shape[0], generator=gen)[:windows_per_step].to(q.device)
+        qs, ks = q[pick], k[pick]
+        teacher = masked_softmax((qs @ ks.transpose(-1, -2)) * scale, mask)
+        qf, kf = feature_map(qs, ks)
         student = linear_weights(qf, kf, None if mask is None else mask.float())
         loss = -(teacher * torch.log(student.clamp_min(1e-12))).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
-        if log_every and step % log_every == 0:
-            print(f"step {step}: loss {losses[-1]:.4f}")
+        losses.append(loss.item())
     return losses

@@ -69,7 +69,7 @@ def _launch(qf, kf, v, decay, chunk):
     log_decay = torch.zeros(H, device=qf.device, dtype=torch.float32) if decay is None else torch.log(decay.to(qf.device, torch.float32))
     chunk = max(16, triton.next_power_of_2(chunk))
     block_f = max(16, triton.next_power_of_2(Fd))
-    block_v = min(64, max(16, triton.next_power_of_2(Dv)))
+    block_v = min(32, max(16, triton.next_power_of_2(Dv)))  # more programs, fewer registers each
     precision = "ieee" if qf.dtype in (torch.float32, torch.float64) else "tf32"
     grid = (B * H, triton.cdiv(Dv, block_v))
     _chunked_fwd[grid](qf, kf, v, out, log_decay, N, H, H // Hk,
