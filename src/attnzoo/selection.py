@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 
+from .errors import InvalidArgumentError, check_int
 from .kernels.block_sparse import BACKENDS, BlockLayout, CausalMask, block_sparse_attention, choose_backend
 from .kernels.dense import masked_attention, repeat_kv
 from .method import Call, CallStats, Method, _sync
@@ -52,6 +54,44 @@ def last_key_block(call: Call, q_block: int, kv_block: int) -> torch.Tensor:
         return torch.full((nqb,), -(-call.len_kv // kv_block) - 1, device=call.device)
     last_q = (torch.arange(1, nqb + 1, device=call.device) * q_block).clamp(max=call.len_q) - 1
     return (last_q + call.len_kv - call.len_q).clamp(min=-1) // kv_block
+
+
+def region_order(grid: tuple[int, ...], n_win: int, device) -> torch.Tensor:
+    """(N,) original token index at each position of the region-major order of a row-major ``grid``
+    cut into ``n_win`` regions per axis (1-D grids: the natural order)."""
+    idx = torch.arange(torch.Size(grid).numel(), device=device).view(grid)
+    if len(grid) == 1:
+        return idx
+    h, w = grid
+    return idx.view(n_win, h // n_win, n_win, w // n_win).permute(0, 2, 1, 3).flatten()
+
+
+@dataclass
+class RegionConfig:
+    """Regions of a token grid: ``grid`` (H, W) row-major, or None for a 1-D sequence; ``n_win``
+    regions per axis (n_win x n_win windows in 2-D, n_win chunks in 1-D), dividing every side."""
+
+    n_win: int = 7
+    grid: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        self.n_win = check_int("n_win", self.n_win)
+        if self.grid is not None:
+            if isinstance(self.grid, int):
+                self.grid = (self.grid,)
+            if not isinstance(self.grid, (tuple, list)) or len(self.grid) not in (1, 2):
+                raise InvalidArgumentError("grid", "None, (N,) or (H, W)", repr(self.grid))
+            self.grid = tuple(check_int(f"grid[{i}]", g) for i, g in enumerate(self.grid))
+
+    def sides(self, tokens: int) -> tuple[int, ...]:
+        """The grid of a call with ``tokens`` tokens, checked against the regions."""
+        grid = self.grid or (tokens,)
+        if torch.Size(grid).numel() != tokens:
+            raise InvalidArgumentError("grid", f"a product equal to the {tokens} tokens", grid)
+        for axis, n in enumerate(grid):
+            if n % self.n_win:
+                raise InvalidArgumentError("n_win", f"a divisor of every grid side (grid {grid}, axis {axis} has {n})", self.n_win)
+        return grid
 
 
 def top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InvalidArgumentError, check_int
+from ..errors import check_int
 from ..kernels.block_sparse import BlockLayout, block_sparse_attention, choose_backend
 from ..kernels.dense import repeat_kv
 from ..method import Call, CallStats, MethodInfo, _sync
 from ..patterns import compact, dense_area
 from ..registry import register
-from ..selection import BlockSelectionMethod, block_means, clamp_budget, top_blocks
+from ..selection import BlockSelectionMethod, RegionConfig, block_means, clamp_budget, region_order, top_blocks
 
 
 @register
@@ -37,40 +37,22 @@ class BiFormer(BlockSelectionMethod):
     )
 
     @dataclass
-    class Config:
-        n_win: int = 7
+    class Config(RegionConfig):
         topk: int = 4
-        grid: tuple[int, ...] | None = None
 
         def __post_init__(self):
-            self.n_win = check_int("n_win", self.n_win)
+            super().__post_init__()
             self.topk = check_int("topk", self.topk)
-            if self.grid is not None:
-                if isinstance(self.grid, int):
-                    self.grid = (self.grid,)
-                if not isinstance(self.grid, (tuple, list)) or len(self.grid) not in (1, 2):
-                    raise InvalidArgumentError("grid", "None, (N,) or (H, W)", repr(self.grid))
-                self.grid = tuple(check_int(f"grid[{i}]", g) for i, g in enumerate(self.grid))
 
     def _grid(self, call: Call) -> tuple[int, ...]:
-        return self.config.grid or (call.len_q,)
+        return self.config.sides(call.len_q)
 
     def check(self, call: Call) -> None:
-        grid = self._grid(call)
-        if torch.Size(grid).numel() != call.len_q:
-            raise InvalidArgumentError("grid", f"a product equal to the {call.len_q} tokens", grid)
-        for axis, n in enumerate(grid):
-            if n % self.config.n_win:
-                raise InvalidArgumentError("n_win", f"a divisor of every grid side (grid {grid}, axis {axis} has {n})", self.config.n_win)
+        self._grid(call)
 
     def region_order(self, call: Call) -> torch.Tensor:
         """(N,) original token index at each position of the region-major order."""
-        grid, s = self._grid(call), self.config.n_win
-        idx = torch.arange(call.len_q, device=call.device).view(grid)
-        if len(grid) == 1:
-            return idx
-        h, w = grid
-        return idx.view(s, h // s, s, w // s).permute(0, 2, 1, 3).flatten()
+        return region_order(self._grid(call), self.config.n_win, call.device)
 
     def routes(self, q, k, call: Call) -> torch.Tensor:
         """(B, 1, R, topk) routed regions of every region (shared by the heads), R = n_win ** ndim."""
