@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .layout import BlockLayout
 
-_CHUNK_KEYS = 32768  # gathered keys per SDPA call
+_CHUNK_KEYS = 131072  # gathered keys per SDPA call (32 MB buffers at D = 64; fewer, larger calls)
 _EVAL_TILES = 256  # tiles whose token masks are evaluated at once while planning
 
 
