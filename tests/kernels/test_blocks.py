@@ -86,3 +86,16 @@ def test_token_layouts_and_orders_are_not_handled(rng):
     keys = torch.arange(8).expand(4, -1)
     assert not handles(compact(keys, 64, 64, 16))  # kv_block 1: the gather executor's
     assert not handles(compact(keys, 64, 64, 16, kv_block=8, q_order=torch.arange(64)))
+
+
+@pytest.mark.parametrize("mask", ["causal", "per-head-stripes"])
+def test_entries_that_list_no_tile(mask, rng):
+    """Heads whose query blocks list nothing return zeros; the others still run."""
+    q, k, v = qkv(rng, B=2, Hq=4, Hkv=2, Nq=70, Dv=8)
+    keys = torch.full((2, 4, 5, 3), -1)
+    keys[0, 0, 1, 0] = 1
+    layout = compact(keys, 70, 70, 16, kv_block=16, mask_mod=MASKS[mask](70, 70))
+    ref, _ = block_sparse_attention(q, k, v, layout, scale=0.3, backend="naive")
+    out, _ = block_sparse_attention(q, k, v, layout, scale=0.3, backend="gather", static=False)
+    assert rel_err(out, ref) <= 1e-5
+    assert torch.all(out[1] == 0) and torch.any(out[0, 0] != 0)

@@ -105,7 +105,7 @@ def _classify(layout: BlockLayout, bl: int, hl: int, qb: torch.Tensor, kb: torch
         return full, empty, masks
     full = torch.empty_like(ragged)
     empty = torch.empty_like(ragged)
-    kept = []
+    kept = [torch.zeros(0, bq, layout.kv_block, dtype=torch.bool, device=qb.device)]  # an entry may list no tile
     for a in range(0, qb.numel(), _EVAL_TILES):
         part = slice(a, a + _EVAL_TILES)
         m = _tile_masks(layout, bl, hl, qb[part], kb[part])
