@@ -34,16 +34,15 @@ RECALL_CASES = [
     ("hip", dict(top_k=2, block_size=64)),
 ]
 PPL_CASES = [
-    ("vertical_slash", dict(vertical_blocks=4, slash_blocks=4, block_size=32)),
-    ("block_sparse", dict(top_k=8, block_size=32)),
-    ("hip", dict(top_k=8, block_size=32)),
-    ("streaming", dict(sinks=4, window=512)),
+    ("vertical_slash", dict(vertical_blocks=6, slash_blocks=12, block_size=32)),
+    ("block_sparse", dict(top_k=12, block_size=32)),
+    ("hip", dict(top_k=12, block_size=32)),
+    ("streaming", dict(sinks=64, window=256)),
 ]
 PASSKEY_CASES = [
-    ("vertical_slash", dict(vertical_blocks=4, slash_blocks=4, block_size=64)),
-    ("hip", dict(top_k=8, block_size=64)),
-    ("block_sparse", dict(top_k=8, block_size=64)),
-    ("streaming", dict(sinks=4, window=1024)),
+    ("vertical_slash", dict(vertical_blocks=6, slash_blocks=12, block_size=32)),
+    ("hip", dict(top_k=12, block_size=32)),
+    ("streaming", dict(sinks=64, window=256)),
 ]
 
 
@@ -84,12 +83,13 @@ def perplexity(a, model, tokenizer) -> None:
 
 
 def passkey(a, model, tokenizer) -> None:
-    print(f"SmolLM2-135M passkey at about {a.tokens} tokens, {a.n} keys x 4 depths")
-    dense = ev.passkey(model, tokenizer, context_len=a.tokens, n=a.n, show_progress=False)
-    print(f"{'dense':15s} accuracy {dense.accuracy:.2f}", flush=True)
+    print(f"SmolLM2-135M passkey at about {a.tokens} tokens, {a.n} keys x depths {a.depths}")
+    if not a.skip_dense:
+        dense = ev.passkey(model, tokenizer, context_len=a.tokens, depths=a.depths, n=a.n, show_progress=False)
+        print(f"{'dense':15s} accuracy {dense.accuracy:.2f}", flush=True)
     for name, cfg in PASSKEY_CASES:
         with attnzoo.patch(model, name, **cfg):
-            result = ev.passkey(model, tokenizer, context_len=a.tokens, n=a.n, show_progress=False)
+            result = ev.passkey(model, tokenizer, context_len=a.tokens, depths=a.depths, n=a.n, show_progress=False)
         print(f"{name:15s} accuracy {result.accuracy:.2f}  {cfg}", flush=True)
 
 
@@ -99,6 +99,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--layers", type=int, nargs="+", default=None)
     p.add_argument("--n", type=int, default=3)
+    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.35, 0.65, 0.9])
+    p.add_argument("--skip-dense", action="store_true", help="passkey: do not run the dense baseline")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     a.tokens = a.tokens or (7168 if a.what == "passkey" else 4096)

@@ -17,8 +17,9 @@ class BlockSparse(BlockSelectionMethod):
     """MInference's block-sparse pattern ("MInference 1.0: Accelerating Pre-filling for Long-Context
     LLMs via Dynamic Sparse Attention", arXiv 2407.02490): queries and keys are mean-pooled over
     blocks of ``block_size`` tokens, each query block scores every key block with the pooled
-    logits, and attends exactly to its ``top_k`` best key blocks (its diagonal block always
-    included when causal). q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv); selection per query head.
+    logits, and attends exactly to its ``top_k`` best key blocks, counting the first block (the
+    attention sinks, whose weight mean-pooling hides) and, when causal, the diagonal block, which
+    are always included. q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv); selection per query head.
     Selection O(N^2 D / b^2), attention O(N top_k b D). ``top_k`` above the number of key blocks
     is clamped (warning)."""
 
@@ -42,7 +43,9 @@ class BlockSparse(BlockSelectionMethod):
         b = self.config.block_size
         scores = pooled_scores(q, k, call, b, b)
         top_k = clamp_budget(self.info.name, "top_k", self.config.top_k, scores.shape[-1])
-        if call.causal:  # the diagonal block first, so every query sees at least itself
+        first = torch.finfo(scores.dtype).max
+        scores[..., 0] = torch.where(torch.isfinite(scores[..., 0]), first, scores[..., 0])
+        if call.causal:  # every query sees at least itself
             diag = last_key_block(call, b, b)
-            scores.scatter_(-1, diag.clamp(min=0).expand(*scores.shape[:2], -1)[..., None], torch.finfo(scores.dtype).max)
+            scores.scatter_(-1, diag.clamp(min=0).expand(*scores.shape[:2], -1)[..., None], first)
         return top_blocks(scores, top_k)
