@@ -67,6 +67,18 @@ def region_order(grid: tuple[int, ...], n_win: int, device) -> torch.Tensor:
 
 
 @dataclass
+class TopKConfig:
+    """``top_k`` key blocks per query block, blocks of ``block_size`` tokens (queries and keys)."""
+
+    top_k: int = 8
+    block_size: int = 64
+
+    def __post_init__(self):
+        self.top_k = check_int("top_k", self.top_k)
+        self.block_size = check_int("block_size", self.block_size, minimum=2)
+
+
+@dataclass
 class RegionConfig:
     """Regions of a token grid: ``grid`` (H, W) row-major, or None for a 1-D sequence; ``n_win``
     regions per axis (n_win x n_win windows in 2-D, n_win chunks in 1-D), dividing every side."""

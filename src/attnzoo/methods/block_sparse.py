@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..errors import check_int
 from ..method import Call, MethodInfo
 from ..registry import register
-from ..selection import BlockSelectionMethod, clamp_budget, last_key_block, pooled_scores, top_blocks
+from ..selection import BlockSelectionMethod, TopKConfig, clamp_budget, last_key_block, pooled_scores, top_blocks
 
 
 @register
@@ -30,14 +27,7 @@ class BlockSparse(BlockSelectionMethod):
         summary="top-k key blocks per query block from mean-pooled q and k (MInference block-sparse)",
     )
 
-    @dataclass
-    class Config:
-        top_k: int = 8
-        block_size: int = 64
-
-        def __post_init__(self):
-            self.top_k = check_int("top_k", self.top_k)
-            self.block_size = check_int("block_size", self.block_size, minimum=2)
+    Config = TopKConfig
 
     def _select(self, q, k, call: Call) -> torch.Tensor:
         b = self.config.block_size

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..errors import check_int
 from ..kernels.dense import repeat_kv
 from ..method import Call, MethodInfo
 from ..registry import register
-from ..selection import BlockSelectionMethod, block_means, clamp_budget, last_key_block, unique_blocks
+from ..selection import BlockSelectionMethod, TopKConfig, block_means, clamp_budget, last_key_block, unique_blocks
 
 
 @register
@@ -33,14 +30,7 @@ class HiP(BlockSelectionMethod):
         summary="hierarchical top-k pruning: a tree search over key blocks, O(N log N) selection",
     )
 
-    @dataclass
-    class Config:
-        top_k: int = 8
-        block_size: int = 64
-
-        def __post_init__(self):
-            self.top_k = check_int("top_k", self.top_k)
-            self.block_size = check_int("block_size", self.block_size, minimum=2)
+    Config = TopKConfig
 
     def _select(self, q, k, call: Call) -> torch.Tensor:
         b = self.config.block_size
