@@ -120,15 +120,14 @@ def allowed_blocks(call: Call, q_block: int, kv_block: int) -> torch.Tensor:
     return torch.arange(nkb, device=call.device)[None, :] <= last[:, None]
 
 
-def unique_blocks(keys: torch.Tensor, num_kv_blocks: int) -> torch.Tensor:
-    """Key block lists (..., K) with -1 holes and repeats -> each block once (sorted), -1 holes."""
-    hit = torch.zeros(*keys.shape[:-1], num_kv_blocks + 1, dtype=torch.bool, device=keys.device)
-    hit.scatter_(-1, torch.where(keys >= 0, keys, num_kv_blocks), True)
-    hit = hit[..., :num_kv_blocks]
-    ids = torch.arange(num_kv_blocks, device=keys.device).expand_as(hit)
-    width = max(int(hit.sum(-1).max()), 1)
-    order = torch.sort((~hit).to(torch.int8), dim=-1, stable=True).indices[..., :width]
-    return torch.where(torch.gather(hit, -1, order), torch.gather(ids, -1, order), -1)
+def unique_blocks(keys: torch.Tensor) -> torch.Tensor:
+    """Key block lists (..., K) with -1 holes and repeats -> each block once (sorted), -1 holes;
+    O(K log K) per list, independent of the number of key blocks."""
+    big = torch.iinfo(keys.dtype).max
+    ordered = torch.sort(torch.where(keys >= 0, keys, big), dim=-1).values
+    repeat = torch.zeros_like(ordered, dtype=torch.bool)
+    repeat[..., 1:] = ordered[..., 1:] == ordered[..., :-1]
+    return torch.where(repeat | (ordered == big), -1, ordered)
 
 
 class BlockSelectionMethod(Method):

@@ -56,4 +56,4 @@ class HiP(BlockSelectionMethod):
         chosen = torch.where(ends - starts == 1, starts, -1)
         forced = torch.stack([torch.zeros_like(diag), diag], -1).expand(*chosen.shape[:2], -1, -1)
         forced = torch.where(forced <= diag[:, None], forced, -1)
-        return unique_blocks(torch.cat([chosen, forced], -1), nkb)
+        return unique_blocks(torch.cat([chosen, forced], -1))

@@ -77,4 +77,4 @@ class VerticalSlash(BlockSelectionMethod):
         v = torch.where((v >= 0) & (v <= diag[:, None]), v, -1)
         s = diag[:, None] - slashes[:, :, None, :]
         s = torch.where((slashes[:, :, None, :] >= 0) & (s >= 0), s, -1)
-        return unique_blocks(torch.cat([v, s], dim=-1), nkb)
+        return unique_blocks(torch.cat([v, s], dim=-1))
