@@ -51,7 +51,9 @@ def test_sigint_mid_run_leaves_a_consistent_store(tmp_path):
     cmd = [sys.executable, "-m", "attnzoo.cli", "bench", "--lengths", "64,128,256,512", "--heads", "2", "--dim", "16",
            "--repeats", "100000", "--max-seconds", "0.5", "--no-progress", "--out", str(tmp_path), "--store", str(store),
            "--method", "sliding_window:window=16", "--method", "streaming"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell that starts jobs in the background makes them ignore SIGINT; give the child the default handler
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         rows = 0
