@@ -37,13 +37,15 @@ def clamp_budget(method: str, argument: str, value: int, available: int) -> int:
 
 
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
-    """(B, H, N, D) -> (B, H, ceil(N / block), D): mean of each block (a ragged last block over its own tokens)."""
+    """(B, H, N, D) -> (B, H, ceil(N / block), D) float32 (float64 stays): the mean of each block,
+    a ragged last block over its own tokens. Reads x in place (no padded copy)."""
     n = x.shape[2]
-    nb = -(-n // block)
-    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * block - n))
-    sums = padded.unflatten(2, (nb, block)).sum(3)
-    sizes = torch.clamp(n - torch.arange(nb, device=x.device) * block, max=block)
-    return sums / sizes[:, None].to(sums.dtype)
+    full = n // block
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    means = x[:, :, : full * block].unflatten(2, (full, block)).mean(3, dtype=work)
+    if n % block:
+        means = torch.cat([means, x[:, :, full * block :].mean(2, keepdim=True, dtype=work)], dim=2)
+    return means
 
 
 def last_key_block(call: Call, q_block: int, kv_block: int) -> torch.Tensor:

@@ -10,6 +10,9 @@ from ..registry import register
 from ..selection import BlockSelectionMethod, TopKConfig, block_means, clamp_budget, last_key_block, unique_blocks
 
 
+_QUERY_CHUNK = 256  # query blocks searched at once: the gathered representatives stay in cache
+
+
 @register
 class HiP(BlockSelectionMethod):
     """HiP attention ("HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention
@@ -38,22 +41,32 @@ class HiP(BlockSelectionMethod):
         top_k = clamp_budget(self.info.name, "top_k", self.config.top_k, nkb)
         qp = block_means(q, b)  # (B, Hq, nQB, D)
         kp = repeat_kv(block_means(k, b), call.groups)  # (B, Hq, nKB, D)
+        flat_keys = kp.flatten(0, 2)
+        rows = (torch.arange(kp.shape[0] * kp.shape[1], device=q.device) * nkb).view(kp.shape[0], kp.shape[1], 1, 1)
         diag = last_key_block(call, b, b)
         visible = (diag + 1).clamp(min=0)[:, None]  # key blocks [0, visible) per query block
         branch = torch.arange(top_k + 1, device=q.device)
         bounds = (branch * visible) // top_k  # (nQB, top_k + 1): top_k ranges covering everything
+        chosen = torch.cat([
+            self._search(qp[:, :, a : a + _QUERY_CHUNK], flat_keys, rows, bounds[a : a + _QUERY_CHUNK], top_k, nkb)
+            for a in range(0, qp.shape[2], _QUERY_CHUNK)
+        ], dim=2)
+        forced = torch.stack([torch.zeros_like(diag), diag], -1).expand(*chosen.shape[:2], -1, -1)
+        forced = torch.where(forced <= diag[:, None], forced, -1)
+        return unique_blocks(torch.cat([chosen, forced], -1))
+
+    @staticmethod
+    def _search(qp, flat_keys, rows, bounds, top_k: int, nkb: int) -> torch.Tensor:
+        """The tree search for query blocks ``qp`` (B, H, c, D) over their ``bounds`` (c, top_k + 1):
+        the chosen key block per branch (B, H, c, top_k), -1 where a branch is empty."""
         starts = bounds[:, :-1].expand(*qp.shape[:2], -1, -1)
         ends = bounds[:, 1:].expand(*qp.shape[:2], -1, -1)
         while bool((ends - starts > 1).any()):
             mid = (starts + ends + 1) // 2
             starts, ends = torch.cat([starts, mid], -1), torch.cat([mid, ends], -1)
-            rep = ((starts + ends - 1) // 2).clamp(min=0, max=nkb - 1)
-            keys = torch.gather(kp, 2, rep.flatten(2)[..., None].expand(-1, -1, -1, kp.shape[-1]))
-            scores = (keys.view(*rep.shape, -1) * qp[..., None, :]).sum(-1)
-            scores = scores.masked_fill(ends <= starts, float("-inf"))
+            rep = ((starts + ends - 1) // 2).clamp(min=0, max=nkb - 1) + rows  # representative block, flat id
+            keys = flat_keys.index_select(0, rep.flatten()).view(*rep.shape, -1)
+            scores = (keys @ qp[..., None]).squeeze(-1).masked_fill(ends <= starts, float("-inf"))
             best = scores.topk(top_k, dim=-1).indices
             starts, ends = torch.gather(starts, -1, best), torch.gather(ends, -1, best)
-        chosen = torch.where(ends - starts == 1, starts, -1)
-        forced = torch.stack([torch.zeros_like(diag), diag], -1).expand(*chosen.shape[:2], -1, -1)
-        forced = torch.where(forced <= diag[:, None], forced, -1)
-        return unique_blocks(torch.cat([chosen, forced], -1))
+        return torch.where(ends - starts == 1, starts, -1)
