@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import attnzoo
 
 SPEED_CASES = [
-    ("vertical_slash", dict(vertical_blocks=3, slash_blocks=4)),
+    ("vertical_slash", dict(vertical_blocks=5, slash_blocks=6)),
     ("block_sparse", dict(top_k=6)),
     ("hip", dict(top_k=5)),
 ]
