@@ -81,14 +81,14 @@ def test_causal_rows_only_see_the_past(rng):
 
 
 def test_long_sequence_float32_matches_float64():
-    """N = 2^20 causal: float32 accumulation stays within 1e-4 of the same computation in float64."""
+    """N = 2^20 causal (2^16 with decay): float32 accumulation stays within 1e-4 of the same
+    computation in float64, though the normaliser grows to ~N."""
     gen = torch.Generator().manual_seed(0)
-    n = 1 << 20
-    qf, kf = torch.rand(1, 1, n, 8, generator=gen), torch.rand(1, 1, n, 8, generator=gen)
-    v = torch.randn(1, 1, n, 4, generator=gen)
-    for decay in (None, torch.tensor([0.999])):
-        out = linear_attention(qf, kf, v, causal=True, decay=decay, segment=1 << 16)
-        ref = linear_attention(qf.double(), kf.double(), v.double(), causal=True, decay=decay, segment=1 << 16)
+    for n, decay in ((1 << 20, None), (1 << 16, torch.tensor([0.999]))):
+        qf, kf = torch.rand(1, 1, n, 8, generator=gen), torch.rand(1, 1, n, 8, generator=gen)
+        v = torch.randn(1, 1, n, 4, generator=gen)
+        out = linear_attention(qf, kf, v, causal=True, decay=decay, segment=1 << 18)
+        ref = linear_attention(qf.double(), kf.double(), v.double(), causal=True, decay=decay, segment=1 << 18)
         assert torch.isfinite(out).all()
         assert rel_err(out, ref) <= 1e-4
 

@@ -4,8 +4,10 @@ Causal form (Lightning Attention-2 / flash-linear-attention "chunk" form): token
 chunks of ``chunk``; inside a chunk the (decayed) causal product ``(q k^T * M) v`` is computed
 quadratically, across chunks a ``F x Dv`` state ``S`` carries ``sum_j lambda^(p - j) k_j^T v_j``.
 Chunks are processed a segment (``segment`` tokens) at a time: within a segment the states before
-each chunk come from one small (chunks x chunks) matrix product, never a cumulative sum over
-N x F x Dv, so temporaries stay O(segment) and memory is O(N (F + Dv)) overall. Everything
+each chunk come from a prefix sum over the segment's chunks (no decay) or one small (chunks x
+chunks) matrix product (decay), never a cumulative sum over N x F x Dv, so temporaries stay
+O(segment) and memory is O(N (F + Dv)) overall. Query heads that share a key head (GQA) share
+the state, stacked as extra rows of each chunk. Everything
 accumulates in float32 (float64 stays float64). The decay factors are powers ``lambda^e`` with
 ``e >= 0`` only, so nothing overflows however long the sequence; normalisers grow at most like N.
 """
@@ -13,6 +15,7 @@ accumulates in float32 (float64 stays float64). The decay factors are powers ``l
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +35,7 @@ def _check_decay(decay: torch.Tensor | None, heads: int) -> None:
 
 
 def linear_attention(qf, kf, v, *, causal: bool, decay: torch.Tensor | None = None, normalize: bool = True,
-                     eps: float = 1e-6, chunk: int = 64, segment: int = 1024, backend: str = "auto") -> torch.Tensor:
+                     eps: float = 1e-6, chunk: int = 64, segment: int = 16384, backend: str = "auto") -> torch.Tensor:
     """Linear attention with feature maps already applied.
 
     qf (B, H, Nq, F), kf (B, Hk, Nk, F), v (B, Hk, Nk, Dv), H a multiple of Hk; ``decay`` (H,) in
@@ -49,7 +52,7 @@ def linear_attention(qf, kf, v, *, causal: bool, decay: torch.Tensor | None = No
 
 
 def state_product(qf, kf, v, *, causal: bool, decay: torch.Tensor | None = None, chunk: int = 64,
-                  segment: int = 1024, backend: str = "auto", append_ones: bool = False) -> torch.Tensor:
+                  segment: int = 16384, backend: str = "auto", append_ones: bool = False) -> torch.Tensor:
     """The unnormalised product ``(phi(Q) phi(K)^T * M) V`` (shapes as :func:`linear_attention`);
     ``append_ones`` adds a column of ones to V (its output is the normaliser ``(phi(Q) phi(K)^T * M) 1``)."""
     if backend not in BACKENDS:
@@ -79,17 +82,12 @@ def state_product(qf, kf, v, *, causal: bool, decay: torch.Tensor | None = None,
         return torch.cat([rest.new_zeros(B, H, -off, rest.shape[-1]), rest], dim=2)
     init = None
     if off > 0:  # keys before the first query are visible to every query: they start the state
-        prefix_k, prefix_v = kf[:, :, :off].to(work), _values(v[:, :, :off], work, append_ones)
+        prefix_k = kf[:, :, :off].to(work)
         if lam is not None:
             powers = torch.arange(off - 1, -1, -1, device=qf.device, dtype=torch.float64)
             prefix_k = prefix_k * (lam[:, None] ** powers).to(work)[None, :, :, None]
-        init = prefix_k.transpose(-1, -2) @ prefix_v
+        init = [prefix_k.transpose(-1, -2) @ v[:, :, :off].to(work)] + ([prefix_k.sum(2)[..., None]] if append_ones else [])
     return _causal_chunks(qf, kf[:, :, off:], v[:, :, off:], lam, init, chunk, segment, work, append_ones)
-
-
-def _values(v: torch.Tensor, work: torch.dtype, append_ones: bool) -> torch.Tensor:
-    v = v.to(work)
-    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if append_ones else v
 
 
 def _use_triton(backend: str, qf: torch.Tensor, len_q: int, len_kv: int) -> bool:
@@ -128,47 +126,72 @@ def _decay_tables(lam: torch.Tensor, chunk: int, chunks: int, work: torch.dtype)
     return intra, q_scale, k_scale, mix, init
 
 
+def _exclusive_prefix(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over the chunks before each chunk, x (B, H, n, a, b) -> ((B, H, n, a, b), total (B, H, a, b)),
+    as two small triangular matmuls (within groups of ~sqrt(n) chunks, then across groups):
+    torch's cumsum along a middle axis is several times slower on CPU."""
+    B, H, n = x.shape[:3]
+    size = max(1, math.isqrt(n))
+    groups = -(-n // size)
+    flat = x.flatten(3)
+    if groups * size != n:
+        flat = F.pad(flat, (0, 0, 0, groups * size - n))
+    flat = flat.view(B, H, groups, size, -1)
+    strict = lambda m: torch.ones(m, m, dtype=x.dtype, device=x.device).tril(-1)  # noqa: E731
+    group_sums = flat.sum(3)  # (B, H, groups, a*b)
+    before_groups = strict(groups) @ group_sums
+    before = (strict(size) @ flat).add_(before_groups[:, :, :, None])
+    total = before_groups[:, :, -1] + group_sums[:, :, -1]
+    return before.flatten(2, 3)[:, :, :n].view(x.shape), total.view(B, H, *x.shape[3:])
+
+
 def _causal_chunks(qf, kf, v, lam, init, chunk: int, segment: int, work: torch.dtype, append_ones: bool) -> torch.Tensor:
-    """Causal product for Nq == Nk (after alignment), starting from state ``init`` (B, Hk, F, Dv).
-    Query heads sharing a key head are stacked as extra rows of each chunk (no decay: one shared
-    state), so every product is a plain batched matmul."""
+    """Causal product for Nq == Nk (after alignment), starting from the states ``init`` ([values
+    (B, Hk, F, Dv)] plus [key sums (B, Hk, F, 1)] with ``append_ones``, or None). Query heads sharing
+    a key head are stacked as extra rows of each chunk (no decay: one shared state), so every product
+    is a plain batched matmul. The normaliser (``append_ones``) is tracked beside the values rather
+    than as a 65th value column, which would slow every matmul down."""
     B, H, N, Fd = qf.shape
-    Hk = kf.shape[1]
+    Hk, Dv = kf.shape[1], v.shape[-1]
     G = H // Hk
+    if lam is not None:  # the decayed state mixing is an (n+1) x n matmul: keep n small
+        segment = min(segment, 64 * chunk)
     segment = max(chunk, segment // chunk * chunk)
     causal_w = (torch.arange(chunk, device=qf.device)[:, None] >= torch.arange(chunk, device=qf.device)[None, :]).to(work)
     tables = None if lam is None else _decay_tables(lam, chunk, segment // chunk, work)
     intra_w = causal_w.repeat(G, 1) if tables is None else tables[0]
-    state = init
+    states = init or [None, None]
     outs = []
     for start in range(0, N, segment):
         stop = min(start + segment, N)
         length, pad = stop - start, (-(stop - start)) % chunk
         n = (length + pad) // chunk
-        cut = lambda t: F.pad(t, (0, 0, 0, pad)) if pad else t  # noqa: E731
-        qs = cut(qf[:, :, start:stop].to(work)).view(B, Hk, G, n, chunk, Fd)
-        qs = qs.transpose(2, 3).reshape(B, Hk, n, G * chunk, Fd) if G > 1 else qs.view(B, Hk, n, chunk, Fd)
-        ks = cut(kf[:, :, start:stop].to(work)).view(B, Hk, n, chunk, Fd)
-        vs = cut(_values(v[:, :, start:stop], work, append_ones))
-        vs = vs.view(B, Hk, n, chunk, vs.shape[-1])
-        Dv = vs.shape[-1]
-        out = (qs @ ks.transpose(-1, -2)).mul_(intra_w) @ vs  # inside chunks (in place: no extra temporaries)
-        if tables is None:
-            chunk_kv = ks.transpose(-1, -2) @ vs  # (B, Hk, n, F, Dv)
-            before = chunk_kv.cumsum(2).sub_(chunk_kv)
-            if state is not None:
-                before.add_(state[:, :, None])
-            state = before[:, :, -1] + chunk_kv[:, :, -1]
-        else:
+        # one contiguous copy per segment, so every matmul below folds its batch dims without copying
+        cut = lambda t: (F.pad(t, (0, 0, 0, pad)) if pad else t.contiguous()).view(B, -1, n, chunk, t.shape[-1])  # noqa: E731
+        qs = cut(qf[:, :, start:stop].to(work))
+        qs = qs.view(B, Hk, G, n, chunk, Fd).transpose(2, 3).reshape(B, Hk, n, G * chunk, Fd) if G > 1 else qs
+        ks, vs = cut(kf[:, :, start:stop].to(work)), cut(v[:, :, start:stop].to(work))
+        scores = (qs @ ks.transpose(-1, -2)).mul_(intra_w)  # inside chunks (in place: no extra temporaries)
+        parts = [scores @ vs] + ([scores.sum(-1, keepdim=True)] if append_ones else [])
+        if tables is not None:
             _, q_scale, k_scale, mix, init_pow = tables
-            chunk_kv = (ks * k_scale).transpose(-1, -2) @ vs
-            states = (mix[..., : n + 1, :n] @ chunk_kv.flatten(-2)).unflatten(-1, (Fd, Dv))  # (B, H, n+1, F, Dv)
-            if state is not None:
-                states = states + init_pow[:, :, : n + 1] * state[:, :, None]
-            before, state = states[:, :, :n], states[:, :, n]
-            qs = qs * q_scale
-        out = out.add_(qs @ before)
+            ks, qs = ks * k_scale, qs * q_scale
+        contributions = [ks.transpose(-1, -2) @ vs] + ([ks.sum(-2)[..., None]] if append_ones else [])
+        for i, chunk_state in enumerate(contributions):  # (B, Hk, n, F, Dv | 1): each chunk's keys and values
+            if tables is None:
+                before, total = _exclusive_prefix(chunk_state)
+                if states[i] is not None:
+                    before.add_(states[i][:, :, None])
+                    total = total + states[i]
+                states[i] = total
+            else:
+                mixed = (mix[..., : n + 1, :n] @ chunk_state.flatten(-2)).unflatten(-1, chunk_state.shape[-2:])
+                if states[i] is not None:
+                    mixed = mixed + init_pow[:, :, : n + 1] * states[i][:, :, None]
+                before, states[i] = mixed[:, :, :n], mixed[:, :, n]
+            parts[i] = parts[i].add_(qs @ before)
+        out = torch.cat(parts, dim=-1) if append_ones else parts[0]
         if G > 1:
-            out = out.view(B, Hk, n, G, chunk, Dv).transpose(2, 3)
-        outs.append(out.reshape(B, H, n * chunk, Dv)[:, :, :length])
-    return torch.cat(outs, dim=2)
+            out = out.view(B, Hk, n, G, chunk, -1).transpose(2, 3)
+        outs.append(out.reshape(B, H, n * chunk, -1)[:, :, :length])
+    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]

@@ -18,14 +18,13 @@ from ...errors import InvalidArgumentError, UnknownNameError, check_int
 from ..dense import causal_mask, masked_softmax
 
 FIXED_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "elu": lambda x: F.elu(x) + 1,  # Katharopoulos et al.: elu(x) + 1 > 0
+    "elu": lambda x: F.elu(x).add_(1),  # Katharopoulos et al.: elu(x) + 1 > 0
     "relu": F.relu,
     "squared_relu": lambda x: F.relu(x) ** 2,
     "softmax": lambda x: torch.softmax(x, dim=-1),  # over the head dimension (Efficient Attention)
     "silu": F.silu,  # TransNormerLLM's swish
     "identity": lambda x: x,
 }
-POSITIVE_MAPS = ("elu", "relu", "squared_relu", "softmax")
 
 
 def fixed_map(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
