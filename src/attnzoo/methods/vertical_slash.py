@@ -54,9 +54,10 @@ class VerticalSlash(BlockSelectionMethod):
         visible = causal_mask(n, call.len_kv, q.device)
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num_(0.0)
         vertical = probs.sum(2)
-        pos = torch.arange(call.len_kv - n, call.len_kv, device=q.device)[:, None]
-        offset = (pos - torch.arange(call.len_kv, device=q.device)[None, :]).clamp(min=0)
-        slash = torch.zeros_like(vertical).scatter_add_(-1, offset.flatten().expand(*vertical.shape[:2], -1), probs.flatten(2))
+        slash = torch.zeros_like(vertical)
+        for row in range(n):  # query at position p puts key p - d on diagonal d
+            p = call.len_kv - n + row
+            slash[..., : p + 1] += probs[:, :, row, : p + 1].flip(-1)
         return vertical, slash
 
     def _select(self, q, k, call: Call) -> torch.Tensor:
