@@ -13,6 +13,7 @@ against dense. ``passkey``: exact-match passkey retrieval at about ``--tokens`` 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -102,7 +103,12 @@ def main() -> None:
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.35, 0.65, 0.9])
     p.add_argument("--skip-dense", action="store_true", help="passkey: do not run the dense baseline")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--case", nargs=2, action="append", metavar=("METHOD", "JSON"),
+                   help="replace the built-in cases of this task, e.g. --case hip '{\"top_k\": 10}'")
     a = p.parse_args()
+    if a.case:
+        cases = [(name, json.loads(cfg)) for name, cfg in a.case]
+        globals()[{"recall": "RECALL_CASES", "perplexity": "PPL_CASES", "passkey": "PASSKEY_CASES"}[a.what]] = cases
     a.tokens = a.tokens or (7168 if a.what == "passkey" else 4096)
     torch.set_num_threads(a.threads)
     start = time.time()
