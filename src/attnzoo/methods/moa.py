@@ -78,6 +78,8 @@ class MoA(PatternMethod):
 
     def build_layout(self, call: Call):
         spans = torch.tensor(self.config.head_spans(call.heads_q, call.len_kv), device=call.device)[:, None]
+        if bool((spans == spans[0]).all()):
+            spans = spans[0]  # one span for every head: one shared layout
         return range_layout(call, self.q_block, lambda p: p - spans + 1, lambda p: p + 1, sinks=self.config.sinks)
 
     def reference_mask(self, call: Call) -> torch.Tensor:

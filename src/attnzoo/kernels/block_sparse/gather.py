@@ -178,7 +178,7 @@ def _shared_prefix(kv_pos: torch.Tensor) -> int:
 
 def plans(layout: BlockLayout, dtype: torch.dtype, static: bool, split_prefix: bool = False) -> list[list[_Plan]]:
     """Per (layout batch, layout head) execution plans; cached on the layout for static patterns.
-    ``split_prefix``: attend a shared prefix of keys separately (needs :func:`_sdpa_lse`)."""
+    ``split_prefix``: attend a shared prefix of keys separately (log-sum-exp merge, see :func:`_sdpa_rows`)."""
     key = ("gather", dtype, split_prefix)
     if static and key in layout.cache:
         return layout.cache[key]
@@ -190,46 +190,95 @@ def plans(layout: BlockLayout, dtype: torch.dtype, static: bool, split_prefix: b
     return result
 
 
-def _sdpa_lse(q, k, v, mask, scale: float, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused CPU SDPA that also returns each row's log-sum-exp (float32); q (B, Hq, L, D), mask (L, K)
-    or None. GQA folds each key head's query heads into its query rows."""
+def _fold_groups(q: torch.Tensor, mask: torch.Tensor | None, groups: int):
+    """GQA without copying keys: (B, Hq, L, D) -> (B, Hkv, G * L, D), each key head's query heads
+    stacked as extra query rows, and the (L, K) mask repeated to match."""
+    if groups == 1:
+        return q, mask
+    B, Hq, L, D = q.shape
+    return q.reshape(B, Hq // groups, groups * L, D), None if mask is None else mask.repeat(groups, 1)
+
+
+def _sdpa_rows(q, k, v, mask, scale: float, groups: int, with_lse: bool):
+    """Fused SDPA over (B, Hq, L, D) queries and (B, Hkv, K, D) keys (any strides), mask (L, K) or
+    None; returns the output (B, Hq, L, Dv) and, with ``with_lse``, each row's log-sum-exp (float32,
+    CPU fused kernel)."""
     B, Hq, L, _ = q.shape
-    if groups > 1:
-        q = q.reshape(B, Hq // groups, groups * L, q.shape[-1])
-        mask = None if mask is None else mask.repeat(groups, 1)
+    q, mask = _fold_groups(q, mask, groups)
+    if not with_lse:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).reshape(B, Hq, L, -1), None
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
     return out.reshape(B, Hq, L, -1), lse.reshape(B, Hq, L)
 
 
+def _strided_runs(blocks: list[int], starts: list[int], bq: int, nq: int) -> list[tuple[int, int, int]]:
+    """(first block index in the group, blocks, first key) of runs of full query blocks that advance
+    by one block and ``bq`` keys at a time: each run is one SDPA call over overlapping key windows."""
+    runs: list[tuple[int, int, int]] = []
+    for i, (blk, s) in enumerate(zip(blocks, starts)):
+        full = (blk + 1) * bq <= nq
+        if runs and full and i == runs[-1][0] + runs[-1][1] and blk == blocks[i - 1] + 1 and s == starts[i - 1] + bq:
+            first, n, s0 = runs[-1]
+            runs[-1] = (first, n + 1, s0)
+        else:
+            runs.append((i, 1, s))
+    return runs
+
+
+def _windows(x: torch.Tensor, first: int, n: int, step: int, width: int) -> torch.Tensor:
+    """(H, N, D) -> (n, H, width, D) view of the windows [first + i * step, ... + width), no copy."""
+    H, _, D = x.shape
+    sh, sn, sd = x.stride()
+    return x.as_strided((n, H, width, D), (step * sn, sh, sn, sd), x.storage_offset() + first * sn)
+
+
 def _run_slices(q, k, v, out, plan: _Plan, g: _Group, scale: float, groups: int, lse=None) -> None:
     """Band blocks: contiguous queries against a contiguous key range; q/k/v/out in (B, H, N, D),
-    and each row's log-sum-exp into ``lse`` (B, H, N) when given."""
+    and each row's log-sum-exp into ``lse`` (B, H, N) when given. Consecutive blocks whose ranges
+    advance with them share one SDPA call over a strided view of the keys (sliding windows)."""
     bq = plan.q_pos.shape[1]
-    gqa = {"enable_gqa": True} if groups > 1 else {}
     nq = out.shape[2]
     per_block_mask = g.mask is not None and g.mask.dim() == 3
-    for i, (blk, s) in enumerate(zip(g.blocks.tolist(), g.starts.tolist())):
-        a, b = blk * bq, min(nq, (blk + 1) * bq)
-        mask = g.mask[i] if per_block_mask else g.mask
-        mask = None if mask is None else mask[: b - a]
-        qb, kb, vb = q[:, :, a:b], k[:, :, s : s + g.width], v[:, :, s : s + g.width]
-        if lse is None:
-            out[:, :, a:b] = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, **gqa)
-        else:
-            out[:, :, a:b], lse[:, :, a:b] = _sdpa_lse(qb, kb, vb, mask, scale, groups)
+    blocks, starts = g.blocks.tolist(), g.starts.tolist()
+    runs = [(i, 1, s) for i, s in enumerate(starts)] if per_block_mask else _strided_runs(blocks, starts, bq, nq)
+    for i, n, s in runs:
+        a = blocks[i] * bq
+        if n == 1:
+            b = min(nq, a + bq)
+            mask = g.mask[i] if per_block_mask else g.mask
+            mask = None if mask is None else mask[: b - a]
+            res, res_lse = _sdpa_rows(q[:, :, a:b], k[:, :, s : s + g.width], v[:, :, s : s + g.width], mask, scale, groups, lse is not None)
+            out[:, :, a:b] = res
+            if lse is not None:
+                lse[:, :, a:b] = res_lse
+            continue
+        for row in range(q.shape[0]):
+            H = q.shape[1]
+            qw = q[row, :, a : a + n * bq].unflatten(1, (n, bq)).transpose(0, 1)  # (n, H, bq, D)
+            kw, vw = _windows(k[row], s, n, bq, g.width), _windows(v[row], s, n, bq, g.width)
+            res, res_lse = _sdpa_rows(qw, kw, vw, g.mask, scale, groups, lse is not None)
+            out[row, :, a : a + n * bq].view(H, n, bq, -1).copy_(res.transpose(0, 1))
+            if lse is not None:
+                lse[row, :, a : a + n * bq].view(H, n, bq).copy_(res_lse.transpose(0, 1))
+
+
+_PREFIX_ROWS = 4096  # rows merged at a time, so the merge's temporaries stay small
 
 
 def _merge_prefix(q, k, v, out, lse, prefix: _Prefix, scale: float, groups: int) -> None:
     """Attend the prefix rows to keys [0, size) and merge with the range outputs by log-sum-exp."""
     if prefix.band_empty is not None:
         lse[:, :, prefix.band_empty] = float("-inf")
-    rows = prefix.rows
-    o_p, lse_p = _sdpa_lse(q[:, :, rows], k[:, :, : prefix.size], v[:, :, : prefix.size], prefix.mask, scale, groups)
-    lse_p = lse_p.masked_fill(prefix.empty, float("-inf"))
-    lse_b = lse[:, :, rows]
-    top = torch.maximum(lse_b, lse_p)
-    w_b, w_p = torch.exp(lse_b - top), torch.exp(lse_p - top)
-    out[:, :, rows] = ((w_b[..., None] * out[:, :, rows] + w_p[..., None] * o_p) / (w_b + w_p)[..., None]).to(out.dtype)
+    kp, vp = k[:, :, : prefix.size], v[:, :, : prefix.size]
+    for a in range(0, prefix.rows.numel(), _PREFIX_ROWS):
+        rows = prefix.rows[a : a + _PREFIX_ROWS]
+        mask = None if prefix.mask is None else prefix.mask[a : a + _PREFIX_ROWS]
+        o_p, lse_p = _sdpa_rows(q[:, :, rows], kp, vp, mask, scale, groups, True)
+        lse_p = lse_p.masked_fill(prefix.empty[a : a + _PREFIX_ROWS], float("-inf"))
+        lse_b = lse[:, :, rows]
+        top = torch.maximum(lse_b, lse_p)
+        w_b, w_p = torch.exp(lse_b - top), torch.exp(lse_p - top)
+        out[:, :, rows] = ((w_b[..., None] * out[:, :, rows] + w_p[..., None] * o_p) / (w_b + w_p)[..., None]).to(out.dtype)
 
 
 def _run_gathered(q_t, k_t, v_t, out_t, plan: _Plan, g: _Group, scale: float, groups: int) -> None:
