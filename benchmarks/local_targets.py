@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from attnzoo import get_method
 from attnzoo.bench import BenchOptions, Store, parse_method_spec, run_bench, write_report
 from attnzoo.bench.analysis import summary, with_dense
 from attnzoo.bench.specs import default_specs
-from attnzoo.method import check_qkv
 from attnzoo.registry import method_class
 
 SHAPE = dict(batch=1, heads=8, dim=64, dtype="float32")
@@ -50,20 +47,15 @@ def speed_targets(store: Store, repeats: int) -> list[str]:
 
 
 def construction_times(repeats: int) -> list[str]:
-    """Block-structure construction at N = 16,384 on a fresh method (no cache), median of repeats."""
+    """Block-structure construction at N = 16,384 for every local method (benchmarks/layout_build.py)."""
+    from layout_build import CASES, measure
+
     lines = []
-    q = torch.randn(1, 8, 16384, 64)
-    for spec, causal in (("sliding_window:window=512", True), ("neighborhood:kernel_size=13,grid=(128,128)", False)):
-        s = parse_method_spec(spec)
-        times = []
-        for _ in range(repeats):
-            m = get_method(s.name, **s.config)
-            call = check_qkv(q, q, q, causal=causal, scale=None, check_finite=False)
-            start = time.perf_counter()
-            m.layout(call)
-            times.append((time.perf_counter() - start) * 1e3)
-        lines.append(f"block-structure construction {spec} N=16384: {statistics.median(times):.1f} ms "
-                     f"(median of {repeats}; target < 50 ms)")
+    for name, config, causal in CASES:
+        row = measure(name, config, causal, 16384, repeats)
+        if row is not None:
+            lines.append(f"block-structure construction {name} {row['config']} N=16384: {row['layout_ms']:.1f} ms "
+                         f"(median of {repeats}; target < 50 ms); first-call setup {row['setup_ms']:.0f} ms")
     return lines
 
 

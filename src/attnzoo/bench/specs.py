@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -99,7 +99,7 @@ class HiLo(Method):
 
     def _reference(self, q, k, v, call: Call):
         hi, hi_kv = self._split(call)
-        (gh, gw), s = self._grid(call), self.config.window
+        (_, gw), s = self._grid(call), self.config.window
         rows, cols = torch.arange(call.len_q) // gw, torch.arange(call.len_q) % gw
         window = (rows // s) * (gw // s) + cols // s
         parts = []

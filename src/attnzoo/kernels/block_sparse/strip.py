@@ -44,7 +44,7 @@ def _runs(layout: BlockLayout, boxes: Boxes2D, groups: int, dtype: torch.dtype) 
     key = ("strip", groups, dtype)
     if key in layout.cache:
         return layout.cache[key]
-    (R, C), (tr, tc), bh, bw = boxes.grid, boxes.tile, boxes.box_h, boxes.box_w
+    (_, C), (tr, tc), bh, bw = boxes.grid, boxes.tile, boxes.box_h, boxes.box_w
     dev = layout.device
     zero = torch.zeros((), dtype=torch.long, device=dev)
     col_start = torch.tensor(boxes.col_start, device=dev)
