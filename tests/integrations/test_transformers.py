@@ -320,3 +320,18 @@ def test_import_attnzoo_without_transformers():
             "except ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "pip install" in out and "transformers" in out
+
+
+@torch.no_grad()
+def test_roberta_round_trip(rng):
+    torch.manual_seed(0)
+    config = transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=80)
+    model = transformers.RobertaModel(config).eval()
+    x = ids(rng, batch=1, n=30).clamp(min=3)
+    reference = model(input_ids=x).last_hidden_state
+    with attnzoo.patch(model, "dense"):
+        assert rel_err(model(input_ids=x).last_hidden_state, reference) <= 1e-6
+    with attnzoo.patch(model, "sliding_window", window=5):
+        assert rel_err(model(input_ids=x).last_hidden_state, reference) > 1e-3
+    assert torch.equal(model(input_ids=x).last_hidden_state, reference)
