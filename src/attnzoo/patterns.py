@@ -136,6 +136,7 @@ class PatternMethod(Method):
 
     backends = BACKENDS
     q_block = 64
+    cached_layouts = 8  # most recent shapes kept; decoding meets a new key length every step
 
     def __init__(self, **config):
         super().__init__(**config)
@@ -156,14 +157,17 @@ class PatternMethod(Method):
     def layout(self, call: Call, backend: str = "gather") -> BlockLayout:
         """The (cached) layout for this call's shapes, at the block size ``backend`` runs."""
         key = (call.len_q, call.len_kv, call.causal, call.heads_q, call.heads_kv, call.device, backend)
-        if key not in self._layouts:
+        layout = self._layouts.pop(key, None)
+        if layout is None:
             layout = self.build_layout(call)
             layout.mask_mod = self.mask_mod(call)
             layout.covers_mask = True
             if backend == "flex":
                 layout = coarsen(layout, FLEX_BLOCK)
-            self._layouts[key] = layout
-        return self._layouts[key]
+            if len(self._layouts) >= self.cached_layouts:
+                self._layouts.pop(next(iter(self._layouts)))
+        self._layouts[key] = layout  # re-inserted last: least recently used first
+        return layout
 
     def _forward(self, q, k, v, call: Call):
         backend = choose_backend(self.backend, call.device)

@@ -216,3 +216,13 @@ def test_support_is_the_reference_pattern(rng):
     assert attnzoo.get_method("hilo", grid=(16, 16)).support(q, k, v) is None
     dense_support = attnzoo.get_method("dense").support(q, k, v, causal=True)
     assert dense_support.shape == (256, 256) and int(dense_support.sum()) == 256 * 257 // 2
+
+
+def test_layout_cache_is_bounded_when_decoding(rng):
+    """Decoding meets a new key length every step: only the most recent layouts stay cached."""
+    m = attnzoo.get_method("streaming", sinks=2, window=8)
+    q1 = qkv(rng, B=1, Hq=2, Hkv=2, Nq=1, Nk=1)[0]
+    for n in range(1, 40):
+        _, k, v = qkv(rng, B=1, Hq=2, Hkv=2, Nq=1, Nk=n)
+        assert rel_err(m(q1, k, v, causal=True), m.reference(q1, k, v, causal=True)) <= 1e-5
+    assert len(m._layouts) == m.cached_layouts
