@@ -273,6 +273,15 @@ def test_generation_through_a_patch(llama, rng):
         llama.generate(x, **options)
 
 
+def test_auto_decode_runs_patterns_and_decodes_prefill_methods_exactly(llama):
+    """A position pattern keeps its window while generating; a content-selected prefill method
+    (MInference's vertical-slash) decodes with exact attention."""
+    for method, decodes in (("streaming", True), ("vertical_slash", False)):
+        handle = attnzoo.patch(llama, method)
+        with handle:
+            assert all(plan.decode == decodes for plan in handle.plans.values())
+
+
 # ---- errors -----------------------------------------------------------------------------------
 def test_errors_at_patch_time(llama, bert):
     with pytest.raises(InvalidArgumentError, match=r"layers: expected a layer index in \[0, 1\].*got 2"):

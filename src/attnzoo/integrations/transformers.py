@@ -307,9 +307,17 @@ def _plans(model, method, layers, heads, decode, config) -> dict[int, LayerPlan]
             _check_runs(g.method, kind, modules[layer], layer)
             if decode == "method" and not g.method.info.cross:
                 raise UnsupportedError(f"decode='method': method {g.method.info.name!r} has no decode path (it needs Nq == Nk)")
-        run_decode = decode == "method" or (decode == "auto" and all(g.method.info.cross for g in layer_groups))
+        run_decode = decode == "method" or (decode == "auto" and all(_decode_path(g.method) for g in layer_groups))
         plans[layer] = LayerPlan(layer_groups, run_decode)
     return plans
+
+
+def _decode_path(method: Method) -> bool:
+    """Whether a method defines a decode step: a position pattern (local family: a window keeps its
+    shape for the last query) or a decode-time method, able to run Nq < Nk. Content-selected
+    methods (MInference, HiP, ...) are prefill methods: their decode steps run exact attention."""
+    info = method.info
+    return info.cross and ("local" in info.family or "decode" in info.family)
 
 
 def _per_layer_specs(method, layers, num_layers: int) -> dict[int, Any]:
@@ -379,8 +387,9 @@ def patch(model, method=None, *, layers=None, heads=None, decode: str = "auto", 
     settings as a dict {layer: name | (name, config) | Method | None} or a callable of the layer
     index returning one of those. ``heads``: query-head indices that run the method (the others run
     exact attention; GQA groups are respected). ``decode``: calls with fewer queries than keys
-    (decoding over a cache) run the method where it supports Nq != Nk (``"auto"``), always exact
-    attention (``"exact"``), or the method (``"method"``). Padded batches run each sequence's
+    (decoding over a cache) run the method where it defines a decode step (``"auto"``: position
+    patterns and decode-time methods; content-selected prefill methods decode exactly), always
+    exact attention (``"exact"``), or the method (``"method"``). Padded batches run each sequence's
     unpadded span. Returns a :class:`Patch`, usable as a context manager.
     """
     return install(model, _plans(model, method, layers, heads, decode, config))
