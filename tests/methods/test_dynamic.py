@@ -143,3 +143,18 @@ def test_vertical_slash_is_causal_only(rng):
     q, k, v = qkv(rng, Nq=32, D=16)
     with pytest.raises(attnzoo.UnsupportedError, match="causal"):
         attnzoo.attention(q, k, v, "vertical_slash", causal=False)
+
+
+def test_vertical_slash_estimate_follows_the_definition(rng):
+    """Vertical mass per key column and slash mass per diagonal (query position - key position) of
+    the last queries' causal attention, against plain loops."""
+    q, k, v = qkv(rng, B=1, Hq=2, Hkv=1, Nq=60, D=8)
+    m = attnzoo.get_method("vertical_slash", last_q=12, block_size=8)
+    vertical, slash = m.estimate(q, k, m._prepare(q, k, v, True, None))
+    probs = torch.softmax((q[:, :, -12:] @ k.transpose(-1, -2) * 8 ** -0.5).masked_fill(~torch.ones(60, 60, dtype=torch.bool).tril()[-12:], float("-inf")), -1)
+    want = torch.zeros(1, 2, 60)
+    for row in range(12):
+        p = 48 + row
+        for key in range(p + 1):
+            want[..., p - key] += probs[:, :, row, key]
+    assert torch.allclose(slash, want, atol=1e-6) and torch.allclose(vertical, probs.sum(2), atol=1e-6)

@@ -53,12 +53,13 @@ class VerticalSlash(BlockSelectionMethod):
         scores = attention_scores(q[:, :, -n:], k, scale=call.scale)
         visible = causal_mask(n, call.len_kv, q.device)
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num_(0.0)
-        vertical = probs.sum(2)
-        slash = torch.zeros_like(vertical)
-        for row in range(n):  # query at position p puts key p - d on diagonal d
-            p = call.len_kv - n + row
-            slash[..., : p + 1] += probs[:, :, row, : p + 1].flip(-1)
-        return vertical, slash
+        # diagonal d holds key p - d of the query at position p: reverse keys and rows, so row r
+        # (position Nk - 1 - r) needs columns r + d, and read the rows skewed by one per row
+        B, H, _, Nk = probs.shape
+        skewed = torch.nn.functional.pad(probs.flip(-1).flip(-2), (0, n)).contiguous()
+        width = Nk + n
+        slash = skewed.as_strided((B, H, n, Nk), (H * n * width, n * width, width + 1, 1)).sum(2)
+        return probs.sum(2), slash
 
     def _select(self, q, k, call: Call) -> torch.Tensor:
         cfg, b = self.config, self.config.block_size
