@@ -123,7 +123,9 @@ class RandomFeature(Method):
         call = self._prepare(q, k, v, causal, scale)
         if not isinstance(target, torch.Tensor) or target.shape != (call.batch, call.heads_q, call.len_q, call.dim_v):
             raise InvalidArgumentError("target", f"a tensor of shape {(call.batch, call.heads_q, call.len_q, call.dim_v)}", getattr(target, "shape", target))
-        heads = self._head_outputs(q, k, v, call, slice(None)).double()  # (B, H, M, N, Dv)
+        block = self.config.query_block
+        heads = torch.cat([self._head_outputs(q, k, v, call, slice(start, start + block)).double()
+                           for start in range(0, call.len_q, block)], dim=3)  # (B, H, M, N, Dv), a query block at a time
         design = heads.permute(0, 1, 3, 2, 4).reshape(-1, self.config.num_heads * call.dim_v)
         goal = target.double().reshape(-1, call.dim_v)
         gram = design.T @ design + ridge * torch.eye(design.shape[1], dtype=torch.float64, device=design.device)
