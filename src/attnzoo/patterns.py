@@ -111,8 +111,9 @@ def range_layout(call: Call, q_block: int, lo, hi, sinks: int = 0) -> BlockLayou
     n_sinks = torch.where(start > 0, min(sinks, call.len_kv), 0)
     counts = n_sinks + (stop - start).clamp(min=0)
     slot = torch.arange(max(int(counts.max()), 1) if nqb else 1, device=dev)
-    keys = torch.where(slot < n_sinks[..., None], slot, start[..., None] + slot - n_sinks[..., None])
-    keys = torch.where(slot < counts[..., None], keys, 0)
+    keys = (start - n_sinks)[..., None] + slot  # the range, shifted past the sinks (one full-size pass)
+    torch.where(slot < n_sinks[..., None], slot, keys, out=keys)
+    keys.masked_fill_(slot >= counts[..., None], 0)
     while keys.dim() < 4:
         keys, counts = keys.unsqueeze(0), counts.unsqueeze(0)
     return BlockLayout(call.len_q, call.len_kv, q_block, 1, keys.contiguous(), counts)

@@ -211,13 +211,17 @@ def _sdpa_rows(q, k, v, mask, scale: float, groups: int, with_lse: bool):
     return out.reshape(B, Hq, L, -1), lse.reshape(B, Hq, L)
 
 
+_RUN_BLOCKS = 32  # query blocks per strided call: its output is a temporary, keep it a fraction of N
+
+
 def _strided_runs(blocks: list[int], starts: list[int], bq: int, nq: int) -> list[tuple[int, int, int]]:
     """(first block index in the group, blocks, first key) of runs of full query blocks that advance
     by one block and ``bq`` keys at a time: each run is one SDPA call over overlapping key windows."""
     runs: list[tuple[int, int, int]] = []
     for i, (blk, s) in enumerate(zip(blocks, starts)):
         full = (blk + 1) * bq <= nq
-        if runs and full and i == runs[-1][0] + runs[-1][1] and blk == blocks[i - 1] + 1 and s == starts[i - 1] + bq:
+        if (runs and full and i == runs[-1][0] + runs[-1][1] and runs[-1][1] < _RUN_BLOCKS
+                and blk == blocks[i - 1] + 1 and s == starts[i - 1] + bq):
             first, n, s0 = runs[-1]
             runs[-1] = (first, n + 1, s0)
         else:
