@@ -1,6 +1,7 @@
 """The sweep: rows for every method x length, dense in the same run, failures recorded and survived."""
 
 import pytest
+import torch
 
 from attnzoo.bench.runner import BenchOptions, run_bench
 from attnzoo.bench.specs import MethodSpec, config_at, near_square_grid, parse_method_spec
@@ -87,3 +88,16 @@ def test_too_slow_methods_skip_longer_lengths(tmp_path):
     by = {(r["method"], r["length"]): r for r in rows}
     assert by[("sliding_window", 64)]["status"] == "ok" and by[("dense", 64)]["status"] == "ok"
     assert by[("sliding_window", 128)]["status"] == "skipped" and "too slow" in by[("sliding_window", 128)]["message"]
+
+
+def test_lengths_predicted_too_slow_are_skipped():
+    """A length whose call, grown quadratically from the last one, would exceed the budget is skipped
+    before it runs (a 2 s call at 1K predicts 32 s at 4K)."""
+    from attnzoo.bench.runner import _Sweep
+
+    sweep = _Sweep(BenchOptions(max_call_seconds=10.0), None, "run", torch.device("cpu"))
+    spec = MethodSpec("random_feature")
+    sweep.last_call[(spec, False, "forward")] = (1024, 2.0)
+    assert "predicted too slow" in sweep._predicted_too_slow(4096, spec, False, "forward")
+    assert sweep._predicted_too_slow(2048, spec, False, "forward") is None  # ~8 s
+    assert sweep._predicted_too_slow(4096, spec, True, "forward") is None  # nothing measured causal yet

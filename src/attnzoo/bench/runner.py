@@ -189,6 +189,7 @@ class _Sweep:
         self.qkv: list[torch.Tensor] = []
         self.methods: dict[MethodSpec, Method | Exception] = {}
         self.stopped: dict[tuple[MethodSpec, bool, str], str] = {}  # why longer lengths are skipped
+        self.last_call: dict[tuple[MethodSpec, bool, str], tuple[int, float]] = {}  # (length, seconds per call)
         self.stats: dict[tuple[MethodSpec, bool], Any] = {}
 
     def _set_length(self, length: int) -> None:
@@ -222,6 +223,18 @@ class _Sweep:
         self.store.add_result(self.run_id, **row)
         return row
 
+    def _predicted_too_slow(self, length: int, spec: MethodSpec, causal: bool, pass_: str) -> str | None:
+        """Why to skip this length when the last one, grown quadratically (the worst case of the
+        methods here), would exceed --max-call-seconds; None to run it."""
+        last = self.last_call.get((spec, causal, pass_))
+        if last is None or length <= last[0]:
+            return None
+        predicted = last[1] * (length / last[0]) ** 2
+        if predicted <= self.opts.max_call_seconds:
+            return None
+        return (f"predicted too slow: {last[1]:.2f} s per call at N={last[0]} grows to ~{predicted:.0f} s at N={length} "
+                f"if quadratic (--max-call-seconds {self.opts.max_call_seconds:g})")
+
     def _outcome(self, length: int, spec: MethodSpec, causal: bool, pass_: str, info) -> dict[str, Any]:
         opts = self.opts
         if causal and not info.causal:
@@ -230,7 +243,7 @@ class _Sweep:
             return {"status": "skipped", "message": f"{spec.name} is causal only"}
         if spec.name == "dense" and opts.dense_max_len is not None and length > opts.dense_max_len:
             return {"status": "skipped", "message": f"dense capped at --dense-max-len {opts.dense_max_len}"}
-        stopped = self.stopped.get((spec, causal, pass_))
+        stopped = self.stopped.get((spec, causal, pass_)) or self._predicted_too_slow(length, spec, causal, pass_)
         if stopped is not None:
             return {"status": "skipped", "message": stopped}
         backward = pass_ == "forward+backward"
@@ -242,6 +255,7 @@ class _Sweep:
             if isinstance(method, Exception):
                 return {"status": "skipped", "message": f"cannot configure: {method}"}
             outcome = self._timed_call(method, spec, causal, backward)
+            self.last_call[(spec, causal, pass_)] = (length, outcome["median_ms"] / 1e3)
             if outcome["median_ms"] / 1e3 > opts.max_call_seconds:
                 self.stopped[(spec, causal, pass_)] = (f"too slow: {outcome['median_ms'] / 1e3:.1f} s per call at N={length} "
                                                        f"(--max-call-seconds {opts.max_call_seconds:g})")
