@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 import torch
 
 from .errors import InvalidArgumentError, UnknownNameError, UnsupportedError
-from .kernels.dense import causal_mask
 
 FAMILIES = ("exact", "local", "dynamic", "linear", "learned", "decode", "head", "module", "analysis", "multimodal")
 
@@ -223,9 +222,7 @@ class Method:
         raise NotImplementedError
 
     def _support(self, q, k, v, call: Call) -> torch.Tensor | None:
-        """See :meth:`support`; exact attention attends everywhere it is allowed to."""
-        if "exact" in self.info.family:
-            return causal_mask(call.len_q, call.len_kv, q.device) if call.causal else torch.ones(1, 1, dtype=torch.bool, device=q.device)
+        """See :meth:`support`; methods with a sparse support override this."""
         return None
 
     # ---- shared checks ----------------------------------------------------------------------

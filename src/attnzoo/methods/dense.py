@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..kernels.dense import causal_mask, masked_attention, sdpa
 from ..method import Call, Method, MethodInfo
 from ..registry import register
@@ -29,6 +31,10 @@ class Dense(Method):
 
     def _forward(self, q, k, v, call: Call):
         return sdpa(q, k, v, causal=call.causal, scale=call.scale)
+
+    def _support(self, q, k, v, call: Call):
+        """Every pair causality allows."""
+        return causal_mask(call.len_q, call.len_kv, q.device) if call.causal else torch.ones(1, 1, dtype=torch.bool, device=q.device)
 
     def _reference(self, q, k, v, call: Call):
         mask = causal_mask(call.len_q, call.len_kv, q.device) if call.causal else None

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .layout import BlockLayout
+from .layout import BlockLayout, additive_mask
 
 _CHUNK_KEYS = 131072  # gathered keys per SDPA call (32 MB buffers at D = 64; fewer, larger calls)
 _EVAL_TILES = 256  # tiles whose token masks are evaluated at once while planning
@@ -188,7 +188,7 @@ def _plan(layout: BlockLayout, dtype: torch.dtype) -> _Plan:
             if bool(none.any()):
                 empty_rows = torch.nonzero(none).flatten()
                 cells[none] = True  # attend anywhere, output set to 0 afterwards
-            mask = torch.zeros(cells.shape, dtype=dtype, device=dev).masked_fill_(~cells, float("-inf"))
+            mask = additive_mask(cells, dtype)
         groups.append(_Group(n_full + len(part_cls), mask, empty_rows, members))
     return _Plan(groups, allowed, computed)
 

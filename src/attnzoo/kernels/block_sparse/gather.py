@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .layout import BlockLayout
+from .layout import BlockLayout, additive_mask
 
 _CHUNK_KEYS = 2048  # gathered keys per SDPA call: small enough to stay in cache on a CPU
 
@@ -57,10 +57,6 @@ class _Plan:
     allowed: int  # allowed (query, key) entries
     computed: int  # entries the executor computes
     prefix: _Prefix | None = None
-
-
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 _PLAN_CHUNK = 64  # query blocks whose token masks are formed at once while planning
@@ -127,9 +123,9 @@ def _plan_for(layout: BlockLayout, kv_pos: torch.Tensor, bl: int, hl: int, dtype
 
     add(torch.cat(full_ids), None)
     for m, members in classes.values():
-        add(torch.cat(members), _additive(m, dtype))
+        add(torch.cat(members), additive_mask(m, dtype))
     if own_ids:
-        add(torch.cat(own_ids), _additive(torch.cat(own_masks), dtype))
+        add(torch.cat(own_ids), additive_mask(torch.cat(own_masks), dtype))
     band_empty = torch.cat(empty_rows) if empty_rows else None
     computed = int(real_q.sum()) * width
     plan = _Plan(q_pos, groups, band_empty, allowed, computed)
@@ -138,7 +134,7 @@ def _plan_for(layout: BlockLayout, kv_pos: torch.Tensor, bl: int, hl: int, dtype
         rows = rows[rows >= 0]
         mask = layout.token_mask(rows[:, None], torch.arange(prefix, device=dev)[None, :], b, h)
         row_any = mask.any(-1)
-        plan.prefix = _Prefix(prefix, rows, None if bool(mask.all()) else _additive(mask | ~row_any[:, None], dtype), ~row_any, band_empty)
+        plan.prefix = _Prefix(prefix, rows, None if bool(mask.all()) else additive_mask(mask | ~row_any[:, None], dtype), ~row_any, band_empty)
         plan.allowed += int(torch.count_nonzero(mask))
         plan.computed += rows.numel() * prefix
         if band_empty is not None:

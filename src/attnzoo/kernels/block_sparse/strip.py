@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .layout import BlockLayout
+from .layout import BlockLayout, additive_mask
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def _runs(layout: BlockLayout, boxes: Boxes2D, groups: int, dtype: torch.dtype) 
             run.allowed = int(m.sum())
             if not bool(m.all()):
                 m = m.view(tc, 1, tr, -1).expand(tc, groups, tr, m.shape[-1]).reshape(-1, m.shape[-1])
-                run.mask = torch.zeros(m.shape, dtype=dtype, device=dev).masked_fill_(~m, float("-inf"))
+                run.mask = additive_mask(m, dtype)
         rows.append(runs)
     layout.cache[key] = rows
     return rows
