@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .errors import InvalidArgumentError, check_int
 from .kernels.block_sparse import BACKENDS, BlockLayout, CausalMask, block_sparse_attention, choose_backend
@@ -184,6 +185,36 @@ class BlockSelectionMethod(Method):
 
     def _reference(self, q, k, v, call: Call) -> torch.Tensor:
         return masked_attention(q, k, v, self._support(q, k, v, call), scale=call.scale)
+
+
+_SCORE_ENTRIES = 1 << 23  # query-block x key logits formed at once by pooled_query_mass (32 MB)
+
+
+def pooled_query_mass(q, k, call: Call, q_block: int, kv_block: int) -> torch.Tensor:
+    """(B, Hq, nQB, nKB) float32: the softmax of each mean-pooled query block over every key it may
+    see (causal: up to its last query), summed per key block, -inf on blocks it may not visit.
+    Unlike :func:`pooled_scores`, a single strong key (a sink, a retrieved fact) is not averaged away
+    inside its block. Costs O(N^2 D / q_block), a chunk of query blocks at a time; GQA without
+    copying keys (each key head's query heads are stacked as rows)."""
+    B, Hq, G = call.batch, call.heads_q, call.groups
+    nkb = -(-call.len_kv // kv_block)
+    qp = block_means(q, q_block)  # (B, Hq, nQB, D)
+    nqb = qp.shape[2]
+    keys = k.to(qp.dtype)
+    last = last_key_block(call, q_block, 1)  # last visible key per query block (block of 1 = token)
+    pad = nkb * kv_block - call.len_kv
+    step = max(1, _SCORE_ENTRIES // max(1, B * Hq * call.len_kv))
+    mass = torch.empty(B, Hq, nqb, nkb, dtype=qp.dtype, device=q.device)
+    for a in range(0, nqb, step):
+        c = min(step, nqb - a)
+        rows = qp[:, :, a : a + c].reshape(B, Hq // G, G * c, -1)
+        logits = (rows @ keys.transpose(-1, -2)).mul_(call.scale).view(B, Hq, c, call.len_kv)
+        if call.causal:
+            hidden = torch.arange(call.len_kv, device=q.device)[None, :] > last[a : a + c, None]
+            logits.masked_fill_(hidden, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+        mass[:, :, a : a + c] = F.pad(probs, (0, pad)).view(B, Hq, c, nkb, kv_block).sum(-1)
+    return mass.masked_fill_(~allowed_blocks(call, q_block, kv_block), float("-inf"))
 
 
 def pooled_scores(q, k, call: Call, q_block: int, kv_block: int) -> torch.Tensor:

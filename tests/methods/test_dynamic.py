@@ -17,20 +17,22 @@ from attnzoo.kernels.dense import sdpa
 CASES = [
     ("vertical_slash", dict(vertical_blocks=2, slash_blocks=2, block_size=16, last_q=16), dict(vertical_blocks=6, slash_blocks=1, block_size=16)),
     ("block_sparse", dict(top_k=2, block_size=16), dict(top_k=6, block_size=16)),
+    ("block_sparse", dict(top_k=2, block_size=16, estimator="pooled_q"), dict(top_k=6, block_size=16, estimator="pooled_q")),
     ("hip", dict(top_k=2, block_size=16), dict(top_k=6, block_size=16)),
     ("biformer", dict(n_win=6, topk=2), dict(n_win=6, topk=6)),
     ("routing", dict(num_clusters=3, block_size=16), dict(num_clusters=1, block_size=16)),
 ]
+CASE_IDS = [name + "".join(f"-{cfg[o]}" for o in ("estimator",) if o in cfg) for name, cfg, _ in CASES]
 CLAMPED = [c for c in CASES if c[0] != "routing"]  # routing's budget is a cluster count: 1 is dense
-BLOCK_METHODS = [c[0] for c in CASES]
-PREFIX_INVARIANT = ["block_sparse", "hip"]
+CLAMPED_IDS = [i for i, c in zip(CASE_IDS, CASES) if c in CLAMPED]
+PREFIX_INVARIANT = ["block_sparse", "block_sparse-pooled_q", "hip"]
 
 
 def modes(m):
     return [c for c in (True, False) if (m.info.causal if c else m.info.non_causal)]
 
 
-@pytest.mark.parametrize("name,cfg,_", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,cfg,_", CASES, ids=CASE_IDS)
 def test_fast_path_equals_reference(name, cfg, _, rng):
     m = attnzoo.get_method(name, **cfg)
     assert "dynamic" in m.info.family
@@ -46,7 +48,7 @@ def test_fast_path_equals_reference(name, cfg, _, rng):
             assert stats.density == pytest.approx(float(support.sum()) / (8 * float(area)))
 
 
-@pytest.mark.parametrize("name,_,full", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,_,full", CASES, ids=CASE_IDS)
 def test_budget_covering_everything_equals_dense(name, _, full, rng):
     m = attnzoo.get_method(name, **full)
     q, k, v = qkv(rng, Nq=96, D=16)
@@ -58,9 +60,9 @@ def test_budget_covering_everything_equals_dense(name, _, full, rng):
         assert stats.density == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("name,_,full", CLAMPED, ids=[c[0] for c in CLAMPED])
+@pytest.mark.parametrize("name,_,full", CLAMPED, ids=CLAMPED_IDS)
 def test_budget_beyond_the_blocks_is_clamped_with_a_warning(name, _, full, rng):
-    larger = {key: (val * 10 if key not in ("block_size", "n_win") else val) for key, val in full.items()}
+    larger = {key: (val * 10 if isinstance(val, int) and key not in ("block_size", "n_win") else val) for key, val in full.items()}
     m = attnzoo.get_method(name, **larger)
     q, k, v = qkv(rng, Nq=96, D=16)
     causal = m.info.causal
@@ -69,7 +71,7 @@ def test_budget_beyond_the_blocks_is_clamped_with_a_warning(name, _, full, rng):
     assert rel_err(out, sdpa(q, k, v, causal=causal, scale=16 ** -0.5)) <= 1e-5
 
 
-@pytest.mark.parametrize("name,cfg,_", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,cfg,_", CASES, ids=CASE_IDS)
 def test_same_input_same_selection(name, cfg, _, rng):
     q, k, v = qkv(rng, Nq=96, D=16)
     a, b = attnzoo.get_method(name, **cfg), attnzoo.get_method(name, **cfg)
@@ -81,8 +83,8 @@ def test_same_input_same_selection(name, cfg, _, rng):
 
 @pytest.mark.parametrize("name", PREFIX_INVARIANT)
 def test_causal_prefix_invariance(name, rng):
-    cfg = dict(next(c[1] for c in CASES if c[0] == name))
-    m = attnzoo.get_method(name, **cfg)
+    method_name, cfg, _ = CASES[CASE_IDS.index(name)]
+    m = attnzoo.get_method(method_name, **cfg)
     q, k, v = qkv(rng, Nq=160, D=16)
     full = m(q, k, v, causal=True)
     prefix = 64  # a whole number of blocks: the selection of a block sees only its past
@@ -90,7 +92,7 @@ def test_causal_prefix_invariance(name, rng):
     assert rel_err(full[:, :, :prefix], head) <= 1e-5
 
 
-@pytest.mark.parametrize("name,cfg,_", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,cfg,_", CASES, ids=CASE_IDS)
 def test_gradients_match_reference(name, cfg, _, rng):
     m = attnzoo.get_method(name, **cfg)
     q, k, v = qkv(rng, B=1, Hq=4, Hkv=2, Nq=96, D=8, dtype=torch.float64, requires_grad=True)
@@ -103,7 +105,7 @@ def test_gradients_match_reference(name, cfg, _, rng):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name,cfg,_", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,cfg,_", CASES, ids=CASE_IDS)
 def test_low_precision(name, cfg, _, dtype, rng):
     m = attnzoo.get_method(name, **cfg)
     q, k, v = qkv(rng, B=1, Hq=2, Hkv=2, Nq=96, D=16, dtype=dtype)
@@ -122,6 +124,27 @@ def test_bad_options_name_the_argument(name):
     for option in OPTIONS[name]:
         with pytest.raises(InvalidArgumentError, match=option):
             attnzoo.get_method(name, **{option: 0})
+
+
+def test_block_sparse_estimator_is_checked():
+    with pytest.raises(InvalidArgumentError, match="estimator"):
+        attnzoo.get_method("block_sparse", estimator="max")
+
+
+def test_pooled_q_finds_a_strong_key_that_key_pooling_hides(rng):
+    """One key aligned with every query inside a block of keys pointing the other way: the block's
+    mean key scores low, but the softmax mass of the pooled query lands on it."""
+    q, k, v = qkv(rng, B=1, Hq=1, Hkv=1, Nq=128, D=16)
+    direction = torch.nn.functional.normalize(torch.randn(16, generator=rng), dim=0)
+    q = q * 0.1 + direction * 3
+    k = k * 0.1
+    k[0, 0, 64:80] = -direction * 2  # key block 4 (of 16 tokens), mostly against the queries
+    k[0, 0, 70] = direction * 6  # ... but with one strong key
+    picks = {}
+    for estimator in ("pooled_qk", "pooled_q"):
+        layout = attnzoo.get_method("block_sparse", top_k=3, block_size=16, estimator=estimator).selection(q, k, v, causal=True)
+        picks[estimator] = set(layout.kv_indices[0, 0, -1, : int(layout.kv_counts[0, 0, -1])].tolist())
+    assert 4 in picks["pooled_q"] and 4 not in picks["pooled_qk"], (picks, rng.initial_seed())
 
 
 def test_biformer_routes_regions_of_a_2d_grid(rng):

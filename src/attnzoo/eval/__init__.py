@@ -9,7 +9,7 @@
 Results are dataclasses with ``as_dict()`` (plain JSON-serialisable dicts). Needs the ``[models]`` extra.
 """
 
-from .approximation import ApproximationResult, LayerApproximation, approximation, attention_recall
+from .approximation import ApproximationResult, LayerApproximation, approximation, attention_recall, oracle_recall
 from .capture import CapturedQKV, capture_qkv
 from .passkey import PasskeyResult, PasskeyTrial, passkey, passkey_prompt
 from .perplexity import PerplexityResult, perplexity, token_ids
@@ -18,5 +18,5 @@ from .common import ENGLISH_SOURCE, english_text
 __all__ = [
     "ApproximationResult", "CapturedQKV", "ENGLISH_SOURCE", "LayerApproximation", "PasskeyResult", "PasskeyTrial",
     "PerplexityResult", "approximation", "attention_recall", "capture_qkv", "english_text", "passkey", "passkey_prompt",
-    "perplexity", "token_ids",
+    "oracle_recall", "perplexity", "token_ids",
 ]

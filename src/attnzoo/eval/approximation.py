@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from ..kernels.dense import attention_scores, causal_mask, masked_softmax, sdpa
+from ..errors import check_float, check_int
+from ..kernels.dense import attention_scores, causal_mask, masked_softmax, repeat_kv, sdpa
 from ..method import Method
 from ..registry import get_method
 from .capture import CapturedQKV
@@ -86,3 +88,47 @@ def approximation(method: str | Method, captured: Mapping[int, CapturedQKV], *, 
         if on_layer is not None:
             on_layer(result)
     return result
+
+
+def _exact_probs(q, k, allowed, scale: float, chunk: int):
+    """(row range, exact softmax rows (B, Hq, rows, Nk) float64) of q (B, Hq, Nq, D), a chunk at a time."""
+    k = repeat_kv(k, q.shape[1] // k.shape[1]).double()
+    for start in range(0, q.shape[2], chunk):
+        rows = slice(start, min(start + chunk, q.shape[2]))
+        yield rows, masked_softmax(attention_scores(q[:, :, rows].double(), k, scale=scale), allowed[rows])
+
+
+def _tiles(x: torch.Tensor, b: int) -> torch.Tensor:
+    """(..., Nq, Nk) -> (..., ceil(Nq / b), ceil(Nk / b)): sums over b x b tiles, zero-padded."""
+    nq, nk = x.shape[-2:]
+    x = F.pad(x, (0, -nk % b, 0, -nq % b))
+    return x.unflatten(-1, (-1, b)).unflatten(-3, (-1, b)).sum((-3, -1))
+
+
+@torch.no_grad()
+def oracle_recall(q: torch.Tensor, k: torch.Tensor, *, causal: bool, scale: float, density: float,
+                  block_size: int | None = None, chunk: int = 256) -> torch.Tensor:
+    """Per query head (Hq,): the most exact attention mass any support of ``density`` keeps, the
+    bound a content-selected method is measured against. ``block_size`` b: supports made of whole
+    b x b tiles, picked per head greedily by mass per allowed entry (no selection with b-token
+    blocks does better, up to one tile of slack); None: any (query, key) pairs (each head's top
+    entries). ``density``: the fraction of allowed pairs (the causal triangle when ``causal``).
+    q (B, Hq, Nq, D), k (B, Hkv, Nk, D). Without ``block_size`` it holds all B Hq Nq Nk
+    probabilities: for a few thousand tokens."""
+    density = check_float("density", density, low=0.0, high=1.0, low_open=True)
+    B, Hq, Nq, _ = q.shape
+    Nk = k.shape[2]
+    allowed = causal_mask(Nq, Nk, q.device) if causal else torch.ones(Nq, Nk, dtype=torch.bool, device=q.device)
+    budget = density * float(allowed.sum())
+    if block_size is None:
+        probs = torch.cat([p[..., allowed[rows]] for rows, p in _exact_probs(q, k, allowed, scale, chunk)], -1)
+        kept = probs.topk(int(budget), dim=-1).values.sum(-1)
+    else:
+        b = check_int("block_size", block_size)
+        area = _tiles(allowed.double(), b).flatten()  # allowed entries per tile
+        rows_at_once = max(b, chunk // b * b)  # whole query blocks per chunk
+        mass = torch.cat([_tiles(p, b) for _, p in _exact_probs(q, k, allowed, scale, rows_at_once)], dim=2).flatten(2)
+        order = (mass / area.clamp(min=1)).masked_fill(area == 0, -1.0).argsort(-1, descending=True)
+        fits = area[order].cumsum(-1) <= budget
+        kept = (mass.gather(-1, order) * fits).sum(-1)
+    return kept.sum(0).cpu() / (B * Nq)
