@@ -71,14 +71,31 @@ def region_order(grid: tuple[int, ...], n_win: int, device) -> torch.Tensor:
 
 @dataclass
 class TopKConfig:
-    """``top_k`` key blocks per query block, blocks of ``block_size`` tokens (queries and keys)."""
+    """``top_k`` key blocks per query block, blocks of ``block_size`` tokens (queries and keys);
+    ``local_blocks``: when causal, the key blocks just before the diagonal block that are always
+    visited (every query keeps at least its ``local_blocks * block_size`` nearest predecessors)."""
 
     top_k: int = 8
     block_size: int = 64
+    local_blocks: int = 1
 
     def __post_init__(self):
         self.top_k = check_int("top_k", self.top_k)
         self.block_size = check_int("block_size", self.block_size, minimum=2)
+        self.local_blocks = check_int("local_blocks", self.local_blocks, minimum=0)
+
+
+def forced_blocks(call: Call, block: int, local_blocks: int) -> torch.Tensor:
+    """(nQB, F) key blocks every query block visits whatever the scores say, most important first,
+    -1 where none: when causal the diagonal block, then the first block (attention sinks), then the
+    ``local_blocks`` blocks before the diagonal; only the first block otherwise. (MInference
+    likewise always keeps the first columns and the nearest diagonals.)"""
+    diag = last_key_block(call, block, block)
+    if not call.causal:
+        return torch.zeros(diag.numel(), 1, dtype=torch.long, device=call.device)
+    local = diag[:, None] - torch.arange(1, local_blocks + 1, device=call.device)
+    ids = torch.cat([diag[:, None], torch.zeros_like(diag)[:, None], local], 1)
+    return torch.where((ids >= 0) & (ids <= diag[:, None]), ids, -1)
 
 
 @dataclass
@@ -187,33 +204,34 @@ class BlockSelectionMethod(Method):
         return masked_attention(q, k, v, self._support(q, k, v, call), scale=call.scale)
 
 
-_SCORE_ENTRIES = 1 << 23  # query-block x key logits formed at once by pooled_query_mass (32 MB)
+_SCORE_ENTRIES = 1 << 23  # query x key logits formed at once by sampled_query_mass (32 MB)
 
 
-def pooled_query_mass(q, k, call: Call, q_block: int, kv_block: int) -> torch.Tensor:
-    """(B, Hq, nQB, nKB) float32: the softmax of each mean-pooled query block over every key it may
-    see (causal: up to its last query), summed per key block, -inf on blocks it may not visit.
-    Unlike :func:`pooled_scores`, a single strong key (a sink, a retrieved fact) is not averaged away
-    inside its block. Costs O(N^2 D / q_block), a chunk of query blocks at a time; GQA without
+def sampled_query_mass(q, k, call: Call, q_block: int, kv_block: int, samples: int) -> torch.Tensor:
+    """(B, Hq, nQB, nKB) float32: for each query block, the exact causal softmax of ``samples`` of
+    its queries (evenly spaced, the last one included; a short last block repeats its queries
+    equally often) over every key they may see, summed per key
+    block and over the samples; -inf on blocks the query block may not visit. Costs
+    ``samples / q_block`` of the dense logits, a chunk of query blocks at a time; GQA without
     copying keys (each key head's query heads are stacked as rows)."""
     B, Hq, G = call.batch, call.heads_q, call.groups
-    nkb = -(-call.len_kv // kv_block)
-    qp = block_means(q, q_block)  # (B, Hq, nQB, D)
-    nqb = qp.shape[2]
-    keys = k.to(qp.dtype)
-    last = last_key_block(call, q_block, 1)  # last visible key per query block (block of 1 = token)
+    nqb, nkb = -(-call.len_q // q_block), -(-call.len_kv // kv_block)
+    r = min(samples, q_block)
+    first = torch.arange(nqb, device=q.device) * q_block
+    last = (first + q_block).clamp(max=call.len_q) - 1
+    rows = last[:, None] - (torch.arange(r, device=q.device) * (last - first + 1)[:, None]) // r  # (nQB, r), spread evenly
+    visible_to = rows + (call.len_kv - call.len_q) if call.causal else torch.full_like(rows, call.len_kv - 1)
+    keys = k.to(torch.float64 if k.dtype == torch.float64 else torch.float32)
     pad = nkb * kv_block - call.len_kv
-    step = max(1, _SCORE_ENTRIES // max(1, B * Hq * call.len_kv))
-    mass = torch.empty(B, Hq, nqb, nkb, dtype=qp.dtype, device=q.device)
+    step = max(1, _SCORE_ENTRIES // max(1, B * Hq * r * call.len_kv))
+    mass = torch.empty(B, Hq, nqb, nkb, dtype=keys.dtype, device=q.device)
     for a in range(0, nqb, step):
         c = min(step, nqb - a)
-        rows = qp[:, :, a : a + c].reshape(B, Hq // G, G * c, -1)
-        logits = (rows @ keys.transpose(-1, -2)).mul_(call.scale).view(B, Hq, c, call.len_kv)
-        if call.causal:
-            hidden = torch.arange(call.len_kv, device=q.device)[None, :] > last[a : a + c, None]
-            logits.masked_fill_(hidden, float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
-        mass[:, :, a : a + c] = F.pad(probs, (0, pad)).view(B, Hq, c, nkb, kv_block).sum(-1)
+        picked = q[:, :, rows[a : a + c].flatten()].to(keys.dtype).reshape(B, Hq // G, G * c * r, -1)
+        logits = (picked @ keys.transpose(-1, -2)).mul_(call.scale).view(B, Hq, c * r, call.len_kv)
+        hidden = torch.arange(call.len_kv, device=q.device)[None, :] > visible_to[a : a + c].flatten()[:, None]
+        probs = torch.softmax(logits.masked_fill_(hidden, float("-inf")), dim=-1).nan_to_num_(0.0)
+        mass[:, :, a : a + c] = F.pad(probs, (0, pad)).view(B, Hq, c, r, nkb, kv_block).sum((3, 5))
     return mass.masked_fill_(~allowed_blocks(call, q_block, kv_block), float("-inf"))
 
 

@@ -33,7 +33,7 @@ def test_bounds_the_methods_and_coarser_supports(rng):
     """The token-level bound is exact (each head's top entries), so no support of the same density,
     block-made or a method's, keeps more."""
     q, k, v = qkv(rng, B=1, Hq=4, Hkv=2, Nq=256, D=16)
-    method = attnzoo.get_method("block_sparse", top_k=3, block_size=16, estimator="pooled_q")
+    method = attnzoo.get_method("block_sparse", top_k=3, block_size=16, estimator="sampled_q")
     support = method.support(q, k, v, causal=True, scale=0.25)
     density = float((support & causal_mask(256, 256)).sum()) / (4 * 256 * 257 / 2)
     achieved = attention_recall(q, k, support, causal=True, scale=0.25)

@@ -17,7 +17,7 @@ from attnzoo.kernels.dense import sdpa
 CASES = [
     ("vertical_slash", dict(vertical_blocks=2, slash_blocks=2, block_size=16, last_q=16), dict(vertical_blocks=6, slash_blocks=1, block_size=16)),
     ("block_sparse", dict(top_k=2, block_size=16), dict(top_k=6, block_size=16)),
-    ("block_sparse", dict(top_k=2, block_size=16, estimator="pooled_q"), dict(top_k=6, block_size=16, estimator="pooled_q")),
+    ("block_sparse", dict(top_k=2, block_size=16, estimator="sampled_q"), dict(top_k=6, block_size=16, estimator="sampled_q")),
     ("hip", dict(top_k=2, block_size=16), dict(top_k=6, block_size=16)),
     ("biformer", dict(n_win=6, topk=2), dict(n_win=6, topk=6)),
     ("routing", dict(num_clusters=3, block_size=16), dict(num_clusters=1, block_size=16)),
@@ -25,7 +25,7 @@ CASES = [
 CASE_IDS = [name + "".join(f"-{cfg[o]}" for o in ("estimator",) if o in cfg) for name, cfg, _ in CASES]
 CLAMPED = [c for c in CASES if c[0] != "routing"]  # routing's budget is a cluster count: 1 is dense
 CLAMPED_IDS = [i for i, c in zip(CASE_IDS, CASES) if c in CLAMPED]
-PREFIX_INVARIANT = ["block_sparse", "block_sparse-pooled_q", "hip"]
+PREFIX_INVARIANT = ["block_sparse", "block_sparse-sampled_q", "hip"]
 
 
 def modes(m):
@@ -126,12 +126,27 @@ def test_bad_options_name_the_argument(name):
             attnzoo.get_method(name, **{option: 0})
 
 
+@pytest.mark.parametrize("name,cfg", [
+    ("block_sparse", dict(top_k=4)), ("block_sparse", dict(top_k=4, estimator="sampled_q")),
+    ("hip", dict(top_k=1)), ("vertical_slash", dict(vertical_blocks=1, slash_blocks=3)),
+])
+def test_local_blocks_are_always_visited(name, cfg, rng):
+    """Whatever the content, a causal query block visits its diagonal block, block 0 and the
+    ``local_blocks`` blocks before the diagonal."""
+    q, k, v = qkv(rng, B=1, Hq=2, Hkv=1, Nq=160, D=8)
+    layout = attnzoo.get_method(name, block_size=16, local_blocks=2, **cfg).selection(q, k, v, causal=True)
+    for h in range(2):
+        for qb in range(10):
+            visited = set(layout.kv_indices[0, h, qb, : int(layout.kv_counts[0, h, qb])].tolist())
+            assert {0, *range(max(0, qb - 2), qb + 1)} <= visited, (name, h, qb, visited, rng.initial_seed())
+
+
 def test_block_sparse_estimator_is_checked():
     with pytest.raises(InvalidArgumentError, match="estimator"):
         attnzoo.get_method("block_sparse", estimator="max")
 
 
-def test_pooled_q_finds_a_strong_key_that_key_pooling_hides(rng):
+def test_sampled_q_finds_a_strong_key_that_key_pooling_hides(rng):
     """One key aligned with every query inside a block of keys pointing the other way: the block's
     mean key scores low, but the softmax mass of the pooled query lands on it."""
     q, k, v = qkv(rng, B=1, Hq=1, Hkv=1, Nq=128, D=16)
@@ -141,10 +156,30 @@ def test_pooled_q_finds_a_strong_key_that_key_pooling_hides(rng):
     k[0, 0, 64:80] = -direction * 2  # key block 4 (of 16 tokens), mostly against the queries
     k[0, 0, 70] = direction * 6  # ... but with one strong key
     picks = {}
-    for estimator in ("pooled_qk", "pooled_q"):
-        layout = attnzoo.get_method("block_sparse", top_k=3, block_size=16, estimator=estimator).selection(q, k, v, causal=True)
+    for estimator in ("pooled_qk", "sampled_q"):
+        layout = attnzoo.get_method("block_sparse", top_k=3, block_size=16, local_blocks=0, estimator=estimator).selection(q, k, v, causal=True)
         picks[estimator] = set(layout.kv_indices[0, 0, -1, : int(layout.kv_counts[0, 0, -1])].tolist())
-    assert 4 in picks["pooled_q"] and 4 not in picks["pooled_qk"], (picks, rng.initial_seed())
+    assert 4 in picks["sampled_q"] and 4 not in picks["pooled_qk"], (picks, rng.initial_seed())
+
+
+@pytest.mark.parametrize("nq", [64, 50])
+def test_sampled_q_with_every_query_sampled_is_the_exact_block_mass(nq, rng):
+    """samples = block_size: the estimate is the exact causal attention mass per (query block, key
+    block) tile, GQA and bottom-right aligned cross lengths included."""
+    from attnzoo.selection import sampled_query_mass
+    q, k, v = qkv(rng, B=2, Hq=4, Hkv=2, Nq=nq, Nk=64, D=8)
+    m = attnzoo.get_method("block_sparse", block_size=16)
+    call = m._prepare(q, k, v, True, None)
+    got = sampled_query_mass(q, k, call, 16, 16, samples=16)
+    probs = torch.softmax((q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 8 ** -0.5).masked_fill(
+        ~torch.ones(64, 64, dtype=torch.bool).tril()[64 - nq :], float("-inf")), -1)
+    rows = torch.nn.functional.pad(probs, (0, 0, 0, -nq % 16)).unflatten(2, (-1, 16)).sum(3)
+    want = rows.unflatten(-1, (4, 16)).sum(-1)
+    want[:, :, nq // 16 :] *= 16 // (nq % 16 or 16)  # a short last block samples each query equally often
+    visible = torch.isfinite(got)
+    assert torch.allclose(got[visible], want[visible], atol=1e-5), rng.initial_seed()
+    assert nq < 64 or not visible[:, :, 0, 1:].any()  # self-attention: the first query block sees key block 0 only
+
 
 
 def test_biformer_routes_regions_of_a_2d_grid(rng):

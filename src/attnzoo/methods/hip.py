@@ -7,7 +7,7 @@ import torch
 from ..kernels.dense import repeat_kv
 from ..method import Call, MethodInfo
 from ..registry import register
-from ..selection import BlockSelectionMethod, TopKConfig, block_means, clamp_budget, last_key_block, unique_blocks
+from ..selection import BlockSelectionMethod, TopKConfig, block_means, clamp_budget, forced_blocks, last_key_block, unique_blocks
 
 
 _QUERY_CHUNK = 256  # query blocks searched at once: the gathered representatives stay in cache
@@ -21,7 +21,8 @@ class HiP(BlockSelectionMethod):
     (every block is in one, so none is unreachable); each step halves every range, scores each half
     by the pooled query against the pooled key of the half's middle block (attention locality: one
     representative per branch) and keeps the ``top_k`` best halves, until every range is one block.
-    The first block (attention sinks) and, when causal, the diagonal block are always visited.
+    The first block (attention sinks) and, when causal, the diagonal block and the ``local_blocks``
+    before it are always visited, besides the ``top_k`` found.
     q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv). Selection O((N / b) k log(N / b) D), i.e.
     O(N log N); attention O(N k b D). ``top_k`` above the number of key blocks is clamped
     (warning)."""
@@ -51,8 +52,7 @@ class HiP(BlockSelectionMethod):
             self._search(qp[:, :, a : a + _QUERY_CHUNK], flat_keys, rows, bounds[a : a + _QUERY_CHUNK], top_k, nkb)
             for a in range(0, qp.shape[2], _QUERY_CHUNK)
         ], dim=2)
-        forced = torch.stack([torch.zeros_like(diag), diag], -1).expand(*chosen.shape[:2], -1, -1)
-        forced = torch.where(forced <= diag[:, None], forced, -1)
+        forced = forced_blocks(call, b, self.config.local_blocks).expand(*chosen.shape[:2], -1, -1)
         return unique_blocks(torch.cat([chosen, forced], -1))
 
     @staticmethod

@@ -22,8 +22,8 @@ class VerticalSlash(BlockSelectionMethod):
     gives vertical scores, summing it along diagonals (offset = query position - key position)
     gives slash scores. Every query block then visits the ``vertical_blocks`` key blocks with the
     most vertical mass (block 0, the attention sinks, always) and, along the ``slash_blocks`` block
-    diagonals with the most slash mass (its own diagonal block always), the key block at that
-    distance; a token diagonal counts for both block diagonals it crosses. Causal only, like the
+    diagonals with the most slash mass (its own diagonal block and the ``local_blocks`` before it
+    always, as MInference always keeps the nearest diagonals), the key block at that distance; a token diagonal counts for both block diagonals it crosses. Causal only, like the
     paper. q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv). Selection O(last_q N D), attention
     O(N (v + s) b D). Budgets above the number of key blocks are clamped (warning)."""
 
@@ -40,12 +40,14 @@ class VerticalSlash(BlockSelectionMethod):
         slash_blocks: int = 4
         last_q: int = 64
         block_size: int = 64
+        local_blocks: int = 1
 
         def __post_init__(self):
             self.vertical_blocks = check_int("vertical_blocks", self.vertical_blocks)
             self.slash_blocks = check_int("slash_blocks", self.slash_blocks)
             self.last_q = check_int("last_q", self.last_q)
             self.block_size = check_int("block_size", self.block_size, minimum=2)
+            self.local_blocks = check_int("local_blocks", self.local_blocks, minimum=0)
 
     def estimate(self, q, k, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
         """Vertical (B, Hq, Nk) and slash (B, Hq, Nk, by offset) attention mass of the last queries."""
@@ -71,7 +73,7 @@ class VerticalSlash(BlockSelectionMethod):
         s_blocks = s_blocks + torch.nn.functional.pad(s_blocks[..., :-1], (1, 0))  # offsets in [(d-1) b, (d+1) b)
         top = torch.finfo(v_blocks.dtype).max
         v_blocks[..., 0] = top
-        s_blocks[..., 0] = top
+        s_blocks[..., : cfg.local_blocks + 1] = top
         verticals = top_blocks(v_blocks, clamp_budget(self.info.name, "vertical_blocks", cfg.vertical_blocks, nkb))
         slashes = top_blocks(s_blocks, clamp_budget(self.info.name, "slash_blocks", cfg.slash_blocks, nkb))
         diag = last_key_block(call, b, b)  # (nQB,)
