@@ -1,11 +1,13 @@
 """Quality of the dynamic methods on SmolLM2-135M (offline; needs the [models] extra and the model files).
 
-    python benchmarks/dynamic_quality.py recall      [--tokens 4096] [--layers 0 5 10 ...]
+    python benchmarks/dynamic_quality.py recall      [--tokens 4096] [--layers 0 5 10 ...] [--density 0.1]
     python benchmarks/dynamic_quality.py perplexity  [--tokens 4096]
     python benchmarks/dynamic_quality.py passkey     [--tokens 7168] [--n 3]
 
 ``recall``: on q/k/v captured from the model (post-RoPE), each method's density actually used,
-recall of the exact attention mass and relative output error, averaged over layers and heads.
+recall of the exact attention mass and relative output error, averaged over layers and heads; and
+the bound: the most mass any support of ``--density`` keeps, made of b x b tiles (what a selection
+with b-token blocks could reach if it knew the exact attention) or of single entries.
 ``perplexity``: the patched model's perplexity on the first ``--tokens`` tokens of the English text
 against dense. ``passkey``: exact-match passkey retrieval at about ``--tokens`` tokens.
 """
@@ -25,24 +27,30 @@ from attnzoo import models
 from attnzoo.kernels.dense import sdpa
 from attnzoo.search import head_scores
 
-RECALL_CASES = [
+RECALL_CASES = [  # each at <= 10% density on 4K tokens
     ("streaming", dict(sinks=64, window=140)),
-    ("vertical_slash", dict(vertical_blocks=2, slash_blocks=4, block_size=32)),
-    ("vertical_slash", dict(vertical_blocks=1, slash_blocks=2, block_size=64)),
-    ("block_sparse", dict(top_k=6, block_size=32)),
-    ("block_sparse", dict(top_k=3, block_size=64)),
-    ("hip", dict(top_k=5, block_size=32)),
-    ("hip", dict(top_k=2, block_size=64)),
+    ("vertical_slash", dict(vertical_blocks=4, slash_blocks=7, block_size=32)),
+    ("vertical_slash", dict(vertical_blocks=8, slash_blocks=16, block_size=16)),
+    ("block_sparse", dict(top_k=7, block_size=32)),
+    ("block_sparse", dict(top_k=7, block_size=32, estimator="pooled_q")),
+    ("block_sparse", dict(top_k=13, block_size=16, estimator="pooled_q")),
+    ("hip", dict(top_k=6, block_size=32)),
+    ("hip", dict(top_k=12, block_size=16)),
 ]
-PPL_CASES = [
-    ("vertical_slash", dict(vertical_blocks=6, slash_blocks=12, block_size=32)),
-    ("block_sparse", dict(top_k=12, block_size=32)),
-    ("hip", dict(top_k=12, block_size=32)),
+ORACLE_BLOCKS = [64, 32, 16, None]  # None: single entries
+PPL_CASES = [  # each at <= 15% density on 4K tokens
+    ("vertical_slash", dict(vertical_blocks=6, slash_blocks=10, block_size=32)),
+    ("block_sparse", dict(top_k=20, block_size=16)),
+    ("block_sparse", dict(top_k=20, block_size=16, estimator="sampled_q")),
+    ("hip", dict(top_k=17, block_size=16)),
+    ("hip", dict(top_k=17, block_size=16, query_samples=4)),
     ("streaming", dict(sinks=64, window=256)),
 ]
 PASSKEY_CASES = [
-    ("vertical_slash", dict(vertical_blocks=6, slash_blocks=12, block_size=32)),
-    ("hip", dict(top_k=12, block_size=32)),
+    ("vertical_slash", dict(vertical_blocks=6, slash_blocks=10, block_size=32)),
+    ("block_sparse", dict(top_k=20, block_size=16, estimator="sampled_q")),
+    ("hip", dict(top_k=17, block_size=16, query_samples=4)),
+    ("hip", dict(top_k=17, block_size=16)),
     ("streaming", dict(sinks=64, window=256)),
 ]
 
@@ -62,6 +70,12 @@ def recall(a, model, tokenizer) -> None:
     for (name, cfg), r, d, e in zip(RECALL_CASES, recalls, densities, errors):
         print(f"{name:15s} density {statistics.mean(d):.3f}  recall {statistics.mean(r):.3f} (worst layer {min(r):.3f})  "
               f"rel. error {statistics.mean(e):.3f}  {cfg}", flush=True)
+    for block in ORACLE_BLOCKS:
+        kept = [float(ev.oracle_recall(c.q, c.k, causal=c.causal, scale=c.scale, density=a.density, block_size=block).mean())
+                for c in captured.values()]
+        tiles = "single entries" if block is None else f"{block}x{block} tiles"
+        print(f"{'bound':15s} density {a.density:.3f}  recall {statistics.mean(kept):.3f} (worst layer {min(kept):.3f})  "
+              f"best support of {tiles}", flush=True)
 
 
 def perplexity(a, model, tokenizer) -> None:
@@ -99,6 +113,7 @@ def main() -> None:
     p.add_argument("what", choices=["recall", "perplexity", "passkey"])
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--layers", type=int, nargs="+", default=None)
+    p.add_argument("--density", type=float, default=0.1, help="recall: density of the bound")
     p.add_argument("--n", type=int, default=3)
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.35, 0.65, 0.9])
     p.add_argument("--skip-dense", action="store_true", help="passkey: do not run the dense baseline")

@@ -3,7 +3,7 @@
     python benchmarks/dynamic_speed.py speed [--n 16384] [--heads 8] [--dim 64] [--threads 2] [--repeats 3]
     python benchmarks/dynamic_speed.py hip-scaling [--lengths 4096 8192 16384 32768 65536]
 
-``speed``: causal float32, vertical_slash and block_sparse at about 5% density (and hip), medians of
+``speed``: causal float32, vertical_slash, block_sparse and hip at about 5% density, medians of
 ``--repeats`` calls through ``attnzoo.get_method`` with ``return_stats=True`` (density actually used,
 selection and attention time). ``hip-scaling``: hip's selection time per length and its ratio to
 N log2 N (flat when the selection is O(N log N)). Timings on a shared machine are noisy: compare
@@ -22,10 +22,12 @@ import torch.nn.functional as F
 
 import attnzoo
 
-SPEED_CASES = [
+SPEED_CASES = [  # about 5% density at N = 16,384 with 64-token blocks
     ("vertical_slash", dict(vertical_blocks=5, slash_blocks=6)),
     ("block_sparse", dict(top_k=6)),
+    ("block_sparse", dict(top_k=6, estimator="sampled_q")),
     ("hip", dict(top_k=5)),
+    ("hip", dict(top_k=5, query_samples=4)),
 ]
 
 
@@ -60,13 +62,14 @@ def speed(a) -> None:
 
 
 def hip_scaling(a) -> None:
-    method = attnzoo.get_method("hip", top_k=8)
     print(f"hip selection time, causal float32 H={a.heads} D={a.dim}, {a.threads} threads, medians of {a.repeats}")
-    for n in a.lengths:
-        q, k, v = inputs(n, a.heads, a.dim)
-        call = method._prepare(q, k, v, True, None)
-        t, _ = timed(lambda: method._layout(q, k, call), a.repeats)
-        print(f"N={n:6d}  selection {t * 1e3:8.1f} ms  per N log2 N {t * 1e9 / (n * math.log2(n)):6.2f} ns")
+    for cfg in (dict(top_k=8), dict(top_k=8, query_samples=4)):
+        method = attnzoo.get_method("hip", **cfg)
+        for n in a.lengths:
+            q, k, v = inputs(n, a.heads, a.dim)
+            call = method._prepare(q, k, v, True, None)
+            t, _ = timed(lambda: method._layout(q, k, call), a.repeats)
+            print(f"N={n:6d}  selection {t * 1e3:8.1f} ms  per N log2 N {t * 1e9 / (n * math.log2(n)):6.2f} ns  {cfg}")
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ def candidates(budget: float, tokens: int, block_size: int = 64) -> list[dict[st
     specs = [
         {"method": "streaming", "config": {"sinks": min(64, keys // 2), "window": keys - min(64, keys // 2)}},
         {"method": "block_sparse", "config": {"top_k": per_row, "block_size": block_size}},
+        {"method": "block_sparse", "config": {"top_k": per_row, "block_size": block_size, "estimator": "sampled_q"}},
     ]
     for vertical in sorted({1, max(1, per_row // 2), max(1, per_row - 1)}):
         slash = max(1, per_row - vertical)

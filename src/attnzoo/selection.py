@@ -207,6 +207,15 @@ class BlockSelectionMethod(Method):
 _SCORE_ENTRIES = 1 << 23  # query x key logits formed at once by sampled_query_mass (32 MB)
 
 
+def sample_rows(call: Call, q_block: int, samples: int) -> torch.Tensor:
+    """(nQB, min(samples, q_block)) query positions per query block, evenly spaced and ending at its
+    last query; a short last block repeats its queries equally often."""
+    r = min(samples, q_block)
+    first = torch.arange(-(-call.len_q // q_block), device=call.device) * q_block
+    last = (first + q_block).clamp(max=call.len_q) - 1
+    return last[:, None] - (torch.arange(r, device=call.device) * (last - first + 1)[:, None]) // r
+
+
 def sampled_query_mass(q, k, call: Call, q_block: int, kv_block: int, samples: int) -> torch.Tensor:
     """(B, Hq, nQB, nKB) float32: for each query block, the exact causal softmax of ``samples`` of
     its queries (evenly spaced, the last one included; a short last block repeats its queries
@@ -216,10 +225,8 @@ def sampled_query_mass(q, k, call: Call, q_block: int, kv_block: int, samples: i
     copying keys (each key head's query heads are stacked as rows)."""
     B, Hq, G = call.batch, call.heads_q, call.groups
     nqb, nkb = -(-call.len_q // q_block), -(-call.len_kv // kv_block)
-    r = min(samples, q_block)
-    first = torch.arange(nqb, device=q.device) * q_block
-    last = (first + q_block).clamp(max=call.len_q) - 1
-    rows = last[:, None] - (torch.arange(r, device=q.device) * (last - first + 1)[:, None]) // r  # (nQB, r), spread evenly
+    rows = sample_rows(call, q_block, samples)
+    r = rows.shape[1]
     visible_to = rows + (call.len_kv - call.len_q) if call.causal else torch.full_like(rows, call.len_kv - 1)
     keys = k.to(torch.float64 if k.dtype == torch.float64 else torch.float32)
     pad = nkb * kv_block - call.len_kv

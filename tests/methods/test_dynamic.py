@@ -19,13 +19,14 @@ CASES = [
     ("block_sparse", dict(top_k=2, block_size=16), dict(top_k=6, block_size=16)),
     ("block_sparse", dict(top_k=2, block_size=16, estimator="sampled_q"), dict(top_k=6, block_size=16, estimator="sampled_q")),
     ("hip", dict(top_k=2, block_size=16), dict(top_k=6, block_size=16)),
+    ("hip", dict(top_k=2, block_size=16, query_samples=4), dict(top_k=6, block_size=16, query_samples=4)),
     ("biformer", dict(n_win=6, topk=2), dict(n_win=6, topk=6)),
     ("routing", dict(num_clusters=3, block_size=16), dict(num_clusters=1, block_size=16)),
 ]
-CASE_IDS = [name + "".join(f"-{cfg[o]}" for o in ("estimator",) if o in cfg) for name, cfg, _ in CASES]
+CASE_IDS = [name + "".join(f"-{cfg[o]}" for o in ("estimator", "query_samples") if o in cfg) for name, cfg, _ in CASES]
 CLAMPED = [c for c in CASES if c[0] != "routing"]  # routing's budget is a cluster count: 1 is dense
 CLAMPED_IDS = [i for i, c in zip(CASE_IDS, CASES) if c in CLAMPED]
-PREFIX_INVARIANT = ["block_sparse", "block_sparse-sampled_q", "hip"]
+PREFIX_INVARIANT = ["block_sparse", "block_sparse-sampled_q", "hip", "hip-4"]
 
 
 def modes(m):
@@ -128,7 +129,7 @@ def test_bad_options_name_the_argument(name):
 
 @pytest.mark.parametrize("name,cfg", [
     ("block_sparse", dict(top_k=4)), ("block_sparse", dict(top_k=4, estimator="sampled_q")),
-    ("hip", dict(top_k=1)), ("vertical_slash", dict(vertical_blocks=1, slash_blocks=3)),
+    ("hip", dict(top_k=1)), ("hip", dict(top_k=1, query_samples=2)), ("vertical_slash", dict(vertical_blocks=1, slash_blocks=3)),
 ])
 def test_local_blocks_are_always_visited(name, cfg, rng):
     """Whatever the content, a causal query block visits its diagonal block, block 0 and the
