@@ -30,12 +30,12 @@ from attnzoo.search import head_scores
 RECALL_CASES = [  # each at <= 10% density on 4K tokens
     ("streaming", dict(sinks=64, window=140)),
     ("vertical_slash", dict(vertical_blocks=4, slash_blocks=7, block_size=32)),
-    ("vertical_slash", dict(vertical_blocks=8, slash_blocks=16, block_size=16)),
+    ("vertical_slash", dict(vertical_blocks=8, slash_blocks=14, block_size=16)),
     ("block_sparse", dict(top_k=7, block_size=32)),
-    ("block_sparse", dict(top_k=7, block_size=32, estimator="pooled_q")),
-    ("block_sparse", dict(top_k=13, block_size=16, estimator="pooled_q")),
-    ("hip", dict(top_k=6, block_size=32)),
-    ("hip", dict(top_k=12, block_size=16)),
+    ("block_sparse", dict(top_k=13, block_size=16)),
+    ("block_sparse", dict(top_k=13, block_size=16, estimator="sampled_q")),
+    ("hip", dict(top_k=11, block_size=16)),
+    ("hip", dict(top_k=11, block_size=16, query_samples=4)),
 ]
 ORACLE_BLOCKS = [64, 32, 16, None]  # None: single entries
 PPL_CASES = [  # each at <= 15% density on 4K tokens

@@ -24,6 +24,7 @@ import attnzoo
 
 SPEED_CASES = [  # about 5% density at N = 16,384 with 64-token blocks
     ("vertical_slash", dict(vertical_blocks=5, slash_blocks=6)),
+    ("vertical_slash", dict(vertical_blocks=5, slash_blocks=5)),
     ("block_sparse", dict(top_k=6)),
     ("block_sparse", dict(top_k=6, estimator="sampled_q")),
     ("hip", dict(top_k=5)),

@@ -17,7 +17,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .errors import InvalidArgumentError, check_int
 from .kernels.block_sparse import BACKENDS, BlockLayout, CausalMask, block_sparse_attention, choose_backend
@@ -219,26 +218,34 @@ def sample_rows(call: Call, q_block: int, samples: int) -> torch.Tensor:
 def sampled_query_mass(q, k, call: Call, q_block: int, kv_block: int, samples: int) -> torch.Tensor:
     """(B, Hq, nQB, nKB) float32: for each query block, the exact causal softmax of ``samples`` of
     its queries (evenly spaced, the last one included; a short last block repeats its queries
-    equally often) over every key they may see, summed per key
-    block and over the samples; -inf on blocks the query block may not visit. Costs
-    ``samples / q_block`` of the dense logits, a chunk of query blocks at a time; GQA without
-    copying keys (each key head's query heads are stacked as rows)."""
+    equally often) over every key they may see, summed per key block and over the samples; -inf on
+    blocks the query block may not visit. Costs ``samples / q_block`` of the dense logits (half of
+    that when causal), a chunk of query blocks at a time; GQA without copying keys (each key head's
+    query heads are stacked as rows)."""
     B, Hq, G = call.batch, call.heads_q, call.groups
     nqb, nkb = -(-call.len_q // q_block), -(-call.len_kv // kv_block)
     rows = sample_rows(call, q_block, samples)
     r = rows.shape[1]
     visible_to = rows + (call.len_kv - call.len_q) if call.causal else torch.full_like(rows, call.len_kv - 1)
     keys = k.to(torch.float64 if k.dtype == torch.float64 else torch.float32)
-    pad = nkb * kv_block - call.len_kv
     step = max(1, _SCORE_ENTRIES // max(1, B * Hq * r * call.len_kv))
-    mass = torch.empty(B, Hq, nqb, nkb, dtype=keys.dtype, device=q.device)
+    mass = torch.zeros(B, Hq, nqb, nkb, dtype=keys.dtype, device=q.device)
     for a in range(0, nqb, step):
         c = min(step, nqb - a)
+        sees = visible_to[a : a + c].flatten()
+        seen = min(int(sees.max()) + 1, call.len_kv)  # keys beyond every row of the chunk are skipped
+        if seen <= 0:
+            continue
         picked = q[:, :, rows[a : a + c].flatten()].to(keys.dtype).reshape(B, Hq // G, G * c * r, -1)
-        logits = (picked @ keys.transpose(-1, -2)).mul_(call.scale).view(B, Hq, c * r, call.len_kv)
-        hidden = torch.arange(call.len_kv, device=q.device)[None, :] > visible_to[a : a + c].flatten()[:, None]
-        probs = torch.softmax(logits.masked_fill_(hidden, float("-inf")), dim=-1).nan_to_num_(0.0)
-        mass[:, :, a : a + c] = F.pad(probs, (0, pad)).view(B, Hq, c, r, nkb, kv_block).sum((3, 5))
+        logits = (picked @ keys[:, :, :seen].transpose(-1, -2)).mul_(call.scale).view(B, Hq, c * r, seen)
+        logits.masked_fill_(torch.arange(seen, device=q.device)[None, :] > sees[:, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).view(B, Hq, c, r, seen)
+        if bool((sees < 0).any()):  # rows that see no key (causal cross attention, Nk < Nq)
+            probs = probs.nan_to_num(0.0)
+        full = seen // kv_block
+        mass[:, :, a : a + c, :full] = probs[..., : full * kv_block].unflatten(-1, (full, kv_block)).sum((3, 5))
+        if seen % kv_block:
+            mass[:, :, a : a + c, full] = probs[..., full * kv_block :].sum((3, 4))
     return mass.masked_fill_(~allowed_blocks(call, q_block, kv_block), float("-inf"))
 
 

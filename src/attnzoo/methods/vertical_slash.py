@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import check_int
-from ..kernels.dense import attention_scores, causal_mask
+from ..kernels.dense import causal_mask
 from ..method import Call, MethodInfo
 from ..registry import register
 from ..selection import BlockSelectionMethod, clamp_budget, last_key_block, top_blocks, unique_blocks
@@ -52,16 +52,23 @@ class VerticalSlash(BlockSelectionMethod):
     def estimate(self, q, k, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
         """Vertical (B, Hq, Nk) and slash (B, Hq, Nk, by offset) attention mass of the last queries."""
         n = min(self.config.last_q, call.len_q)
-        scores = attention_scores(q[:, :, -n:], k, scale=call.scale)
-        visible = causal_mask(n, call.len_kv, q.device)
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num_(0.0)
-        # diagonal d holds key p - d of the query at position p: reverse keys and rows, so row r
-        # (position Nk - 1 - r) needs columns r + d, and read the rows skewed by one per row
-        B, H, _, Nk = probs.shape
-        skewed = torch.nn.functional.pad(probs.flip(-1).flip(-2), (0, n)).contiguous()
+        B, Hq, G, Nk = call.batch, call.heads_q, call.groups, call.len_kv
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        rows = (q[:, :, -n:].to(work) * call.scale).reshape(B, Hq // G, G * n, -1)  # GQA as extra rows
+        scores = (rows @ k.to(work).transpose(-1, -2)).view(B, Hq, n, Nk)
+        first = max(0, Nk - n)  # only the last n key columns hold future keys of these queries
+        scores[..., first:].masked_fill_(~causal_mask(n, Nk, q.device)[:, first:], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        if n > Nk:  # bottom-right aligned queries that see no key
+            probs = probs.nan_to_num(0.0)
+        # slash mass at offset d sums the key p - d of each query position p = Nk - n + r: with the
+        # keys shifted right by n, that is column r + Nk - d of row r, a strided diagonal read
         width = Nk + n
-        slash = skewed.as_strided((B, H, n, Nk), (H * n * width, n * width, width + 1, 1)).sum(2)
-        return probs.sum(2), slash
+        shifted = probs.new_empty(B, Hq, n, width)
+        shifted[..., :n] = 0
+        shifted[..., n:] = probs
+        by_reversed_offset = shifted.as_strided((B, Hq, n, Nk), (Hq * n * width, n * width, width + 1, 1), 1).sum(2)
+        return probs.sum(2), by_reversed_offset.flip(-1)
 
     def _select(self, q, k, call: Call) -> torch.Tensor:
         cfg, b = self.config, self.config.block_size
