@@ -42,6 +42,7 @@ PPL_CASES = [  # each at <= 15% density on 4K tokens
     ("vertical_slash", dict(vertical_blocks=6, slash_blocks=10, block_size=32)),
     ("block_sparse", dict(top_k=20, block_size=16)),
     ("block_sparse", dict(top_k=20, block_size=16, estimator="sampled_q")),
+    ("block_sparse", dict(top_k=20, block_size=16, estimator="sampled_q", samples=16)),  # every query: exact block mass
     ("hip", dict(top_k=17, block_size=16)),
     ("hip", dict(top_k=17, block_size=16, query_samples=4)),
     ("streaming", dict(sinks=64, window=256)),
