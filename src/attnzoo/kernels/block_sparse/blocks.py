@@ -86,7 +86,8 @@ def _tile_masks(layout: BlockLayout, bl: int, hl: int, qb: torch.Tensor, kb: tor
 
 
 def _classify(layout: BlockLayout, bl: int, hl: int, qb: torch.Tensor, kb: torch.Tensor):
-    """Per listed tile: full (bool), empty (bool), and the token masks of the partial ones."""
+    """Per listed tile: full (bool), empty (bool); then the distinct token masks of the partial
+    tiles (m, bq, bk), each partial tile's mask index (p,), and one partial tile per mask (m,)."""
     bq, bk = layout.q_block, layout.kv_block
     first = qb * bq
     last = ((qb + 1) * bq).clamp(max=layout.num_q) - 1
@@ -101,8 +102,15 @@ def _classify(layout: BlockLayout, bl: int, hl: int, qb: torch.Tensor, kb: torch
             full = (hi <= first + mm.offset) & ~ragged
             empty = lo > last + mm.offset
         partial = ~full & ~empty
-        masks = _tile_masks(layout, bl, hl, qb[partial], kb[partial])
-        return full, empty, masks
+        # a partial tile's mask depends only on the diagonal's shift and the real rows and columns
+        shift = (lo - first - mm.offset) if mm is not None else torch.zeros_like(lo)
+        sig = torch.stack([shift, last - first, hi - lo], 1)[partial]
+        _, inverse = torch.unique(sig, dim=0, return_inverse=True)
+        count = int(inverse.max()) + 1 if inverse.numel() else 0
+        order = torch.arange(inverse.numel(), device=qb.device)
+        rep = torch.full((count,), inverse.numel(), device=qb.device).scatter_reduce_(0, inverse, order, "amin")
+        masks = _tile_masks(layout, bl, hl, qb[partial][rep], kb[partial][rep])
+        return full, empty, masks, inverse, rep
     full = torch.empty_like(ragged)
     empty = torch.empty_like(ragged)
     kept = [torch.zeros(0, bq, layout.kv_block, dtype=torch.bool, device=qb.device)]  # an entry may list no tile
@@ -113,22 +121,25 @@ def _classify(layout: BlockLayout, bl: int, hl: int, qb: torch.Tensor, kb: torch
         full[part] = (m | pad_rows[:, :, None]).flatten(1).all(-1)  # padding columns are False
         empty[part] = ~m.flatten(1).any(-1)
         kept.append(m[~full[part] & ~empty[part]])
-    return full, empty, torch.cat(kept)
+    masks = torch.cat(kept)
+    each = torch.arange(masks.shape[0], device=qb.device)
+    return full, empty, masks, each, each
 
 
 def _tiles(layout: BlockLayout, bl: int, hl: int):
     """Listed tiles of one layout entry, classified: query and key block ids, full, partial, the
-    partial tiles' token masks, and the allowed-entry count."""
+    distinct token masks of the partial tiles and each partial tile's mask index, and the
+    allowed-entry count."""
     bq, bk = layout.q_block, layout.kv_block
     valid = layout.slot_valid()[bl, hl]
     slot_q = torch.arange(layout.num_q_blocks, device=layout.device)[:, None].expand_as(valid)[valid]
     slot_k = layout.kv_indices[bl, hl][valid]
-    full, empty, masks = _classify(layout, bl, hl, slot_q, slot_k)
+    full, empty, masks, inverse, rep = _classify(layout, bl, hl, slot_q, slot_k)
     rows_real = ((slot_q + 1) * bq).clamp(max=layout.num_q) - slot_q * bq
-    allowed = int((rows_real[full] * bk).sum()) + int(masks.sum())
+    allowed = int((rows_real[full] * bk).sum()) + int(masks.flatten(1).sum(1)[inverse].sum())
     partial = ~full & ~empty
-    pad_rows = torch.arange(bq, device=layout.device)[None, :] >= rows_real[partial][:, None]
-    return slot_q, slot_k, full, partial, masks | pad_rows[:, :, None], allowed
+    pad_rows = torch.arange(bq, device=layout.device)[None, :] >= rows_real[partial][rep][:, None]
+    return slot_q, slot_k, full, partial, masks | pad_rows[:, :, None], inverse, allowed
 
 
 def _signatures(nqb: int, slot_q, slot_k, full, partial, classes) -> dict[tuple, tuple[list[int], list[list[int]]]]:
@@ -160,7 +171,7 @@ def _plan(layout: BlockLayout, dtype: torch.dtype) -> _Plan:
     Bl, Hl = layout.kv_indices.shape[:2]
     entries = [(bl, hl, *_tiles(layout, bl, hl)) for bl in range(Bl) for hl in range(Hl)]
     # one class per distinct partial tile mask, over all entries
-    every = torch.cat([e[6].flatten(1) for e in entries])
+    every = torch.cat([e[6].flatten(1) for e in entries])  # each entry's distinct masks
     if every.shape[0]:
         class_masks, class_ids = torch.unique(every, dim=0, return_inverse=True)
     else:
@@ -172,8 +183,8 @@ def _plan(layout: BlockLayout, dtype: torch.dtype) -> _Plan:
     computed = [[0] * Hl for _ in range(Bl)]
     merged: dict[tuple, list] = {}
     used = 0
-    for bl, hl, slot_q, slot_k, full, partial, masks, n_allowed in entries:
-        classes, used = class_ids[used : used + masks.shape[0]], used + masks.shape[0]
+    for bl, hl, slot_q, slot_k, full, partial, masks, inverse, n_allowed in entries:
+        classes, used = class_ids[used : used + masks.shape[0]][inverse], used + masks.shape[0]
         allowed[bl][hl] = n_allowed
         for sig, (ids, keys) in _signatures(layout.num_q_blocks, slot_q, slot_k, full, partial, classes).items():
             ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
