@@ -89,6 +89,20 @@ def test_approximation_reports_error_and_recall(rng):
     json.dumps(local.as_dict())
 
 
+def test_approximation_bound_is_the_best_support_of_the_methods_density(rng):
+    data = captured(rng)
+    result = approximation("streaming", data, window=8, sinks=2, bound=True, show_progress=False)
+    method = attnzoo.get_method("streaming", window=8, sinks=2)
+    for row in result.layers:
+        c = data[row.layer]
+        _, stats = method(c.q, c.k, c.v, causal=True, scale=0.25, return_stats=True)
+        assert row.density == pytest.approx(stats.density)
+        want = attnzoo.eval.oracle_recall(c.q, c.k, causal=True, scale=0.25, density=row.density)
+        assert row.bound == pytest.approx(float(want.mean())) and row.bound >= row.recall - 1e-9
+    assert result.as_dict()["mean_bound"] == pytest.approx(sum(r.bound for r in result.layers) / len(result.layers))
+    assert approximation("streaming", data, window=8, sinks=2, show_progress=False).mean_bound is None
+
+
 def test_recall_is_not_applicable_without_sparse_support(rng):
     class Pooled(attnzoo.Method):
         info = MethodInfo(name="pooled_test", title="test", arxiv=None, family=("linear",), causal=True, non_causal=True,

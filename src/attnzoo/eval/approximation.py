@@ -24,12 +24,16 @@ class LayerApproximation:
     """``rel_error``: ||out - exact|| / ||exact|| over the layer's output; ``recall``: the mean over
     queries and heads of the exact attention probability mass on the pairs the method attends to
     (None where the method has no sparse support, e.g. linear or pooled attention);
-    ``recall_per_head``: the same per query head."""
+    ``recall_per_head``: the same per query head; ``density``: the fraction of allowed pairs in the
+    support; ``bound``: with ``approximation(bound=True)``, the most mass any support of that
+    density keeps (:func:`oracle_recall`, single entries)."""
 
     layer: int
     rel_error: float
     recall: float | None
     recall_per_head: list[float] | None
+    density: float | None = None
+    bound: float | None = None
 
 
 @dataclass
@@ -48,8 +52,14 @@ class ApproximationResult:
         values = [r.recall for r in self.layers if r.recall is not None]
         return sum(values) / len(values) if values else None
 
+    @property
+    def mean_bound(self) -> float | None:
+        values = [r.bound for r in self.layers if r.bound is not None]
+        return sum(values) / len(values) if values else None
+
     def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "mean_rel_error": self.mean_rel_error, "mean_recall": self.mean_recall}
+        return {**dataclasses.asdict(self), "mean_rel_error": self.mean_rel_error, "mean_recall": self.mean_recall,
+                "mean_bound": self.mean_bound}
 
 
 @torch.no_grad()
@@ -70,9 +80,12 @@ def attention_recall(q: torch.Tensor, k: torch.Tensor, support: torch.Tensor, *,
 
 
 def approximation(method: str | Method, captured: Mapping[int, CapturedQKV], *, chunk: int = 256, show_progress: bool = True,
-                  on_layer: Callable[[ApproximationResult], None] | None = None, **config: Any) -> ApproximationResult:
+                  on_layer: Callable[[ApproximationResult], None] | None = None, bound: bool = False,
+                  **config: Any) -> ApproximationResult:
     """Run ``method`` (a name configured by ``config``, or a Method) on each captured layer and compare
-    with exact attention. ``on_layer`` sees the partial result after every layer."""
+    with exact attention. ``bound``: also the most mass any support of the method's density keeps
+    on that layer (one head's Nq x Nk probabilities at a time). ``on_layer`` sees the partial
+    result after every layer."""
     m = method if isinstance(method, Method) else get_method(method, **config)
     options = {f.name: getattr(m.config, f.name) for f in dataclasses.fields(m.config)}
     tokens = next(iter(captured.values())).q.shape[2] if captured else 0
@@ -82,9 +95,16 @@ def approximation(method: str | Method, captured: Mapping[int, CapturedQKV], *, 
         out = m(c.q, c.k, c.v, causal=c.causal, scale=c.scale)
         rel = float((out.double() - exact.double()).norm() / exact.double().norm().clamp_min(1e-30))
         support = m.support(c.q, c.k, c.v, causal=c.causal, scale=c.scale)
-        per_head = None if support is None else attention_recall(c.q, c.k, support, causal=c.causal, scale=c.scale, chunk=chunk).tolist()
+        per_head = density = best = None
+        if support is not None:
+            per_head = attention_recall(c.q, c.k, support, causal=c.causal, scale=c.scale, chunk=chunk).tolist()
+            allowed = causal_mask(*support.shape[-2:], support.device) if c.causal else torch.ones_like(support[0, 0])
+            full = support.expand(c.q.shape[0], c.q.shape[1], -1, -1)
+            density = float((full & allowed).sum()) / (float(allowed.sum()) * c.q.shape[0] * c.q.shape[1])
+            if bound and density > 0:
+                best = float(oracle_recall(c.q, c.k, causal=c.causal, scale=c.scale, density=density, chunk=chunk).mean())
         recall = None if per_head is None else sum(per_head) / len(per_head)
-        result.layers.append(LayerApproximation(layer, rel, recall, per_head))
+        result.layers.append(LayerApproximation(layer, rel, recall, per_head, density, best))
         if on_layer is not None:
             on_layer(result)
     return result
@@ -113,16 +133,20 @@ def oracle_recall(q: torch.Tensor, k: torch.Tensor, *, causal: bool, scale: floa
     b x b tiles, picked per head greedily by mass per allowed entry (no selection with b-token
     blocks does better, up to one tile of slack); None: any (query, key) pairs (each head's top
     entries). ``density``: the fraction of allowed pairs (the causal triangle when ``causal``).
-    q (B, Hq, Nq, D), k (B, Hkv, Nk, D). Without ``block_size`` it holds all B Hq Nq Nk
-    probabilities: for a few thousand tokens."""
+    q (B, Hq, Nq, D), k (B, Hkv, Nk, D). Without ``block_size`` it holds one head's B Nq Nk
+    probabilities at a time: for a few thousand tokens."""
     density = check_float("density", density, low=0.0, high=1.0, low_open=True)
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
     allowed = causal_mask(Nq, Nk, q.device) if causal else torch.ones(Nq, Nk, dtype=torch.bool, device=q.device)
     budget = density * float(allowed.sum())
-    if block_size is None:
-        probs = torch.cat([p[..., allowed[rows]] for rows, p in _exact_probs(q, k, allowed, scale, chunk)], -1)
-        kept = probs.topk(int(budget), dim=-1).values.sum(-1)
+    if block_size is None:  # one query head at a time: its allowed probabilities, then their top entries
+        G = Hq // k.shape[1]
+        kept = torch.stack([
+            torch.cat([p[..., allowed[rows]] for rows, p in _exact_probs(q[:, h : h + 1], k[:, h // G : h // G + 1], allowed, scale, chunk)], -1)
+            .topk(int(budget), dim=-1).values.sum(-1)[:, 0]
+            for h in range(Hq)
+        ], 1)
     else:
         b = check_int("block_size", block_size)
         area = _tiles(allowed.double(), b).flatten()  # allowed entries per tile

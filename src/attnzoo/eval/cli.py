@@ -55,6 +55,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--windows", type=int, default=1, help="perplexity windows")
     p.add_argument("--layers", type=_ints, default=None, help="approx: layers to capture, comma-separated (default all)")
     p.add_argument("--decode", choices=("auto", "exact", "method"), default="auto", help="how decode steps attend (passkey)")
+    p.add_argument("--bound", action="store_true", help="approx: also the most attention mass any support of the method's density keeps")
     p.add_argument("--out", default="attnzoo-results", help="folder for the JSON result")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -75,10 +76,14 @@ def _table(task: str, result: dict[str, Any]) -> list[tuple[str, ...]]:
         rows += [(f"{t['depth']:.2f}", str(t["tokens"]), str(t["key_position"]), t["key"], t["answer"][:20], "yes" if t["correct"] else "no")
                  for t in result["trials"]]
         return rows + [("accuracy", "", "", "", "", f"{result['correct']}/{len(result['trials'])}")]
-    rows = [("layer", "rel. error", "recall of attention mass")]
-    rows += [(str(r["layer"]), f"{r['rel_error']:.4g}", "n/a" if r["recall"] is None else f"{r['recall']:.4f}") for r in result["layers"]]
-    recall = result["mean_recall"]
-    return rows + [("mean", f"{result['mean_rel_error']:.4g}", "n/a" if recall is None else f"{recall:.4f}")]
+    number = lambda x, spec: "n/a" if x is None else format(x, spec)  # noqa: E731
+    rows = [("layer", "rel. error", "density", "recall of attention mass", "bound at that density")]
+    rows += [(str(r["layer"]), f"{r['rel_error']:.4g}", number(r["density"], ".4f"), number(r["recall"], ".4f"), number(r["bound"], ".4f"))
+             for r in result["layers"]]
+    densities = [r["density"] for r in result["layers"] if r["density"] is not None]
+    density = sum(densities) / len(densities) if densities else None
+    return rows + [("mean", f"{result['mean_rel_error']:.4g}", number(density, ".4f"), number(result["mean_recall"], ".4f"),
+                    number(result["mean_bound"], ".4f"))]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.task == "approx":
             captured = capture_qkv(model, tokenizer, layers=args.layers, max_tokens=args.context)
-            result = approximation(method, captured, show_progress=show, on_layer=save)
+            result = approximation(method, captured, show_progress=show, on_layer=save, bound=args.bound)
         else:
             with patch(model, method, decode=args.decode):
                 if args.task == "ppl":
