@@ -84,12 +84,12 @@ class TopKConfig:
         self.local_blocks = check_int("local_blocks", self.local_blocks, minimum=0)
 
 
-def forced_blocks(call: Call, block: int, local_blocks: int) -> torch.Tensor:
+def forced_blocks(call: Call, q_block: int, kv_block: int, local_blocks: int) -> torch.Tensor:
     """(nQB, F) key blocks every query block visits whatever the scores say, most important first,
     -1 where none: when causal the diagonal block, then the first block (attention sinks), then the
     ``local_blocks`` blocks before the diagonal; only the first block otherwise. (MInference
     likewise always keeps the first columns and the nearest diagonals.)"""
-    diag = last_key_block(call, block, block)
+    diag = last_key_block(call, q_block, kv_block)
     if not call.causal:
         return torch.zeros(diag.numel(), 1, dtype=torch.long, device=call.device)
     local = diag[:, None] - torch.arange(1, local_blocks + 1, device=call.device)

@@ -20,13 +20,14 @@ CASES = [
     ("block_sparse", dict(top_k=2, block_size=16, estimator="sampled_q"), dict(top_k=6, block_size=16, estimator="sampled_q")),
     ("hip", dict(top_k=2, block_size=16), dict(top_k=6, block_size=16)),
     ("hip", dict(top_k=2, block_size=16, query_samples=4), dict(top_k=6, block_size=16, query_samples=4)),
+    ("hip", dict(top_k=5, block_size=16, key_block_size=4), dict(top_k=24, block_size=16, key_block_size=4)),
     ("biformer", dict(n_win=6, topk=2), dict(n_win=6, topk=6)),
     ("routing", dict(num_clusters=3, block_size=16), dict(num_clusters=1, block_size=16)),
 ]
-CASE_IDS = [name + "".join(f"-{cfg[o]}" for o in ("estimator", "query_samples") if o in cfg) for name, cfg, _ in CASES]
+CASE_IDS = [name + "".join(f"-{o}={cfg[o]}" for o in ("estimator", "query_samples", "key_block_size") if o in cfg) for name, cfg, _ in CASES]
 CLAMPED = [c for c in CASES if c[0] != "routing"]  # routing's budget is a cluster count: 1 is dense
 CLAMPED_IDS = [i for i, c in zip(CASE_IDS, CASES) if c in CLAMPED]
-PREFIX_INVARIANT = ["block_sparse", "block_sparse-sampled_q", "hip", "hip-4"]
+PREFIX_INVARIANT = ["block_sparse", "block_sparse-estimator=sampled_q", "hip", "hip-query_samples=4", "hip-key_block_size=4"]
 
 
 def modes(m):
@@ -63,11 +64,11 @@ def test_budget_covering_everything_equals_dense(name, _, full, rng):
 
 @pytest.mark.parametrize("name,_,full", CLAMPED, ids=CLAMPED_IDS)
 def test_budget_beyond_the_blocks_is_clamped_with_a_warning(name, _, full, rng):
-    larger = {key: (val * 10 if isinstance(val, int) and key not in ("block_size", "n_win") else val) for key, val in full.items()}
+    larger = {key: (val * 10 if isinstance(val, int) and key not in ("block_size", "key_block_size", "n_win") else val) for key, val in full.items()}
     m = attnzoo.get_method(name, **larger)
     q, k, v = qkv(rng, Nq=96, D=16)
     causal = m.info.causal
-    with pytest.warns(UserWarning, match="exceeds the 6 key blocks"):
+    with pytest.warns(UserWarning, match=f"exceeds the {96 // full.get('key_block_size', full.get('block_size', 16))} key blocks"):
         out = m(q, k, v, causal=causal)
     assert rel_err(out, sdpa(q, k, v, causal=causal, scale=16 ** -0.5)) <= 1e-5
 

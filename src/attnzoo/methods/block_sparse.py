@@ -59,7 +59,7 @@ class BlockSparse(BlockSelectionMethod):
         else:
             scores = pooled_scores(q, k, call, b, b)
         top_k = clamp_budget(self.info.name, "top_k", self.config.top_k, scores.shape[-1])
-        forced = forced_blocks(call, b, self.config.local_blocks).clamp(min=0).expand(*scores.shape[:2], -1, -1)
+        forced = forced_blocks(call, b, b, self.config.local_blocks).clamp(min=0).expand(*scores.shape[:2], -1, -1)
         current = scores.gather(-1, forced)  # holes point at block 0, itself forced where visible
         rank = 0.5 ** torch.arange(forced.shape[-1], dtype=scores.dtype, device=scores.device)  # keep the order when top_k is smaller
         scores.scatter_(-1, forced, torch.where(torch.isfinite(current), torch.finfo(scores.dtype).max * rank, current))

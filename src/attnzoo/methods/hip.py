@@ -32,8 +32,11 @@ class HiP(BlockSelectionMethod):
     ``query_samples`` r > 0 scores a branch by the largest logit between r evenly spaced queries of
     the block and every key token of the representative block, instead of mean query against mean
     key (HiP max-pools token scores over the query block), which finds a single strong key that
-    the means blur. q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv).
-    Selection O((N / b) max(r, 1) k log(N / b) D), i.e. O(N log N); attention O(N k b D). ``top_k`` above the number of key blocks is clamped
+    the means blur. ``key_block_size`` (default ``block_size``) sets the key granularity on its
+    own: HiP pairs query blocks of 32 with key blocks of a few tokens and many branches, which is
+    what lets a lone key survive the first levels of the search (``local_blocks`` then counts key
+    blocks). q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv). Selection O((N / b) max(r, 1) k log(N / b) D),
+    i.e. O(N log N); attention O(N k b D). ``top_k`` above the number of key blocks is clamped
     (warning)."""
 
     info = MethodInfo(
@@ -46,28 +49,34 @@ class HiP(BlockSelectionMethod):
     @dataclass
     class Config(TopKConfig):
         query_samples: int = 0
+        key_block_size: int | None = None
 
         def __post_init__(self):
             super().__post_init__()
             self.query_samples = check_int("query_samples", self.query_samples, minimum=0)
+            if self.key_block_size is not None:
+                self.key_block_size = check_int("key_block_size", self.key_block_size, minimum=2)
+
+    def kv_block(self, call: Call) -> int:
+        return self.config.key_block_size or self.config.block_size
 
     def _select(self, q, k, call: Call) -> torch.Tensor:
-        b = self.config.block_size
-        nkb = -(-call.len_kv // b)
+        bq, bk = self.config.block_size, self.kv_block(call)
+        nkb = -(-call.len_kv // bk)
         top_k = clamp_budget(self.info.name, "top_k", self.config.top_k, nkb)
         work = torch.float64 if q.dtype == torch.float64 else torch.float32
         if self.config.query_samples:  # r sampled queries against every token of a representative block
-            rows = sample_rows(call, b, self.config.query_samples)
+            rows = sample_rows(call, bq, self.config.query_samples)
             qp = q[:, :, rows.flatten()].unflatten(2, rows.shape).to(work)  # (B, Hq, nQB, r, D)
-            last = k[:, :, -1:].expand(-1, -1, nkb * b - call.len_kv, -1)  # padding repeats a real key
-            kp = repeat_kv(torch.cat([k, last], 2).to(work), call.groups).unflatten(2, (nkb, b))  # (B, Hq, nKB, b, D)
+            last = k[:, :, -1:].expand(-1, -1, nkb * bk - call.len_kv, -1)  # padding repeats a real key
+            kp = repeat_kv(torch.cat([k, last], 2).to(work), call.groups).unflatten(2, (nkb, bk))  # (B, Hq, nKB, bk, D)
         else:  # the mean query against the mean key of a representative block
-            qp = block_means(q, b)[:, :, :, None]  # (B, Hq, nQB, 1, D)
-            kp = repeat_kv(block_means(k, b), call.groups)[:, :, :, None]  # (B, Hq, nKB, 1, D)
+            qp = block_means(q, bq)[:, :, :, None]  # (B, Hq, nQB, 1, D)
+            kp = repeat_kv(block_means(k, bk), call.groups)[:, :, :, None]  # (B, Hq, nKB, 1, D)
         flat_keys = kp.flatten(0, 2)
         rows = (torch.arange(kp.shape[0] * kp.shape[1], device=q.device) * nkb).view(kp.shape[0], kp.shape[1], 1, 1)
         chunk = max(1, min(_QUERY_CHUNK, _GATHERED // (kp.shape[0] * kp.shape[1] * 2 * top_k * kp.shape[3] * kp.shape[4])))
-        diag = last_key_block(call, b, b)
+        diag = last_key_block(call, bq, bk)
         visible = (diag + 1).clamp(min=0)[:, None]  # key blocks [0, visible) per query block
         branch = torch.arange(top_k + 1, device=q.device)
         bounds = (branch * visible) // top_k  # (nQB, top_k + 1): top_k ranges covering everything
@@ -75,7 +84,7 @@ class HiP(BlockSelectionMethod):
             self._search(qp[:, :, a : a + chunk], flat_keys, rows, bounds[a : a + chunk], top_k, nkb)
             for a in range(0, qp.shape[2], chunk)
         ], dim=2)
-        forced = forced_blocks(call, b, self.config.local_blocks).expand(*chosen.shape[:2], -1, -1)
+        forced = forced_blocks(call, bq, bk, self.config.local_blocks).expand(*chosen.shape[:2], -1, -1)
         return unique_blocks(torch.cat([chosen, forced], -1))
 
     @staticmethod
