@@ -40,6 +40,7 @@ RECALL_CASES = [  # each at <= 10% density on 4K tokens
 ORACLE_BLOCKS = [64, 32, 16, None]  # None: single entries
 PPL_CASES = [  # each at <= 15% density on 4K tokens
     ("vertical_slash", dict(vertical_blocks=6, slash_blocks=10, block_size=32)),
+    ("vertical_slash", dict(vertical_blocks=8, slash_blocks=14, block_size=16, estimate_queries="spread", last_q=256)),
     ("block_sparse", dict(top_k=20, block_size=16)),
     ("block_sparse", dict(top_k=20, block_size=16, estimator="sampled_q")),
     ("block_sparse", dict(top_k=20, block_size=16, estimator="sampled_q", samples=16)),  # every query: exact block mass

@@ -16,6 +16,8 @@ from attnzoo.kernels.dense import sdpa
 # (name, small config, config whose budget covers every key block of a 96-token input)
 CASES = [
     ("vertical_slash", dict(vertical_blocks=2, slash_blocks=2, block_size=16, last_q=16), dict(vertical_blocks=6, slash_blocks=1, block_size=16)),
+    ("vertical_slash", dict(vertical_blocks=2, slash_blocks=2, block_size=16, last_q=16, estimate_queries="spread"),
+     dict(vertical_blocks=6, slash_blocks=1, block_size=16, estimate_queries="spread")),
     ("block_sparse", dict(top_k=2, block_size=16), dict(top_k=6, block_size=16)),
     ("block_sparse", dict(top_k=2, block_size=16, estimator="sampled_q"), dict(top_k=6, block_size=16, estimator="sampled_q")),
     ("hip", dict(top_k=2, block_size=16), dict(top_k=6, block_size=16)),
@@ -24,7 +26,7 @@ CASES = [
     ("biformer", dict(n_win=6, topk=2), dict(n_win=6, topk=6)),
     ("routing", dict(num_clusters=3, block_size=16), dict(num_clusters=1, block_size=16)),
 ]
-CASE_IDS = [name + "".join(f"-{o}={cfg[o]}" for o in ("estimator", "query_samples", "key_block_size") if o in cfg) for name, cfg, _ in CASES]
+CASE_IDS = [name + "".join(f"-{o}={cfg[o]}" for o in ("estimator", "query_samples", "key_block_size", "estimate_queries") if o in cfg) for name, cfg, _ in CASES]
 CLAMPED = [c for c in CASES if c[0] != "routing"]  # routing's budget is a cluster count: 1 is dense
 CLAMPED_IDS = [i for i, c in zip(CASE_IDS, CASES) if c in CLAMPED]
 PREFIX_INVARIANT = ["block_sparse", "block_sparse-estimator=sampled_q", "hip", "hip-query_samples=4", "hip-key_block_size=4"]
@@ -117,7 +119,7 @@ def test_low_precision(name, cfg, _, dtype, rng):
     assert rel_err(out, m.reference(q, k, v, causal=causal)) <= 2e-2
 
 
-OPTIONS = {"vertical_slash": ("block_size", "vertical_blocks"), "block_sparse": ("block_size", "top_k"),
+OPTIONS = {"vertical_slash": ("block_size", "vertical_blocks", "estimate_queries"), "block_sparse": ("block_size", "top_k"),
            "hip": ("block_size", "top_k"), "biformer": ("n_win", "topk"), "routing": ("block_size", "num_clusters")}
 
 
@@ -205,16 +207,21 @@ def test_vertical_slash_is_causal_only(rng):
         attnzoo.attention(q, k, v, "vertical_slash", causal=False)
 
 
-def test_vertical_slash_estimate_follows_the_definition(rng):
+@pytest.mark.parametrize("queries", ["last", "spread"])
+def test_vertical_slash_estimate_follows_the_definition(queries, rng):
     """Vertical mass per key column and slash mass per diagonal (query position - key position) of
-    the last queries' causal attention, against plain loops."""
+    the estimating queries' causal attention (the last 12, or 12 spread over the sequence), against
+    plain loops."""
     q, k, v = qkv(rng, B=1, Hq=2, Hkv=1, Nq=60, D=8)
-    m = attnzoo.get_method("vertical_slash", last_q=12, block_size=8)
+    m = attnzoo.get_method("vertical_slash", last_q=12, block_size=8, estimate_queries=queries)
     vertical, slash = m.estimate(q, k, m._prepare(q, k, v, True, None))
-    probs = torch.softmax((q[:, :, -12:] @ k.transpose(-1, -2) * 8 ** -0.5).masked_fill(~torch.ones(60, 60, dtype=torch.bool).tril()[-12:], float("-inf")), -1)
-    want = torch.zeros(1, 2, 60)
-    for row in range(12):
-        p = 48 + row
+    positions = list(range(48, 60)) if queries == "last" else torch.linspace(0, 59, 12).round().long().tolist()
+    want_v, want_s = torch.zeros(1, 2, 60), torch.zeros(1, 2, 60)
+    for p in positions:
+        probs = torch.softmax((q[:, :, p : p + 1] @ k[:, :, : p + 1].transpose(-1, -2))[:, :, 0] * 8 ** -0.5, -1)  # (1, 2, p + 1)
         for key in range(p + 1):
-            want[..., p - key] += probs[:, :, row, key]
-    assert torch.allclose(slash, want, atol=1e-6) and torch.allclose(vertical, probs.sum(2), atol=1e-6)
+            want_v[..., key] += probs[..., key]
+            want_s[..., p - key] += probs[..., key]
+    assert torch.allclose(slash, want_s, atol=1e-6) and torch.allclose(vertical, want_v, atol=1e-6), rng.initial_seed()
+
+

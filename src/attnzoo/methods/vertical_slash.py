@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import check_int
-from ..kernels.dense import causal_mask
+from ..errors import InvalidArgumentError, check_int
 from ..method import Call, MethodInfo
 from ..registry import register
 from ..selection import BlockSelectionMethod, clamp_budget, last_key_block, top_blocks, unique_blocks
@@ -18,14 +17,16 @@ class VerticalSlash(BlockSelectionMethod):
     """MInference's vertical-slash pattern ("MInference 1.0: Accelerating Pre-filling for
     Long-Context LLMs via Dynamic Sparse Attention", arXiv 2407.02490), at block granularity.
 
-    The last ``last_q`` queries attend densely (causal); summing their attention per key column
-    gives vertical scores, summing it along diagonals (offset = query position - key position)
-    gives slash scores. Every query block then visits the ``vertical_blocks`` key blocks with the
-    most vertical mass (block 0, the attention sinks, always) and, along the ``slash_blocks`` block
-    diagonals with the most slash mass (its own diagonal block and the ``local_blocks`` before it
-    always, as MInference always keeps the nearest diagonals), the key block at that distance; a token diagonal counts for both block diagonals it crosses. Causal only, like the
-    paper. q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv). Selection O(last_q N D), attention
-    O(N (v + s) b D). Budgets above the number of key blocks are clamped (warning)."""
+    The last ``last_q`` queries (``estimate_queries="spread"``: ``last_q`` queries spread evenly
+    over the sequence, not in the paper) attend densely (causal); summing their attention per key
+    column gives vertical scores, summing it along diagonals (offset = query position - key
+    position) gives slash scores. Every query block then visits the ``vertical_blocks`` key blocks
+    with the most vertical mass (block 0, the attention sinks, always) and, along the
+    ``slash_blocks`` block diagonals with the most slash mass (its own diagonal block and the
+    ``local_blocks`` before it always, as MInference always keeps the nearest diagonals), the key
+    block at that distance; a token diagonal counts for both block diagonals it crosses. Causal
+    only, like the paper. q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv). Selection O(last_q N D),
+    attention O(N (v + s) b D). Budgets above the number of key blocks are clamped (warning)."""
 
     info = MethodInfo(
         name="vertical_slash", title="MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse Attention",
@@ -41,6 +42,7 @@ class VerticalSlash(BlockSelectionMethod):
         last_q: int = 64
         block_size: int = 64
         local_blocks: int = 1
+        estimate_queries: str = "last"
 
         def __post_init__(self):
             self.vertical_blocks = check_int("vertical_blocks", self.vertical_blocks)
@@ -48,21 +50,33 @@ class VerticalSlash(BlockSelectionMethod):
             self.last_q = check_int("last_q", self.last_q)
             self.block_size = check_int("block_size", self.block_size, minimum=2)
             self.local_blocks = check_int("local_blocks", self.local_blocks, minimum=0)
+            if self.estimate_queries not in ("last", "spread"):
+                raise InvalidArgumentError("estimate_queries", "'last' or 'spread'", repr(self.estimate_queries))
 
     def estimate(self, q, k, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
-        """Vertical (B, Hq, Nk) and slash (B, Hq, Nk, by offset) attention mass of the last queries."""
+        """Vertical (B, Hq, Nk) and slash (B, Hq, Nk, by offset) attention mass of ``last_q`` queries:
+        the last ones, or spread evenly over the sequence (``estimate_queries``)."""
         n = min(self.config.last_q, call.len_q)
         B, Hq, G, Nk = call.batch, call.heads_q, call.groups, call.len_kv
+        last = self.config.estimate_queries == "last"
+        pos = (torch.arange(call.len_q - n, call.len_q, device=q.device) if last
+               else torch.linspace(0, call.len_q - 1, n, device=q.device).round().long())
+        reach = pos + (Nk - call.len_q)  # the last key each of these queries sees
         work = torch.float64 if q.dtype == torch.float64 else torch.float32
-        rows = (q[:, :, -n:].to(work) * call.scale).reshape(B, Hq // G, G * n, -1)  # GQA as extra rows
+        rows = (q[:, :, pos].to(work) * call.scale).reshape(B, Hq // G, G * n, -1)  # GQA as extra rows
         scores = (rows @ k.to(work).transpose(-1, -2)).view(B, Hq, n, Nk)
-        first = max(0, Nk - n)  # only the last n key columns hold future keys of these queries
-        scores[..., first:].masked_fill_(~causal_mask(n, Nk, q.device)[:, first:], float("-inf"))
+        first = max(0, int(reach.min()) + 1)  # columns before it are visible to every row
+        hidden = torch.arange(first, Nk, device=q.device)[None, :] > reach[:, None]
+        scores[..., first:].masked_fill_(hidden, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        if n > Nk:  # bottom-right aligned queries that see no key
+        if first == 0:  # bottom-right aligned queries that see no key
             probs = probs.nan_to_num(0.0)
-        # slash mass at offset d sums the key p - d of each query position p = Nk - n + r: with the
-        # keys shifted right by n, that is column r + Nk - d of row r, a strided diagonal read
+        if not last:  # the key j of the query reaching p lies on diagonal p - j
+            offsets = (reach[:, None] - torch.arange(Nk, device=q.device)[None, :]).clamp(min=0)
+            slash = torch.zeros_like(probs[:, :, 0]).scatter_add_(-1, offsets.flatten().expand(B, Hq, -1), probs.flatten(2))
+            return probs.sum(2), slash
+        # consecutive last queries: with the keys shifted right by n, diagonal d is column r + Nk - d
+        # of row r, a strided read
         width = Nk + n
         shifted = probs.new_empty(B, Hq, n, width)
         shifted[..., :n] = 0
