@@ -58,8 +58,7 @@ class VerticalSlash(BlockSelectionMethod):
         the last ones, or spread evenly over the sequence (``estimate_queries``)."""
         n = min(self.config.last_q, call.len_q)
         B, Hq, G, Nk = call.batch, call.heads_q, call.groups, call.len_kv
-        last = self.config.estimate_queries == "last"
-        pos = (torch.arange(call.len_q - n, call.len_q, device=q.device) if last
+        pos = (torch.arange(call.len_q - n, call.len_q, device=q.device) if self.config.estimate_queries == "last"
                else torch.linspace(0, call.len_q - 1, n, device=q.device).round().long())
         reach = pos + (Nk - call.len_q)  # the last key each of these queries sees
         work = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -71,18 +70,10 @@ class VerticalSlash(BlockSelectionMethod):
         probs = torch.softmax(scores, dim=-1)
         if first == 0:  # bottom-right aligned queries that see no key
             probs = probs.nan_to_num(0.0)
-        if not last:  # the key j of the query reaching p lies on diagonal p - j
-            offsets = (reach[:, None] - torch.arange(Nk, device=q.device)[None, :]).clamp(min=0)
-            slash = torch.zeros_like(probs[:, :, 0]).scatter_add_(-1, offsets.flatten().expand(B, Hq, -1), probs.flatten(2))
-            return probs.sum(2), slash
-        # consecutive last queries: with the keys shifted right by n, diagonal d is column r + Nk - d
-        # of row r, a strided read
-        width = Nk + n
-        shifted = probs.new_empty(B, Hq, n, width)
-        shifted[..., :n] = 0
-        shifted[..., n:] = probs
-        by_reversed_offset = shifted.as_strided((B, Hq, n, Nk), (Hq * n * width, n * width, width + 1, 1), 1).sum(2)
-        return probs.sum(2), by_reversed_offset.flip(-1)
+        # the key j of the query reaching p lies on diagonal p - j
+        offsets = (reach[:, None] - torch.arange(Nk, device=q.device)[None, :]).clamp(min=0)
+        slash = torch.zeros_like(probs[:, :, 0]).scatter_add_(-1, offsets.flatten().expand(B, Hq, -1), probs.flatten(2))
+        return probs.sum(2), slash
 
     def _select(self, q, k, call: Call) -> torch.Tensor:
         cfg, b = self.config, self.config.block_size
