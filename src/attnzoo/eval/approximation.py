@@ -62,6 +62,15 @@ class ApproximationResult:
                 "mean_bound": self.mean_bound}
 
 
+def _exact_probs(q, k, allowed: torch.Tensor | None, scale: float, chunk: int):
+    """(row range, exact softmax rows (B, Hq, rows, Nk) float64) of q (B, Hq, Nq, D) where ``allowed``
+    (Nq, Nk) or None (everywhere), a chunk of rows at a time."""
+    k = repeat_kv(k, q.shape[1] // k.shape[1]).double()
+    for start in range(0, q.shape[2], chunk):
+        rows = slice(start, min(start + chunk, q.shape[2]))
+        yield rows, masked_softmax(attention_scores(q[:, :, rows].double(), k, scale=scale), None if allowed is None else allowed[rows])
+
+
 @torch.no_grad()
 def attention_recall(q: torch.Tensor, k: torch.Tensor, support: torch.Tensor, *, causal: bool, scale: float,
                      chunk: int = 256) -> torch.Tensor:
@@ -70,10 +79,7 @@ def attention_recall(q: torch.Tensor, k: torch.Tensor, support: torch.Tensor, *,
     Nq, Nk = q.shape[2], k.shape[2]
     allowed = causal_mask(Nq, Nk, q.device) if causal else None
     total = torch.zeros(q.shape[1], dtype=torch.float64, device=q.device)
-    for start in range(0, Nq, chunk):
-        rows = slice(start, min(start + chunk, Nq))
-        probs = masked_softmax(attention_scores(q[:, :, rows].double(), k.double(), scale=scale),
-                               None if allowed is None else allowed[rows])
+    for rows, probs in _exact_probs(q, k, allowed, scale, chunk):
         kept = support[..., rows, :] if support.shape[-2] == Nq else support
         total += (probs * kept).sum(dim=(-1, -2)).sum(0)
     return total / (q.shape[0] * Nq)
@@ -108,14 +114,6 @@ def approximation(method: str | Method, captured: Mapping[int, CapturedQKV], *, 
         if on_layer is not None:
             on_layer(result)
     return result
-
-
-def _exact_probs(q, k, allowed, scale: float, chunk: int):
-    """(row range, exact softmax rows (B, Hq, rows, Nk) float64) of q (B, Hq, Nq, D), a chunk at a time."""
-    k = repeat_kv(k, q.shape[1] // k.shape[1]).double()
-    for start in range(0, q.shape[2], chunk):
-        rows = slice(start, min(start + chunk, q.shape[2]))
-        yield rows, masked_softmax(attention_scores(q[:, :, rows].double(), k, scale=scale), allowed[rows])
 
 
 def _tiles(x: torch.Tensor, b: int) -> torch.Tensor:
