@@ -105,10 +105,9 @@ def _classify(layout: BlockLayout, bl: int, hl: int, qb: torch.Tensor, kb: torch
         # a partial tile's mask depends only on the diagonal's shift and the real rows and columns
         shift = (lo - first - mm.offset) if mm is not None else torch.zeros_like(lo)
         sig = torch.stack([shift, last - first, hi - lo], 1)[partial]
-        _, inverse = torch.unique(sig, dim=0, return_inverse=True)
-        count = int(inverse.max()) + 1 if inverse.numel() else 0
+        distinct, inverse = torch.unique(sig, dim=0, return_inverse=True)
         order = torch.arange(inverse.numel(), device=qb.device)
-        rep = torch.full((count,), inverse.numel(), device=qb.device).scatter_reduce_(0, inverse, order, "amin")
+        rep = torch.full((distinct.shape[0],), inverse.numel(), device=qb.device).scatter_reduce_(0, inverse, order, "amin")
         masks = _tile_masks(layout, bl, hl, qb[partial][rep], kb[partial][rep])
         return full, empty, masks, inverse, rep
     full = torch.empty_like(ragged)
