@@ -33,9 +33,9 @@ class HiP(BlockSelectionMethod):
     the block and every key token of the representative block, instead of mean query against mean
     key (HiP max-pools token scores over the query block), which finds a single strong key that
     the means blur. ``key_block_size`` (default ``block_size``) sets the key granularity on its
-    own: HiP pairs query blocks of 32 with key blocks of a few tokens and many branches, which is
-    what lets a lone key survive the first levels of the search (``local_blocks`` then counts key
-    blocks). q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv). Selection O((N / b) max(r, 1) k log(N / b) D),
+    own: HiP's reference code sizes query and key blocks separately, with key blocks of a few
+    tokens and many branches, which gives a lone key a better chance to survive the first levels of
+    the search (``local_blocks`` then counts key blocks). q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv). Selection O((N / b) max(r, 1) k log(N / b) D),
     i.e. O(N log N); attention O(N k b D). ``top_k`` above the number of key blocks is clamped
     (warning)."""
 
