@@ -25,12 +25,12 @@ from .method import Call, CallStats, Method, _sync
 from .patterns import compact, dense_area
 
 
-def clamp_budget(method: str, argument: str, value: int, available: int) -> int:
-    """``value`` key blocks, at most ``available``; warns when it had to clamp."""
+def clamp_budget(method: str, argument: str, value: int, available: int, unit: str = "key blocks") -> int:
+    """``value`` key blocks (or other ``unit``), at most ``available``; warns when it had to clamp."""
     if value > available:
         warnings.warn(
-            f"{method}: {argument}={value} exceeds the {available} key blocks of this input; using all of them "
-            f"(dense attention)", UserWarning, stacklevel=4,
+            f"{method}: {argument}={value} exceeds the {available} {unit} of this input; using all of them",
+            UserWarning, stacklevel=4,
         )
         return available
     return value
@@ -154,7 +154,9 @@ class BlockSelectionMethod(Method):
 
     Subclasses set ``info`` and ``Config`` (with ``block_size``) and implement
     ``_select(q, k, call) -> (B, Hq, nQB, K)`` key block ids with -1 holes; selections should keep
-    each query block's diagonal block when causal, so every query sees at least one key.
+    each query block's diagonal block when causal, so every query sees at least one key. A method
+    that also picks single key columns for every query block overrides ``_select_with_columns``
+    instead, returning the blocks and (B, Hq, C) column ids with -1 holes.
     """
 
     backends = BACKENDS
@@ -168,10 +170,14 @@ class BlockSelectionMethod(Method):
     def _select(self, q, k, call: Call) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _select_with_columns(self, q, k, call: Call) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._select(q, k, call), None
+
     def _layout(self, q, k, call: Call) -> BlockLayout:
-        keys = self._select(q, k, call)
+        keys, columns = self._select_with_columns(q, k, call)
         mask_mod = CausalMask(call.len_kv - call.len_q) if call.causal else None
-        return compact(keys, call.len_q, call.len_kv, self.q_block(call), kv_block=self.kv_block(call), mask_mod=mask_mod)
+        return compact(keys, call.len_q, call.len_kv, self.q_block(call), kv_block=self.kv_block(call), mask_mod=mask_mod,
+                       columns=columns)
 
     def selection(self, q, k, v, *, causal: bool = False, scale: float | None = None) -> BlockLayout:
         """The layout (key blocks per batch, query head and query block) this call attends to."""

@@ -3,6 +3,8 @@ on random per-batch/per-head selection layouts."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from helpers import qkv, rel_err
@@ -99,3 +101,54 @@ def test_entries_that_list_no_tile(mask, rng):
     out, _ = block_sparse_attention(q, k, v, layout, scale=0.3, backend="gather", static=False)
     assert rel_err(out, ref) <= 1e-5
     assert torch.all(out[1] == 0) and torch.any(out[0, 0] != 0)
+
+
+def with_columns(gen, layout, count, num_kv):
+    """The layout plus ``count`` random single key columns per entry, with repeats and -1 holes."""
+    Bl, Hl = layout.kv_indices.shape[:2]
+    columns = torch.randint(-1, num_kv, (Bl, Hl, count), generator=gen)
+    columns[..., 1] = columns[..., 0]  # a repeat counts once
+    return compact(layout.kv_indices.masked_fill(~layout.slot_valid(), -1), layout.num_q, num_kv, layout.q_block,
+                   kv_block=layout.kv_block, mask_mod=layout.mask_mod, columns=columns)
+
+
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("q_block,kv_block,nq,nk", SHAPES[:3])
+def test_single_columns_on_top_of_blocks(mask, q_block, kv_block, nq, nk, rng):
+    """Columns are attended where their block is not listed and merged by log-sum-exp: the CPU
+    executor and FlexAttention (eager) equal the dense reference, and each entry counts once."""
+    sharing = (list(MASKS).index(mask) + [s[2] for s in SHAPES].index(nq)) % 4
+    Bl, Hl = [(1, 1), (2, 4), (1, 4), (2, 1)][sharing]
+    q, k, v = qkv(rng, B=2, Hq=4, Hkv=2, Nq=nq, Nk=nk, Dv=8)
+    layout = with_columns(rng, random_blocks(rng, Bl, Hl, nq, nk, q_block, kv_block, MASKS[mask](nq, nk), density=0.2), 9, nk)
+    dense = layout.dense_mask(nq, nk)
+    assert bool((dense & ~compact(layout.kv_indices.masked_fill(~layout.slot_valid(), -1), nq, nk, q_block, kv_block=kv_block,
+                                  mask_mod=layout.mask_mod).dense_mask(nq, nk)).any())  # the columns add entries
+    ref, _ = block_sparse_attention(q, k, v, layout, scale=0.3, backend="naive")
+    out, counts = block_sparse_attention(q, k, v, layout, scale=0.3, backend="gather", static=False)
+    assert rel_err(out, ref) <= 1e-5, rng.initial_seed()
+    assert counts["allowed"] == int(dense.expand(2, 4, -1, -1).sum())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager flex_attention warns that it is not compiled
+        flex, _ = block_sparse_attention(q, k, v, layout, scale=0.3, backend="flex")
+    assert rel_err(flex, ref) <= 1e-5, rng.initial_seed()
+
+
+def test_single_columns_gradients(rng):
+    q, k, v = qkv(rng, B=2, Hq=4, Hkv=2, Nq=90, Nk=90, Dv=8, dtype=torch.float64, requires_grad=True)
+    layout = with_columns(rng, random_blocks(rng, 2, 4, 90, 90, 16, 16, CausalMask(0), density=0.3), 12, 90)
+    grad_out = torch.randn(2, 4, 90, 8, generator=rng, dtype=torch.float64)
+    ref, _ = block_sparse_attention(q, k, v, layout, scale=0.3, backend="naive")
+    want = torch.autograd.grad((ref * grad_out).sum(), (q, k, v))
+    out, _ = block_attention(q, k, v, layout, scale=0.3, static=False)
+    got = torch.autograd.grad((out * grad_out).sum(), (q, k, v))
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= 1e-8
+
+
+def test_columns_need_a_selection_layout_in_natural_order():
+    keys = torch.zeros(1, 1, 4, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="columns must be"):
+        compact(keys, 64, 64, 16, kv_block=16, columns=torch.zeros(1, 2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="natural token order"):
+        compact(keys, 64, 64, 16, kv_block=16, columns=torch.zeros(1, 1, 3, dtype=torch.long), q_order=torch.arange(64))

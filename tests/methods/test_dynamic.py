@@ -18,6 +18,8 @@ CASES = [
     ("vertical_slash", dict(vertical_blocks=2, slash_blocks=2, block_size=16, last_q=16), dict(vertical_blocks=6, slash_blocks=1, block_size=16)),
     ("vertical_slash", dict(vertical_blocks=2, slash_blocks=2, block_size=16, last_q=16, estimate_queries="spread"),
      dict(vertical_blocks=6, slash_blocks=1, block_size=16, estimate_queries="spread")),
+    ("vertical_slash", dict(vertical_blocks=1, slash_blocks=2, block_size=16, last_q=16, vertical_columns=7),
+     dict(vertical_blocks=6, slash_blocks=1, block_size=16, vertical_columns=3)),
     ("block_sparse", dict(top_k=2, block_size=16), dict(top_k=6, block_size=16)),
     ("block_sparse", dict(top_k=2, block_size=16, estimator="sampled_q"), dict(top_k=6, block_size=16, estimator="sampled_q")),
     ("hip", dict(top_k=2, block_size=16), dict(top_k=6, block_size=16)),
@@ -26,7 +28,7 @@ CASES = [
     ("biformer", dict(n_win=6, topk=2), dict(n_win=6, topk=6)),
     ("routing", dict(num_clusters=3, block_size=16), dict(num_clusters=1, block_size=16)),
 ]
-CASE_IDS = [name + "".join(f"-{o}={cfg[o]}" for o in ("estimator", "query_samples", "key_block_size", "estimate_queries") if o in cfg) for name, cfg, _ in CASES]
+CASE_IDS = [name + "".join(f"-{o}={cfg[o]}" for o in ("estimator", "query_samples", "key_block_size", "estimate_queries", "vertical_columns") if o in cfg) for name, cfg, _ in CASES]
 CLAMPED = [c for c in CASES if c[0] != "routing"]  # routing's budget is a cluster count: 1 is dense
 CLAMPED_IDS = [i for i, c in zip(CASE_IDS, CASES) if c in CLAMPED]
 PREFIX_INVARIANT = ["block_sparse", "block_sparse-estimator=sampled_q", "hip", "hip-query_samples=4", "hip-key_block_size=4"]
@@ -225,3 +227,22 @@ def test_vertical_slash_estimate_follows_the_definition(queries, rng):
     assert torch.allclose(slash, want_s, atol=1e-6) and torch.allclose(vertical, want_v, atol=1e-6), rng.initial_seed()
 
 
+def test_vertical_columns_are_the_heaviest_single_keys(rng):
+    """Two keys that every query attends to strongly, inside blocks the pattern does not pick:
+    with two vertical columns both are visited by every later query, and nothing else is added."""
+    q, k, v = qkv(rng, B=1, Hq=2, Hkv=1, Nq=128, D=16)
+    direction = torch.nn.functional.normalize(torch.randn(16, generator=rng), dim=0)
+    q = q * 0.1 + direction * 3
+    k = k * 0.1
+    k[0, 0, [37, 70]] = direction * 4
+    cfg = dict(vertical_blocks=1, slash_blocks=1, block_size=16, last_q=16, local_blocks=0)
+    plain = attnzoo.get_method("vertical_slash", **cfg)
+    lined = attnzoo.get_method("vertical_slash", vertical_columns=2, **cfg)
+    layout = lined.selection(q, k, v, causal=True)
+    assert sorted(layout.columns[0, 0].tolist()) == [37, 70], rng.initial_seed()
+    added = lined.support(q, k, v, causal=True) & ~plain.support(q, k, v, causal=True)
+    rows = torch.arange(128)[:, None]
+    want = torch.zeros(128, 128, dtype=torch.bool)
+    want[:, [37, 70]] = rows >= (torch.tensor([37, 70]) // 16 + 1) * 16  # later query blocks; its own block is the diagonal
+    assert torch.equal(added[0, 0], want)
+    assert rel_err(lined(q, k, v, causal=True), lined.reference(q, k, v, causal=True)) <= 1e-5

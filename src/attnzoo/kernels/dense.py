@@ -55,3 +55,29 @@ def masked_attention(q, k, v, mask: torch.Tensor | None, *, scale: float) -> tor
     probs = masked_softmax(attention_scores(q, k, scale=scale), mask)
     v = repeat_kv(v, q.shape[1] // v.shape[1])
     return torch.matmul(probs, v.to(probs.dtype)).to(q.dtype)
+
+
+def attention_with_lse(q, k, v, mask: torch.Tensor | None, *, scale: float):
+    """Attention over (..., L, D) queries and (..., K, D) keys with an additive ``mask`` (or None),
+    returning the output and each row's log-sum-exp (..., L): the CPU flash kernel without
+    gradients (its backward ignores the log-sum-exp) when values have the keys' width, explicit
+    softmax otherwise."""
+    fused = q.device.type == "cpu" and v.shape[-1] == q.shape[-1]
+    if fused and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+    logits = q @ k.transpose(-1, -2) * scale
+    if mask is not None:
+        logits = logits + mask
+    lse = torch.logsumexp(logits, dim=-1)
+    return torch.exp(logits - lse[..., None]) @ v, lse
+
+
+def merge_partials(out_a, lse_a, out_b, lse_b):
+    """Softmax attention over the union of two disjoint key sets, from each set's output
+    (..., N, Dv) and log-sum-exp (..., N); a row that sees no key in either stays 0."""
+    top = torch.maximum(lse_a, lse_b)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    w_a, w_b = torch.exp(lse_a - top), torch.exp(lse_b - top)
+    total = w_a + w_b
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    return out_a * (w_a / total)[..., None] + out_b * (w_b / total)[..., None]

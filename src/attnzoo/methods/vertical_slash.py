@@ -15,7 +15,7 @@ from ..selection import BlockSelectionMethod, clamp_budget, last_key_block, top_
 @register
 class VerticalSlash(BlockSelectionMethod):
     """MInference's vertical-slash pattern ("MInference 1.0: Accelerating Pre-filling for
-    Long-Context LLMs via Dynamic Sparse Attention", arXiv 2407.02490), at block granularity.
+    Long-Context LLMs via Dynamic Sparse Attention", arXiv 2407.02490).
 
     The last ``last_q`` queries (``estimate_queries="spread"``: ``last_q`` queries spread evenly
     over the sequence, not in the paper) attend densely (causal); summing their attention per key
@@ -24,14 +24,19 @@ class VerticalSlash(BlockSelectionMethod):
     with the most vertical mass (block 0, the attention sinks, always) and, along the
     ``slash_blocks`` block diagonals with the most slash mass (its own diagonal block and the
     ``local_blocks`` before it always, as MInference always keeps the nearest diagonals), the key
-    block at that distance; a token diagonal counts for both block diagonals it crosses. Causal
-    only, like the paper. q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv). Selection O(last_q N D),
-    attention O(N (v + s) b D). Budgets above the number of key blocks are clamped (warning)."""
+    block at that distance; a token diagonal counts for both block diagonals it crosses.
+    ``vertical_columns`` c > 0 adds the c single key columns with the most vertical mass outside
+    those blocks, which every query block also visits: MInference's vertical lines are single
+    tokens like these (its kernel gathers them), so ``vertical_blocks=1, vertical_columns=c`` is
+    the paper's pattern, with the slashes kept at block granularity. Causal only, like the paper.
+    q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv). Selection O(last_q N D), attention
+    O(N ((v + s) b + c) D). Budgets above the number of key blocks (of keys for c) are clamped
+    (warning)."""
 
     info = MethodInfo(
         name="vertical_slash", title="MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse Attention",
         arxiv="2407.02490", family=("dynamic",), causal=True, non_causal=False, cross=True, gqa=True, training_free=True,
-        time="O(last_q N D + N (v + s) b D)", memory="O(last_q N + N (v + s) b) per head",
+        time="O(last_q N D + N ((v + s) b + c) D)", memory="O(last_q N + N ((v + s) b + c)) per head",
         summary="vertical lines + slash diagonals estimated from the last queries (MInference)",
     )
 
@@ -39,6 +44,7 @@ class VerticalSlash(BlockSelectionMethod):
     class Config:
         vertical_blocks: int = 4
         slash_blocks: int = 4
+        vertical_columns: int = 0
         last_q: int = 64
         block_size: int = 64
         local_blocks: int = 1
@@ -47,6 +53,7 @@ class VerticalSlash(BlockSelectionMethod):
         def __post_init__(self):
             self.vertical_blocks = check_int("vertical_blocks", self.vertical_blocks)
             self.slash_blocks = check_int("slash_blocks", self.slash_blocks)
+            self.vertical_columns = check_int("vertical_columns", self.vertical_columns, minimum=0)
             self.last_q = check_int("last_q", self.last_q)
             self.block_size = check_int("block_size", self.block_size, minimum=2)
             self.local_blocks = check_int("local_blocks", self.local_blocks, minimum=0)
@@ -75,7 +82,7 @@ class VerticalSlash(BlockSelectionMethod):
         slash = torch.zeros_like(probs[:, :, 0]).scatter_add_(-1, offsets.flatten().expand(B, Hq, -1), probs.flatten(2))
         return probs.sum(2), slash
 
-    def _select(self, q, k, call: Call) -> torch.Tensor:
+    def _select_with_columns(self, q, k, call: Call) -> tuple[torch.Tensor, torch.Tensor | None]:
         cfg, b = self.config, self.config.block_size
         nkb = -(-call.len_kv // b)
         vertical, slash = self.estimate(q, k, call)
@@ -93,4 +100,12 @@ class VerticalSlash(BlockSelectionMethod):
         v = torch.where((v >= 0) & (v <= diag[:, None]), v, -1)
         s = diag[:, None] - slashes[:, :, None, :]
         s = torch.where((slashes[:, :, None, :] >= 0) & (s >= 0), s, -1)
-        return unique_blocks(torch.cat([v, s], dim=-1))
+        columns = None
+        if cfg.vertical_columns:
+            # the heaviest single columns outside the vertical blocks already chosen
+            in_blocks = torch.zeros_like(v_blocks, dtype=torch.bool).scatter_(-1, verticals.clamp(min=0), verticals >= 0)
+            outside = vertical.masked_fill(in_blocks.repeat_interleave(b, -1)[..., : call.len_kv], float("-inf"))
+            count = clamp_budget(self.info.name, "vertical_columns", cfg.vertical_columns, call.len_kv, "keys")
+            top = outside.topk(count, dim=-1)
+            columns = torch.where(torch.isfinite(top.values), top.indices, -1)
+        return unique_blocks(torch.cat([v, s], dim=-1)), columns

@@ -44,6 +44,8 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale: float, backen
             return strip_attention(q, k, v, layout, layout.boxes, scale=scale)
         if handles(layout):
             return block_attention(q, k, v, layout, scale=scale, static=static)
+        if layout.columns is not None:
+            raise ValueError("block_sparse_attention: layouts with columns need key blocks of more than one token")
         return gather_attention(q, k, v, layout, scale=scale, static=static)
     if backend == "flex":
         out = flex_block_sparse(q, k, v, layout, scale=scale, compile=q.device.type == "cuda")

@@ -12,7 +12,9 @@ query block. This executor runs them as batched fused SDPA calls:
   runs at nearly the speed of no mask;
 * a chunk of a group gathers its key and value blocks with one ``index_select`` into buffers that
   are allocated once per call and refilled (a fresh multi-MB tensor per chunk costs its page faults);
-  memory stays linear in N.
+  memory stays linear in N;
+* a layout's single key ``columns`` are attended separately (:mod:`.columns`) and merged by
+  log-sum-exp, which the CPU flash kernel returns alongside its output.
 
 A ``mask_mod`` that is a :class:`CausalMask` is classified analytically (only the diagonal tiles
 are evaluated), so planning a content-selected layout costs O(listed tiles); any other ``mask_mod``
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..dense import attention_with_lse, merge_partials
+from .columns import column_attention
 from .layout import BlockLayout, additive_mask
 
 _CHUNK_KEYS = 131072  # gathered keys per SDPA call (32 MB buffers at D = 64; fewer, larger calls)
@@ -258,7 +262,8 @@ class _Buffers:
 
 
 def block_attention(q, k, v, layout: BlockLayout, *, scale: float, static: bool = True) -> tuple[torch.Tensor, dict]:
-    """Block-granular sparse attention through fused SDPA on gathered key blocks.
+    """Block-granular sparse attention through fused SDPA on gathered key blocks, plus the
+    layout's single key columns.
 
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> (B, Hq, Nq, Dv), plus the counts of
     allowed and computed (query, key) entries. Rows with no allowed key return zeros.
@@ -272,6 +277,8 @@ def block_attention(q, k, v, layout: BlockLayout, *, scale: float, static: bool 
     qb, kb, vb = (_blocked(x.to(work), blk).flatten(0, 2) for x, blk in ((q, bq), (k, bk), (v, bk)))
     nqb, nkb = layout.num_q_blocks, layout.num_kv_blocks
     out = torch.zeros(B * Hq * nqb, bq, Dv, dtype=work, device=q.device)
+    columns = layout.columns is not None
+    lse = torch.full((B * Hq * nqb, bq), float("-inf"), dtype=work, device=q.device) if columns else None
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     width = 0
     for g in plan.groups:
@@ -288,12 +295,24 @@ def block_attention(q, k, v, layout: BlockLayout, *, scale: float, static: bool 
             qs = buffers.select(0, qb, ids, width).view(c, 1, bq, D)
             ks = buffers.select(1, kb, keys, width).view(c, 1, n * bk, D)
             vs = buffers.select(2, vb, keys, width).view(c, 1, n * bk, Dv)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=g.mask, scale=scale).view(c, bq, Dv)
+            if columns:
+                o, rows = attention_with_lse(qs, ks, vs, g.mask, scale=scale)
+            else:
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=g.mask, scale=scale)
+            o = o.view(c, bq, Dv)
             if g.empty_rows is not None:
                 o = o.index_fill(1, g.empty_rows, 0.0)
             out.index_copy_(0, ids, o)
+            if columns:
+                rows = rows.view(c, bq)
+                lse.index_copy_(0, ids, rows if g.empty_rows is None else rows.index_fill(1, g.empty_rows, float("-inf")))
     share = (B if Bl == 1 else 1) * (Hq if Hl == 1 else 1)
     allowed = sum(map(sum, plan.allowed)) * share
     computed = sum(map(sum, plan.computed)) * share
     out = out.view(B, Hq, -1, Dv)[:, :, :Nq]
+    if columns:
+        col_out, col_lse, col_allowed = column_attention(q.to(work), k.to(work), v.to(work), layout, scale=scale)
+        out = merge_partials(out, lse.view(B, Hq, -1)[:, :, :Nq], col_out, col_lse)
+        allowed += col_allowed
+        computed += Nq * layout.columns.shape[-1] * B * Hq
     return out.to(dtype), {"allowed": allowed, "computed": computed}

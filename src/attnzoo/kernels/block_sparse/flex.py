@@ -35,14 +35,22 @@ def block_mask(layout: BlockLayout):
     inner = layout.mask_mod
     qo = layout.q_order if layout.q_order is not None else torch.arange(layout.num_q, device=layout.device)
     ko = layout.kv_order if layout.kv_order is not None else torch.arange(layout.num_kv, device=layout.device)
-    listed = None
+    qb, kb, shared_b, shared_h = layout.q_block, layout.kv_block, layout.kv_indices.shape[0] == 1, layout.kv_indices.shape[1] == 1
+    listed = column = None
+    counts, indices = layout.kv_counts, layout.kv_indices
     if not layout.covers_mask:
         # A selection layout: the listed blocks are part of the pattern. Compiled flex skips unlisted
         # blocks, but eager flex (the CPU path) applies mask_mod alone, so the mask checks them too.
-        Bl, Hl, nqb, _ = layout.kv_indices.shape
-        listed = torch.zeros(Bl, Hl, nqb, layout.num_kv_blocks + 1, dtype=torch.bool, device=layout.device)
-        listed.scatter_(-1, torch.where(layout.slot_valid(), layout.kv_indices, layout.num_kv_blocks), True)
-    qb, kb, shared_b, shared_h = layout.q_block, layout.kv_block, layout.kv_indices.shape[0] == 1, layout.kv_indices.shape[1] == 1
+        listed = layout.block_visits()
+    if layout.columns is not None:
+        # single key columns: every block holding one is visited, and the mask keeps the column's token
+        Bl, Hl, _ = layout.columns.shape
+        column = torch.zeros(Bl, Hl, layout.num_kv + 1, dtype=torch.bool, device=layout.device)
+        column.scatter_(-1, torch.where(layout.columns >= 0, layout.columns, layout.num_kv), True)
+        column = column[..., :-1]
+        holding = torch.nn.functional.pad(column, (0, -layout.num_kv % kb)).unflatten(-1, (-1, kb)).any(-1)
+        visit = listed | holding[:, :, None, :]
+        counts, indices = visit.sum(-1), torch.argsort((~visit).to(torch.int8), dim=-1, stable=True)
 
     def mask_mod(b, h, q_idx, kv_idx):
         # the layout's own batch/head index is 0 where it is shared by every batch row/head
@@ -51,14 +59,17 @@ def block_mask(layout: BlockLayout):
         if inner is not None:
             allowed = allowed & inner(b, h, qo[q_idx].clamp(min=0), ko[kv_idx])
         if listed is not None:
-            allowed = allowed & listed[b, h, q_idx // qb, kv_idx // kb]
+            visited = listed[b, h, q_idx // qb, kv_idx // kb]
+            if column is not None:
+                visited = visited | column[b, h, kv_idx]
+            allowed = allowed & visited
         return allowed
 
     # FlexAttention sizes its block table by the last axis of kv_indices: pad it to all key blocks
-    indices = layout.kv_indices.to(torch.int32)
+    indices = indices.to(torch.int32)
     indices = torch.nn.functional.pad(indices, (0, layout.num_kv_blocks - indices.shape[-1]))
     bm = BlockMask.from_kv_blocks(
-        layout.kv_counts.to(torch.int32),
+        counts.to(torch.int32),
         indices,
         BLOCK_SIZE=(layout.q_block, layout.kv_block),
         mask_mod=mask_mod,

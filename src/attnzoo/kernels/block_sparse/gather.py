@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..dense import attention_with_lse, merge_partials
 from .layout import BlockLayout, additive_mask
 
 _CHUNK_KEYS = 2048  # gathered keys per SDPA call: small enough to stay in cache on a CPU
@@ -203,7 +204,7 @@ def _sdpa_rows(q, k, v, mask, scale: float, groups: int, with_lse: bool):
     q, mask = _fold_groups(q, mask, groups)
     if not with_lse:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).reshape(B, Hq, L, -1), None
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+    out, lse = attention_with_lse(q, k, v, mask, scale=scale)
     return out.reshape(B, Hq, L, -1), lse.reshape(B, Hq, L)
 
 
@@ -275,10 +276,7 @@ def _merge_prefix(q, k, v, out, lse, prefix: _Prefix, scale: float, groups: int)
         mask = None if prefix.mask is None else prefix.mask[a : a + _PREFIX_ROWS]
         o_p, lse_p = _sdpa_rows(q[:, :, rows], kp, vp, mask, scale, groups, True)
         lse_p = lse_p.masked_fill(prefix.empty[a : a + _PREFIX_ROWS], float("-inf"))
-        lse_b = lse[:, :, rows]
-        top = torch.maximum(lse_b, lse_p)
-        w_b, w_p = torch.exp(lse_b - top), torch.exp(lse_p - top)
-        out[:, :, rows] = ((w_b[..., None] * out[:, :, rows] + w_p[..., None] * o_p) / (w_b + w_p)[..., None]).to(out.dtype)
+        out[:, :, rows] = merge_partials(out[:, :, rows], lse[:, :, rows], o_p, lse_p).to(out.dtype)
 
 
 def _run_gathered(q_t, k_t, v_t, out_t, plan: _Plan, g: _Group, scale: float, groups: int) -> None:

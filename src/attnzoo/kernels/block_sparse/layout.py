@@ -8,7 +8,9 @@ index), so that a 2-D/3-D window becomes a tile and a dilated or strided pattern
 grid tokens, without its global text tokens); executors return zeros for the rows it leaves out.
 
 Shapes: ``kv_indices`` (Bl, Hl, nQB, maxK) and ``kv_counts`` (Bl, Hl, nQB), with Bl in {1, B} and
-Hl in {1, Hq}; block ids refer to positions in the visiting order; ``mask_mod`` receives
+Hl in {1, Hq}; block ids refer to positions in the visiting order; optional ``columns`` (Bl, Hl, C):
+single key tokens every query block visits besides its blocks (MInference's vertical lines),
+natural order only, -1 holes; ``mask_mod`` receives
 original token indices as broadcastable int64 tensors, and the layout's own batch and head index
 (0 where Bl or Hl is 1: a mask that differs between heads needs a per-head layout).
 """
@@ -47,6 +49,9 @@ class BlockLayout:
     boxes: Any = None
     """Optional geometry (:class:`~attnzoo.kernels.block_sparse.strip.Boxes2D`) of a tiled 2-D
     layout, which lets the CPU executor read each tile's keys through strided views."""
+    columns: torch.Tensor | None = None
+    """Optional (Bl, Hl, C) key token ids (-1 holes) that every query block also visits where
+    ``mask_mod`` allows, on top of its listed blocks; natural order only."""
     cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -60,6 +65,13 @@ class BlockLayout:
         for name, order, n in (("q_order", self.q_order, self.num_q), ("kv_order", self.kv_order, self.num_kv)):
             if order is not None and order.shape != (n,):
                 raise ValueError(f"BlockLayout: {name} must have shape ({n},); got {tuple(order.shape)}")
+        if self.columns is not None:
+            if self.columns.dim() != 3 or self.columns.shape[:2] != self.kv_indices.shape[:2]:
+                raise ValueError(f"BlockLayout: columns must be (Bl, Hl, C) = {tuple(self.kv_indices.shape[:2])} + (C,); "
+                                 f"got {tuple(self.columns.shape)}")
+            if self.q_order is not None or self.kv_order is not None or self.covers_mask:
+                raise ValueError("BlockLayout: columns need a selection layout in natural token order "
+                                 "(no q_order or kv_order, covers_mask False)")
 
     @property
     def num_q_blocks(self) -> int:
@@ -81,6 +93,25 @@ class BlockLayout:
         """(Bl, Hl, nQB, maxK) bool: slot s is a listed block (s < count)."""
         slots = torch.arange(self.kv_indices.shape[-1], device=self.device)
         return slots < self.kv_counts[..., None]
+
+    def block_visits(self) -> torch.Tensor:
+        """(Bl, Hl, nQB, nKB) bool: key block kb is listed for query block qb."""
+        Bl, Hl, nqb, _ = self.kv_indices.shape
+        nkb = self.num_kv_blocks
+        blocks = torch.zeros(Bl, Hl, nqb, nkb + 1, dtype=torch.bool, device=self.device)
+        blocks.scatter_(-1, torch.where(self.slot_valid(), self.kv_indices.clamp(min=0, max=nkb - 1), nkb), True)
+        return blocks[..., :nkb]
+
+    def column_visits(self) -> torch.Tensor:
+        """(Bl, Hl, nQB, C) bool: column c is real, not a repeat of an earlier one, and its key
+        block is not listed for query block qb (the columns a query block visits on top of its
+        blocks)."""
+        cols = self.columns
+        ordered, perm = torch.sort(cols, dim=-1, stable=True)
+        repeat = torch.zeros_like(cols, dtype=torch.bool).scatter_(-1, perm[..., 1:], ordered[..., 1:] == ordered[..., :-1])
+        listed = self.block_visits()
+        inside = torch.gather(listed, -1, (cols.clamp(min=0) // self.kv_block)[:, :, None, :].expand(-1, -1, listed.shape[2], -1))
+        return ((cols >= 0) & ~repeat)[:, :, None, :] & ~inside
 
     @staticmethod
     def _original(order: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
@@ -111,18 +142,19 @@ class BlockLayout:
     def dense_mask(self, len_q: int, len_kv: int) -> torch.Tensor:
         """(Bl, Hl, len_q, len_kv) bool mask this layout means, in original order; materialises
         N x N, for references and tests only. Queries the layout does not visit get no keys."""
-        Bl, Hl, nqb, _ = self.kv_indices.shape
-        nkb = self.num_kv_blocks
-        blocks = torch.zeros(Bl, Hl, nqb, nkb + 1, dtype=torch.bool, device=self.device)
-        blocks.scatter_(-1, torch.where(self.slot_valid(), self.kv_indices.clamp(min=0, max=nkb - 1), nkb), True)
-        blocks = blocks[..., :nkb]
-        visit = blocks.repeat_interleave(self.q_block, 2).repeat_interleave(self.kv_block, 3)
+        Bl, Hl = self.kv_indices.shape[:2]
+        visit = self.block_visits().repeat_interleave(self.q_block, 2).repeat_interleave(self.kv_block, 3)
         visit = visit[:, :, : self.num_q, : self.num_kv]
         qo = torch.arange(self.num_q, device=self.device) if self.q_order is None else self.q_order
         ko = torch.arange(self.num_kv, device=self.device) if self.kv_order is None else self.kv_order
         full = torch.zeros(Bl, Hl, len_q, len_kv, dtype=torch.bool, device=self.device)
         real = qo >= 0  # a q_order may hold -1 holes (padding of ragged tiles)
         full[:, :, qo[real][:, None], ko[None, :]] = visit[:, :, real]
+        if self.columns is not None:
+            per_row = self.column_visits().repeat_interleave(self.q_block, 2)[:, :, : self.num_q]
+            cols = torch.where(per_row, self.columns[:, :, None, :], len_kv)  # unvisited -> a spare column
+            extra = torch.zeros(Bl, Hl, self.num_q, len_kv + 1, dtype=torch.bool, device=self.device)
+            full[:, :, : self.num_q] |= extra.scatter_(-1, cols, True)[..., :len_kv]
         qi = torch.arange(len_q, device=self.device)[:, None]
         ki = torch.arange(len_kv, device=self.device)[None, :]
         b = torch.arange(Bl, device=self.device).view(-1, 1, 1, 1)
