@@ -25,11 +25,13 @@ import attnzoo
 SPEED_CASES = [  # about 5% density at N = 16,384
     ("vertical_slash", dict(vertical_blocks=5, slash_blocks=6)),
     ("vertical_slash", dict(vertical_blocks=5, slash_blocks=5)),
+    ("vertical_slash", dict(vertical_blocks=1, slash_blocks=6, vertical_columns=256)),  # single-token vertical lines
     ("block_sparse", dict(top_k=6)),
     ("block_sparse", dict(top_k=6, estimator="sampled_q")),
     ("block_sparse", dict(top_k=24, block_size=16, estimator="sampled_q")),  # the 4K perplexity config's blocks
     ("hip", dict(top_k=5)),
     ("hip", dict(top_k=5, query_samples=4)),
+    ("hip", dict(top_k=5, branch_score="bound")),
 ]
 
 
@@ -65,7 +67,7 @@ def speed(a) -> None:
 
 def hip_scaling(a) -> None:
     print(f"hip selection time, causal float32 H={a.heads} D={a.dim}, {a.threads} threads, medians of {a.repeats}")
-    for cfg in (dict(top_k=8), dict(top_k=8, query_samples=4)):
+    for cfg in (dict(top_k=8), dict(top_k=8, branch_score="bound"), dict(top_k=8, query_samples=4)):
         method = attnzoo.get_method("hip", **cfg)
         for n in a.lengths:
             q, k, v = inputs(n, a.heads, a.dim)

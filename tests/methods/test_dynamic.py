@@ -25,13 +25,15 @@ CASES = [
     ("hip", dict(top_k=2, block_size=16), dict(top_k=6, block_size=16)),
     ("hip", dict(top_k=2, block_size=16, query_samples=4), dict(top_k=6, block_size=16, query_samples=4)),
     ("hip", dict(top_k=5, block_size=16, key_block_size=4), dict(top_k=24, block_size=16, key_block_size=4)),
+    ("hip", dict(top_k=2, block_size=16, branch_score="bound"), dict(top_k=6, block_size=16, branch_score="bound")),
     ("biformer", dict(n_win=6, topk=2), dict(n_win=6, topk=6)),
     ("routing", dict(num_clusters=3, block_size=16), dict(num_clusters=1, block_size=16)),
 ]
-CASE_IDS = [name + "".join(f"-{o}={cfg[o]}" for o in ("estimator", "query_samples", "key_block_size", "estimate_queries", "vertical_columns") if o in cfg) for name, cfg, _ in CASES]
+CASE_IDS = [name + "".join(f"-{o}={cfg[o]}" for o in ("estimator", "query_samples", "key_block_size", "estimate_queries", "vertical_columns", "branch_score") if o in cfg) for name, cfg, _ in CASES]
 CLAMPED = [c for c in CASES if c[0] != "routing"]  # routing's budget is a cluster count: 1 is dense
 CLAMPED_IDS = [i for i, c in zip(CASE_IDS, CASES) if c in CLAMPED]
-PREFIX_INVARIANT = ["block_sparse", "block_sparse-estimator=sampled_q", "hip", "hip-query_samples=4", "hip-key_block_size=4"]
+PREFIX_INVARIANT = ["block_sparse", "block_sparse-estimator=sampled_q", "hip", "hip-query_samples=4", "hip-key_block_size=4",
+                    "hip-branch_score=bound"]
 
 
 def modes(m):
@@ -134,7 +136,7 @@ def test_bad_options_name_the_argument(name):
 
 @pytest.mark.parametrize("name,cfg", [
     ("block_sparse", dict(top_k=4)), ("block_sparse", dict(top_k=4, estimator="sampled_q")),
-    ("hip", dict(top_k=1)), ("hip", dict(top_k=1, query_samples=2)), ("vertical_slash", dict(vertical_blocks=1, slash_blocks=3)),
+    ("hip", dict(top_k=1)), ("hip", dict(top_k=1, query_samples=2)), ("hip", dict(top_k=1, branch_score="bound")), ("vertical_slash", dict(vertical_blocks=1, slash_blocks=3)),
 ])
 def test_local_blocks_are_always_visited(name, cfg, rng):
     """Whatever the content, a causal query block visits its diagonal block, block 0 and the
@@ -246,3 +248,38 @@ def test_vertical_columns_are_the_heaviest_single_keys(rng):
     want[:, [37, 70]] = rows >= (torch.tensor([37, 70]) // 16 + 1) * 16  # later query blocks; its own block is the diagonal
     assert torch.equal(added[0, 0], want)
     assert rel_err(lined(q, k, v, causal=True), lined.reference(q, k, v, causal=True)) <= 1e-5
+
+
+@pytest.mark.parametrize("samples", [0, 3])
+def test_hip_bound_is_an_upper_bound_of_every_logit_in_the_branch(samples, rng):
+    """For any range of key blocks, the bound score is at least the largest logit between the
+    queries and any key of the range, and equals it for a range of one single-token block."""
+    from attnzoo.methods.hip import _BoundScore
+    B, H, nkb, bk, D, r = 1, 2, 13, 3, 8, max(samples, 1)
+    kp = torch.randn(B, H, nkb, bk, D, generator=rng)
+    first = (torch.arange(H) * nkb).view(1, H, 1, 1)
+    qp = torch.randn(B, H, 1, r, D, generator=rng)
+    starts = torch.randint(0, nkb, (B, H, 1, 20), generator=rng)
+    ends = (starts + torch.randint(1, nkb, (B, H, 1, 20), generator=rng)).clamp(max=nkb)
+    got = _BoundScore(kp, first, nkb)(qp, starts, ends)
+    for h in range(H):
+        for i in range(20):
+            keys = kp[0, h, int(starts[0, h, 0, i]) : int(ends[0, h, 0, i])].flatten(0, 1)
+            assert float(got[0, h, 0, i]) >= float((qp[0, h, 0] @ keys.T).max()) - 1e-5
+    single = _BoundScore(kp[..., :1, :], first, nkb)(qp, starts, starts + 1)
+    exact = torch.stack([(qp[0, h, 0] @ kp[0, h, starts[0, h, 0], 0].T).amax(0) for h in range(H)])[None, :, None]
+    assert torch.allclose(single, exact, atol=1e-5)
+
+
+def test_hip_bound_finds_a_lone_key_among_identical_ones(rng):
+    """Keys that are all the same except one strong key: every representative of a branch scores
+    the same, but the bound of the branch holding the strong key is higher at every level, so
+    every later query block finds it with one branch."""
+    q, k, v = qkv(rng, B=1, Hq=1, Hkv=1, Nq=512, D=16)
+    direction = torch.nn.functional.normalize(torch.randn(16, generator=rng), dim=0)
+    q = q * 0.1 + direction
+    k = torch.zeros_like(k) + torch.randn(16, generator=rng) * 0.1
+    k[0, 0, 211] = direction * 5  # key block 13
+    layout = attnzoo.get_method("hip", top_k=1, block_size=16, local_blocks=0, branch_score="bound").selection(q, k, v, causal=True)
+    for qb in range(14, 32):
+        assert 13 in layout.kv_indices[0, 0, qb, : int(layout.kv_counts[0, 0, qb])].tolist(), qb

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import check_int
-from ..kernels.dense import repeat_kv
+from ..errors import InvalidArgumentError, check_int
 from ..method import Call, MethodInfo
 from ..registry import register
 from ..selection import (
@@ -35,8 +34,13 @@ class HiP(BlockSelectionMethod):
     the means blur. ``key_block_size`` (default ``block_size``) sets the key granularity on its
     own: HiP's reference code sizes query and key blocks separately, with key blocks of a few
     tokens and many branches, which gives a lone key a better chance to survive the first levels of
-    the search (``local_blocks`` then counts key blocks). q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv). Selection O((N / b) max(r, 1) k log(N / b) D),
-    i.e. O(N log N); attention O(N k b D). ``top_k`` above the number of key blocks is clamped
+    the search (``local_blocks`` then counts key blocks).
+    ``branch_score="bound"`` (not in the paper) scores a branch by Quest's upper bound of q . k over
+    all its keys instead of one representative (see :class:`_BoundScore`): a lone strong key among
+    look-alike keys (a passkey in repeated filler) lifts the bound of every range that holds it, where
+    a representative sees only filler. q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv). Selection
+    O((N / b) max(r, 1) k log(N / b) D), i.e. O(N log N) (the bound's sparse table adds
+    O(N log(N) D / b)); attention O(N k b D). ``top_k`` above the number of key blocks is clamped
     (warning)."""
 
     info = MethodInfo(
@@ -50,10 +54,13 @@ class HiP(BlockSelectionMethod):
     class Config(TopKConfig):
         query_samples: int = 0
         key_block_size: int | None = None
+        branch_score: str = "representative"
 
         def __post_init__(self):
             super().__post_init__()
             self.query_samples = check_int("query_samples", self.query_samples, minimum=0)
+            if self.branch_score not in ("representative", "bound"):
+                raise InvalidArgumentError("branch_score", "'representative' or 'bound'", repr(self.branch_score))
             if self.key_block_size is not None:
                 self.key_block_size = check_int("key_block_size", self.key_block_size, minimum=2)
 
@@ -65,43 +72,92 @@ class HiP(BlockSelectionMethod):
         nkb = -(-call.len_kv // bk)
         top_k = clamp_budget(self.info.name, "top_k", self.config.top_k, nkb)
         work = torch.float64 if q.dtype == torch.float64 else torch.float32
-        if self.config.query_samples:  # r sampled queries against every token of a representative block
+        B, Hq, G = call.batch, call.heads_q, call.groups
+        if self.config.query_samples:  # r sampled queries of each query block
             rows = sample_rows(call, bq, self.config.query_samples)
             qp = q[:, :, rows.flatten()].unflatten(2, rows.shape).to(work)  # (B, Hq, nQB, r, D)
-            last = k[:, :, -1:].expand(-1, -1, nkb * bk - call.len_kv, -1)  # padding repeats a real key
-            kp = repeat_kv(torch.cat([k, last], 2).to(work), call.groups).unflatten(2, (nkb, bk))  # (B, Hq, nKB, bk, D)
-        else:  # the mean query against the mean key of a representative block
+        else:  # the mean query
             qp = block_means(q, bq)[:, :, :, None]  # (B, Hq, nQB, 1, D)
-            kp = repeat_kv(block_means(k, bk), call.groups)[:, :, :, None]  # (B, Hq, nKB, 1, D)
-        flat_keys = kp.flatten(0, 2)
-        rows = (torch.arange(kp.shape[0] * kp.shape[1], device=q.device) * nkb).view(kp.shape[0], kp.shape[1], 1, 1)
-        chunk = max(1, min(_QUERY_CHUNK, _GATHERED // (kp.shape[0] * kp.shape[1] * 2 * top_k * kp.shape[3] * kp.shape[4])))
+        if self.config.branch_score == "bound" or self.config.query_samples:
+            last = k[:, :, -1:].expand(-1, -1, nkb * bk - call.len_kv, -1)  # padding repeats a real key
+            kp = torch.cat([k, last], 2).to(work).unflatten(2, (nkb, bk))  # (B, Hkv, nKB, bk, D)
+        else:
+            kp = block_means(k, bk)[:, :, :, None]  # (B, Hkv, nKB, 1, D): the mean key
+        # first key block of each query head's key head, in (B * Hkv * nKB) rows
+        first = ((torch.arange(B, device=q.device)[:, None] * call.heads_kv + torch.arange(Hq, device=q.device) // G) * nkb)[:, :, None, None]
+        if self.config.branch_score == "bound":
+            score = _BoundScore(kp, first, nkb)
+            width = 2 * kp.shape[-1]
+        else:
+            score = _RepresentativeScore(kp.flatten(0, 2), first, nkb)
+            width = kp.shape[3] * kp.shape[4]
+        chunk = max(1, min(_QUERY_CHUNK, _GATHERED // (B * Hq * 2 * top_k * width)))
         diag = last_key_block(call, bq, bk)
         visible = (diag + 1).clamp(min=0)[:, None]  # key blocks [0, visible) per query block
         branch = torch.arange(top_k + 1, device=q.device)
         bounds = (branch * visible) // top_k  # (nQB, top_k + 1): top_k ranges covering everything
         chosen = torch.cat([
-            self._search(qp[:, :, a : a + chunk], flat_keys, rows, bounds[a : a + chunk], top_k, nkb)
-            for a in range(0, qp.shape[2], chunk)
+            _search(qp[:, :, a : a + chunk], score, bounds[a : a + chunk], top_k) for a in range(0, qp.shape[2], chunk)
         ], dim=2)
         forced = forced_blocks(call, bq, bk, self.config.local_blocks).expand(*chosen.shape[:2], -1, -1)
         return unique_blocks(torch.cat([chosen, forced], -1))
 
-    @staticmethod
-    def _search(qp, flat_keys, rows, bounds, top_k: int, nkb: int) -> torch.Tensor:
-        """The tree search for query blocks ``qp`` (B, H, c, r, D) over their ``bounds`` (c, top_k + 1),
-        representatives ``flat_keys`` (B * H * nKB, t, D) per key block, a branch scored by its largest
-        query x representative logit: the chosen key block per branch (B, H, c, top_k), -1 where a
-        branch is empty."""
-        starts = bounds[:, :-1].expand(*qp.shape[:2], -1, -1)
-        ends = bounds[:, 1:].expand(*qp.shape[:2], -1, -1)
-        while bool((ends - starts > 1).any()):
-            mid = (starts + ends + 1) // 2
-            starts, ends = torch.cat([starts, mid], -1), torch.cat([mid, ends], -1)
-            rep = ((starts + ends - 1) // 2).clamp(min=0, max=nkb - 1) + rows  # representative block, flat id
-            keys = flat_keys.index_select(0, rep.flatten()).view(*rep.shape, -1, flat_keys.shape[-1])  # (B, H, c, n, t, D)
-            scores = (keys.flatten(3, 4) @ qp.transpose(-1, -2)).unflatten(3, keys.shape[3:5]).amax((-1, -2))
-            scores = scores.masked_fill(ends <= starts, float("-inf"))
-            best = scores.topk(top_k, dim=-1).indices
-            starts, ends = torch.gather(starts, -1, best), torch.gather(ends, -1, best)
-        return torch.where(ends - starts == 1, starts, -1)
+
+def _search(qp, score, bounds, top_k: int) -> torch.Tensor:
+    """The tree search for query blocks ``qp`` (B, H, c, r, D) over their ``bounds`` (c, top_k + 1):
+    halve every range, keep the ``top_k`` best halves by ``score(qp, starts, ends)``, until every
+    range is one key block. The chosen key block per branch (B, H, c, top_k), -1 where a branch is
+    empty."""
+    starts = bounds[:, :-1].expand(*qp.shape[:2], -1, -1)
+    ends = bounds[:, 1:].expand(*qp.shape[:2], -1, -1)
+    while bool((ends - starts > 1).any()):
+        mid = (starts + ends + 1) // 2
+        starts, ends = torch.cat([starts, mid], -1), torch.cat([mid, ends], -1)
+        scores = score(qp, starts, ends).masked_fill(ends <= starts, float("-inf"))
+        best = scores.topk(top_k, dim=-1).indices
+        starts, ends = torch.gather(starts, -1, best), torch.gather(ends, -1, best)
+    return torch.where(ends - starts == 1, starts, -1)
+
+
+class _RepresentativeScore:
+    """HiP's branch score: the largest logit between the queries and the key tokens ``flat_keys``
+    (B * Hkv * nKB, t, D) of the branch's middle block."""
+
+    def __init__(self, flat_keys, first, nkb: int):
+        self.flat_keys, self.first, self.nkb = flat_keys, first, nkb
+
+    def __call__(self, qp, starts, ends):
+        rep = ((starts + ends - 1) // 2).clamp(min=0, max=self.nkb - 1) + self.first
+        keys = self.flat_keys.index_select(0, rep.flatten()).view(*rep.shape, -1, self.flat_keys.shape[-1])  # (B, H, c, n, t, D)
+        return (keys.flatten(3, 4) @ qp.transpose(-1, -2)).unflatten(3, keys.shape[3:5]).amax((-1, -2))
+
+
+class _BoundScore:
+    """Quest's upper bound of q . k over every key of the branch ("Quest: Query-Aware Sparsity for
+    Efficient Long-Context LLM Inference", arXiv 2406.10774): sum over d of max(q_d hi_d, q_d lo_d)
+    with hi/lo the elementwise extremes of the keys, the largest over the queries. Extremes of any
+    range of key blocks come from a sparse table (two overlapping power-of-two windows), so a
+    branch costs O(D) whatever its length."""
+
+    def __init__(self, kp, first, nkb: int):
+        hi, lo = kp.amax(3).flatten(0, 2), kp.amin(3).flatten(0, 2)  # (B * Hkv * nKB, D)
+        his, los = [hi], [lo]
+        row = torch.arange(hi.shape[0], device=hi.device)
+        block = row % nkb
+        span = 1
+        while 2 * span <= nkb:
+            at = row + (block + span).clamp(max=nkb - 1) - block  # the block span later, within the head
+            his.append(torch.maximum(his[-1], his[-1][at]))
+            los.append(torch.minimum(los[-1], los[-1][at]))
+            span *= 2
+        self.hi, self.lo = torch.cat(his), torch.cat(los)  # level j holds the extremes of 2^j blocks from each block
+        self.rows, self.first = hi.shape[0], first
+
+    def __call__(self, qp, starts, ends):
+        length = (ends - starts).clamp(min=1)
+        level = torch.log2(length.double()).floor().long()
+        at_a = level * self.rows + self.first + starts.clamp(min=0)
+        at_b = level * self.rows + self.first + (ends - (1 << level)).clamp(min=0)
+        hi = torch.maximum(self.hi[at_a], self.hi[at_b])  # (B, H, c, n, D)
+        lo = torch.minimum(self.lo[at_a], self.lo[at_b])
+        return (hi @ qp.clamp(min=0).transpose(-1, -2) + lo @ qp.clamp(max=0).transpose(-1, -2)).amax(-1)
