@@ -9,7 +9,9 @@ recall of the exact attention mass and relative output error, averaged over laye
 the bound: the most mass any support of ``--density`` keeps, made of b x b tiles (what a selection
 with b-token blocks could reach if it knew the exact attention) or of single entries.
 ``perplexity``: the patched model's perplexity on the first ``--tokens`` tokens of the English text
-against dense. ``passkey``: exact-match passkey retrieval at about ``--tokens`` tokens.
+against dense. ``passkey``: exact-match passkey retrieval at about ``--tokens`` tokens, one mark per
+trial (+ found, . missed; ``--n`` keys per depth, depths in order), and how many of the keys that
+dense attention finds each method finds too.
 """
 
 from __future__ import annotations
@@ -101,13 +103,21 @@ def perplexity(a, model, tokenizer) -> None:
 
 def passkey(a, model, tokenizer) -> None:
     print(f"SmolLM2-135M passkey at about {a.tokens} tokens, {a.n} keys x depths {a.depths}")
+    def trials(result) -> str:  # one mark per trial in depth order: + found, . missed
+        return "".join("+" if t.correct else "." for t in result.trials)
+
+    dense = None
     if not a.skip_dense:
         dense = ev.passkey(model, tokenizer, context_len=a.tokens, depths=a.depths, n=a.n, show_progress=False)
-        print(f"{'dense':15s} accuracy {dense.accuracy:.2f}", flush=True)
+        print(f"{'dense':15s} accuracy {dense.accuracy:.2f}  {trials(dense)}", flush=True)
     for name, cfg in PASSKEY_CASES:
         with attnzoo.patch(model, name, **cfg):
             result = ev.passkey(model, tokenizer, context_len=a.tokens, depths=a.depths, n=a.n, show_progress=False)
-        print(f"{name:15s} accuracy {result.accuracy:.2f}  {cfg}", flush=True)
+        kept = ""
+        if dense is not None:
+            both = sum(t.correct and d.correct for t, d in zip(result.trials, dense.trials))
+            kept = f"  found {both} of the {dense.correct} keys dense finds"
+        print(f"{name:15s} accuracy {result.accuracy:.2f}  {trials(result)}{kept}  {cfg}", flush=True)
 
 
 def main() -> None:
