@@ -59,17 +59,20 @@ def masked_attention(q, k, v, mask: torch.Tensor | None, *, scale: float) -> tor
 
 def attention_with_lse(q, k, v, mask: torch.Tensor | None, *, scale: float):
     """Attention over (..., L, D) queries and (..., K, D) keys with an additive ``mask`` (or None),
-    returning the output and each row's log-sum-exp (..., L): the CPU flash kernel without
-    gradients (its backward ignores the log-sum-exp) when values have the keys' width, explicit
-    softmax otherwise."""
+    returning the output and each row's log-sum-exp (..., L); a row whose keys are all masked
+    gets output 0 and log-sum-exp -inf. The CPU flash kernel without gradients (its backward
+    ignores the log-sum-exp) when values have the keys' width, explicit softmax otherwise."""
     fused = q.device.type == "cpu" and v.shape[-1] == q.shape[-1]
     if fused and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        if mask is not None:  # the kernel returns 0 for a row with no key
+            lse = lse.masked_fill(torch.isneginf(mask).all(-1), float("-inf"))
+        return out, lse
     logits = q @ k.transpose(-1, -2) * scale
     if mask is not None:
         logits = logits + mask
     lse = torch.logsumexp(logits, dim=-1)
-    return torch.exp(logits - lse[..., None]) @ v, lse
+    return torch.exp(logits - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None]) @ v, lse
 
 
 def merge_partials(out_a, lse_a, out_b, lse_b):

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .layout import BlockLayout
+from ..dense import attention_with_lse
+from .layout import BlockLayout, additive_mask
 
 _LOGITS = 1 << 22  # query x column logits formed at once (16 MB in float32)
 
@@ -39,9 +40,7 @@ def column_attention(q, k, v, layout: BlockLayout, *, scale: float):
         rows = torch.arange(a, min(a + step, Nq), device=q.device)
         keep = visits[:, :, rows // layout.q_block] & layout.token_mask(rows[:, None], layout.columns[:, :, None, :], lb, lh)
         allowed += int(keep.sum()) * (B // Bl) * (Hq // Hl)
-        logits = (q[:, :, rows] @ kc.transpose(-1, -2)).mul_(scale).masked_fill_(~keep, float("-inf"))
-        lse = torch.logsumexp(logits, dim=-1)
-        probs = torch.exp(logits - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
-        outs.append(probs @ vc)
+        out, lse = attention_with_lse(q[:, :, rows], kc, vc, additive_mask(keep, q.dtype), scale=scale)
+        outs.append(out)
         lses.append(lse)
     return torch.cat(outs, 2), torch.cat(lses, 2), allowed
