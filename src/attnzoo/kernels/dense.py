@@ -72,7 +72,10 @@ def attention_with_lse(q, k, v, mask: torch.Tensor | None, *, scale: float):
     if mask is not None:
         logits = logits + mask
     lse = torch.logsumexp(logits, dim=-1)
-    return torch.exp(logits - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None]) @ v, lse
+    empty = torch.isneginf(lse)
+    if bool(empty.any()):  # keep the backward of an all -inf row finite (0 instead of nan)
+        lse = torch.logsumexp(logits.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty, float("-inf"))
+    return torch.exp(logits - torch.where(empty, torch.zeros_like(lse), lse)[..., None]) @ v, lse
 
 
 def merge_partials(out_a, lse_a, out_b, lse_b):
