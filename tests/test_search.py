@@ -16,6 +16,7 @@ from attnzoo.search import FORMAT, candidates, head_scores
 def test_candidates_cover_the_three_patterns_at_the_budget():
     specs = candidates(0.1, 4096, block_size=64)
     assert {s["method"] for s in specs} == {"streaming", "vertical_slash", "block_sparse"}
+    assert any(s["config"].get("vertical_columns") for s in specs)  # MInference's single-token vertical lines
     for s in specs:
         attnzoo.get_method(s["method"], **s["config"])  # every spec is a valid configuration
 

@@ -1,8 +1,8 @@
 """MInference's offline per-head pattern search.
 
 For every layer and query head of a causal LM, ``search_patterns`` captures the real attention
-inputs on a sample text, scores candidate patterns (``streaming`` A-shape, ``vertical_slash``,
-``block_sparse``, each at a few budgets) by the recall of the exact attention mass they keep, and
+inputs on a sample text, scores candidate patterns (``streaming`` A-shape, ``vertical_slash`` with
+block or single-token vertical lines, ``block_sparse``, each at a few budgets) by the recall of the exact attention mass they keep, and
 picks for each head the candidate with the highest recall whose density on that head is within
 ``budget`` ("MInference 1.0", arXiv 2407.02490, Sec. 3.2: kernel-aware pattern search). The result
 is an ``attnzoo-patterns/1`` file that ``attnzoo.patch(model, "auto", config=PATH)`` loads.
@@ -38,6 +38,10 @@ def candidates(budget: float, tokens: int, block_size: int = 64) -> list[dict[st
     for vertical in sorted({1, max(1, per_row // 2), max(1, per_row - 1)}):
         slash = max(1, per_row - vertical)
         specs.append({"method": "vertical_slash", "config": {"vertical_blocks": vertical, "slash_blocks": slash, "block_size": block_size}})
+    if per_row >= 3:  # the paper's single-token vertical lines: c columns cost about c / block_size blocks;
+        # block 0 and the local slashes are always kept, so the columns get half of the blocks left
+        specs.append({"method": "vertical_slash", "config": {"vertical_blocks": 1, "slash_blocks": per_row - per_row // 2,
+                                                             "block_size": block_size, "vertical_columns": per_row // 2 * block_size // 2}})
     return specs
 
 
