@@ -33,21 +33,26 @@ RECALL_CASES = [  # each at <= 10% density on 4K tokens
     ("streaming", dict(sinks=64, window=140)),
     ("vertical_slash", dict(vertical_blocks=4, slash_blocks=7, block_size=32)),
     ("vertical_slash", dict(vertical_blocks=8, slash_blocks=14, block_size=16)),
+    ("vertical_slash", dict(vertical_blocks=1, slash_blocks=14, block_size=16, vertical_columns=150)),
     ("block_sparse", dict(top_k=7, block_size=32)),
     ("block_sparse", dict(top_k=13, block_size=16)),
     ("block_sparse", dict(top_k=13, block_size=16, estimator="sampled_q")),
     ("hip", dict(top_k=11, block_size=16)),
     ("hip", dict(top_k=11, block_size=16, query_samples=4)),
+    ("hip", dict(top_k=11, block_size=16, branch_score="bound")),
 ]
 ORACLE_BLOCKS = [64, 32, 16, None]  # None: single entries
 PPL_CASES = [  # each at <= 15% density on 4K tokens
     ("vertical_slash", dict(vertical_blocks=6, slash_blocks=10, block_size=32)),
     ("vertical_slash", dict(vertical_blocks=8, slash_blocks=14, block_size=16, estimate_queries="spread", last_q=256)),
+    ("vertical_slash", dict(vertical_blocks=1, slash_blocks=12, block_size=16, vertical_columns=200, estimate_queries="spread",
+                            last_q=256)),
     ("block_sparse", dict(top_k=20, block_size=16)),
     ("block_sparse", dict(top_k=20, block_size=16, estimator="sampled_q")),
     ("block_sparse", dict(top_k=20, block_size=16, estimator="sampled_q", samples=16)),  # every query: exact block mass
     ("hip", dict(top_k=17, block_size=16)),
     ("hip", dict(top_k=17, block_size=16, query_samples=4)),
+    ("hip", dict(top_k=17, block_size=16, branch_score="bound")),
     ("streaming", dict(sinks=64, window=256)),
 ]
 PASSKEY_CASES = [
@@ -55,6 +60,7 @@ PASSKEY_CASES = [
     ("block_sparse", dict(top_k=20, block_size=16, estimator="sampled_q")),
     ("hip", dict(top_k=17, block_size=16, query_samples=4)),
     ("hip", dict(top_k=17, block_size=16)),
+    ("hip", dict(top_k=17, block_size=16, branch_score="bound")),
     ("streaming", dict(sinks=64, window=256)),
 ]
 
