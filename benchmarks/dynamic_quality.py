@@ -57,10 +57,13 @@ PPL_CASES = [  # each at <= 15% density on 4K tokens
 ]
 PASSKEY_CASES = [
     ("vertical_slash", dict(vertical_blocks=6, slash_blocks=10, block_size=32)),
+    ("vertical_slash", dict(vertical_blocks=1, slash_blocks=10, block_size=32, vertical_columns=200)),
     ("block_sparse", dict(top_k=20, block_size=16, estimator="sampled_q")),
     ("hip", dict(top_k=17, block_size=16, query_samples=4)),
     ("hip", dict(top_k=17, block_size=16)),
     ("hip", dict(top_k=17, block_size=16, branch_score="bound")),
+    ("hip", dict(top_k=34, block_size=16, branch_score="bound")),
+    ("hip", dict(top_k=34, block_size=16, query_samples=4)),
     ("streaming", dict(sinks=64, window=256)),
 ]
 
@@ -88,20 +91,25 @@ def recall(a, model, tokenizer) -> None:
               f"best support of {tiles}", flush=True)
 
 
+def counted(name: str, cfg: dict):
+    """The method, plus the list that receives the density of each of its prefill calls."""
+    densities = []
+    base = type(attnzoo.get_method(name, **cfg))
+
+    def call(self, q, k, v, *, causal=False, scale=None, return_stats=False):
+        out, stats = base.__call__(self, q, k, v, causal=causal, scale=scale, return_stats=True)
+        if q.shape[2] > 1:  # prefill calls, not decoding steps
+            densities.append(stats.density)
+        return (out, stats) if return_stats else out
+
+    return type(f"Counted{base.__name__}", (base,), {"__call__": call})(**cfg), densities
+
+
 def perplexity(a, model, tokenizer) -> None:
     dense = ev.perplexity(model, tokenizer, context_len=a.tokens, show_progress=False).perplexity
     print(f"SmolLM2-135M perplexity at {a.tokens} tokens: dense {dense:.3f}", flush=True)
     for name, cfg in PPL_CASES:
-        densities = []
-        base = type(attnzoo.get_method(name, **cfg))
-
-        def counted(self, q, k, v, *, causal=False, scale=None, return_stats=False, _base=base):
-            out, stats = _base.__call__(self, q, k, v, causal=causal, scale=scale, return_stats=True)
-            if q.shape[2] > 1:  # prefill calls, not decoding steps
-                densities.append(stats.density)
-            return (out, stats) if return_stats else out
-
-        method = type(f"Counted{base.__name__}", (base,), {"__call__": counted})(**cfg)
+        method, densities = counted(name, cfg)
         with attnzoo.patch(model, method):
             ppl = ev.perplexity(model, tokenizer, context_len=a.tokens, show_progress=False).perplexity
         print(f"{name:15s} ppl {ppl:.3f} ({(ppl / dense - 1) * 100:+.2f}% vs dense)  density {statistics.mean(densities):.3f}  {cfg}", flush=True)
@@ -117,13 +125,15 @@ def passkey(a, model, tokenizer) -> None:
         dense = ev.passkey(model, tokenizer, context_len=a.tokens, depths=a.depths, n=a.n, show_progress=False)
         print(f"{'dense':15s} accuracy {dense.accuracy:.2f}  {trials(dense)}", flush=True)
     for name, cfg in PASSKEY_CASES:
-        with attnzoo.patch(model, name, **cfg):
+        method, densities = counted(name, cfg)
+        with attnzoo.patch(model, method):
             result = ev.passkey(model, tokenizer, context_len=a.tokens, depths=a.depths, n=a.n, show_progress=False)
         kept = ""
         if dense is not None:
             both = sum(t.correct and d.correct for t, d in zip(result.trials, dense.trials))
             kept = f"  found {both} of the {dense.correct} keys dense finds"
-        print(f"{name:15s} accuracy {result.accuracy:.2f}  {trials(result)}{kept}  {cfg}", flush=True)
+        print(f"{name:15s} accuracy {result.accuracy:.2f}  {trials(result)}{kept}  density {statistics.mean(densities):.3f}  {cfg}",
+              flush=True)
 
 
 def main() -> None:
