@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InvalidArgumentError, UnsupportedError, check_int
-from .kernels.block_sparse import BACKENDS, BlockLayout, Boxes2D, block_sparse_attention, choose_backend
+from .kernels.block_sparse import BACKENDS, BlockLayout, Boxes2D, block_sparse_attention, choose_backend, membership
 from .kernels.dense import causal_mask, masked_attention, sdpa
 from .method import Call, CallStats, Method
 
@@ -76,9 +76,7 @@ def coarsen(layout: BlockLayout, block: int) -> BlockLayout:
         keys = torch.cat([keys, keys.new_full((*keys.shape[:2], pad, keys.shape[3]), -1)], dim=2)
     keys = keys.view(*keys.shape[:2], n_coarse, -1)
     nkb = -(-layout.num_kv // block)
-    present = torch.zeros(*keys.shape[:3], nkb + 1, dtype=torch.bool, device=dev)
-    present.scatter_(-1, torch.where(keys >= 0, keys, nkb), True)
-    present = present[..., :nkb]
+    present = membership(keys, nkb)
     counts = present.sum(-1)
     order = torch.sort((~present).to(torch.int8), dim=-1, stable=True).indices[..., : max(int(counts.max()), 1)]
     q_order = layout.q_order

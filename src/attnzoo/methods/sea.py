@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import check_int
-from ..kernels.block_sparse import BACKENDS, block_sparse_attention
+from ..kernels.block_sparse import BACKENDS, block_sparse_attention, membership
 from ..kernels.dense import causal_mask, masked_attention, repeat_kv
 from ..kernels.linear.feature_maps import favor_features, orthogonal_gaussian
 from ..method import Call, CallStats, Method, MethodInfo
@@ -99,7 +99,5 @@ class SEA(Method):
 
     def _support(self, q, k, v, call: Call):
         keys = self.select(q, k, call)
-        hit = torch.zeros(*keys.shape[:3], call.len_kv + 1, dtype=torch.bool, device=q.device)
-        hit.scatter_(-1, torch.where(keys >= 0, keys, call.len_kv), True)
-        mask = hit[..., :-1].repeat_interleave(self.config.q_block, dim=2)[:, :, : call.len_q]
+        mask = membership(keys, call.len_kv).repeat_interleave(self.config.q_block, dim=2)[:, :, : call.len_q]
         return mask & causal_mask(call.len_q, call.len_kv, q.device) if call.causal else mask

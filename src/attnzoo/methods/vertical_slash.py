@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidArgumentError, check_int
+from ..kernels.block_sparse import membership
 from ..method import Call, MethodInfo
 from ..registry import register
 from ..selection import BlockSelectionMethod, clamp_budget, last_key_block, top_blocks, unique_blocks
@@ -103,8 +104,7 @@ class VerticalSlash(BlockSelectionMethod):
         columns = None
         if cfg.vertical_columns:
             # the heaviest single columns outside the vertical blocks already chosen
-            in_blocks = torch.zeros_like(v_blocks, dtype=torch.bool).scatter_(-1, verticals.clamp(min=0), verticals >= 0)
-            outside = vertical.masked_fill(in_blocks.repeat_interleave(b, -1)[..., : call.len_kv], float("-inf"))
+            outside = vertical.masked_fill(membership(verticals, nkb).repeat_interleave(b, -1)[..., : call.len_kv], float("-inf"))
             count = clamp_budget(self.info.name, "vertical_columns", cfg.vertical_columns, call.len_kv, "keys")
             top = outside.topk(count, dim=-1)
             columns = torch.where(torch.isfinite(top.values), top.indices, -1)

@@ -44,10 +44,7 @@ def block_mask(layout: BlockLayout):
         listed = layout.block_visits()
     if layout.columns is not None:
         # single key columns: every block holding one is visited, and the mask keeps the column's token
-        Bl, Hl, _ = layout.columns.shape
-        column = torch.zeros(Bl, Hl, layout.num_kv + 1, dtype=torch.bool, device=layout.device)
-        column.scatter_(-1, torch.where(layout.columns >= 0, layout.columns, layout.num_kv), True)
-        column = column[..., :-1]
+        column = layout.column_tokens()
         holding = torch.nn.functional.pad(column, (0, -layout.num_kv % kb)).unflatten(-1, (-1, kb)).any(-1)
         visit = listed | holding[:, :, None, :]
         counts, indices = visit.sum(-1), torch.argsort((~visit).to(torch.int8), dim=-1, stable=True)

@@ -26,6 +26,12 @@ import torch
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def membership(ids: torch.Tensor, size: int) -> torch.Tensor:
+    """Id lists (..., K) in [0, size) with negative holes -> (..., size) bool: which ids appear."""
+    present = torch.zeros(*ids.shape[:-1], size + 1, dtype=torch.bool, device=ids.device)
+    return present.scatter_(-1, torch.where(ids >= 0, ids, size), True)[..., :size]
+
+
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Boolean mask -> the additive form SDPA takes: 0 where allowed, -inf elsewhere."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
@@ -96,11 +102,12 @@ class BlockLayout:
 
     def block_visits(self) -> torch.Tensor:
         """(Bl, Hl, nQB, nKB) bool: key block kb is listed for query block qb."""
-        Bl, Hl, nqb, _ = self.kv_indices.shape
         nkb = self.num_kv_blocks
-        blocks = torch.zeros(Bl, Hl, nqb, nkb + 1, dtype=torch.bool, device=self.device)
-        blocks.scatter_(-1, torch.where(self.slot_valid(), self.kv_indices.clamp(min=0, max=nkb - 1), nkb), True)
-        return blocks[..., :nkb]
+        return membership(torch.where(self.slot_valid(), self.kv_indices.clamp(min=0, max=nkb - 1), -1), nkb)
+
+    def column_tokens(self) -> torch.Tensor:
+        """(Bl, Hl, num_kv) bool: key token j is one of the layout's ``columns``."""
+        return membership(self.columns, self.num_kv)
 
     def column_visits(self) -> torch.Tensor:
         """(Bl, Hl, nQB, C) bool: column c is real, not a repeat of an earlier one, and its key
@@ -150,11 +157,8 @@ class BlockLayout:
         full = torch.zeros(Bl, Hl, len_q, len_kv, dtype=torch.bool, device=self.device)
         real = qo >= 0  # a q_order may hold -1 holes (padding of ragged tiles)
         full[:, :, qo[real][:, None], ko[None, :]] = visit[:, :, real]
-        if self.columns is not None:
-            per_row = self.column_visits().repeat_interleave(self.q_block, 2)[:, :, : self.num_q]
-            cols = torch.where(per_row, self.columns[:, :, None, :], len_kv)  # unvisited -> a spare column
-            extra = torch.zeros(Bl, Hl, self.num_q, len_kv + 1, dtype=torch.bool, device=self.device)
-            full[:, :, : self.num_q] |= extra.scatter_(-1, cols, True)[..., :len_kv]
+        if self.columns is not None:  # natural order: every visited query row gets them
+            full[:, :, : self.num_q, : self.num_kv] |= self.column_tokens()[:, :, None, :]
         qi = torch.arange(len_q, device=self.device)[:, None]
         ki = torch.arange(len_kv, device=self.device)[None, :]
         b = torch.arange(Bl, device=self.device).view(-1, 1, 1, 1)
