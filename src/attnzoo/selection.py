@@ -20,7 +20,7 @@ import torch
 
 from .errors import InvalidArgumentError, check_int
 from .kernels.block_sparse import BACKENDS, BlockLayout, CausalMask, block_sparse_attention, choose_backend
-from .kernels.dense import masked_attention, repeat_kv
+from .kernels.dense import masked_attention, repeat_kv, work_dtype
 from .method import Call, CallStats, Method, _sync
 from .patterns import compact, dense_area
 
@@ -41,7 +41,7 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     a ragged last block over its own tokens. Reads x in place (no padded copy)."""
     n = x.shape[2]
     full = n // block
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    work = work_dtype(x)
     means = x[:, :, : full * block].unflatten(2, (full, block)).mean(3, dtype=work)
     if n % block:
         means = torch.cat([means, x[:, :, full * block :].mean(2, keepdim=True, dtype=work)], dim=2)
@@ -233,7 +233,7 @@ def sampled_query_mass(q, k, call: Call, q_block: int, kv_block: int, samples: i
     rows = sample_rows(call, q_block, samples)
     r = rows.shape[1]
     visible_to = rows + (call.len_kv - call.len_q) if call.causal else torch.full_like(rows, call.len_kv - 1)
-    keys = k.to(torch.float64 if k.dtype == torch.float64 else torch.float32)
+    keys = k.to(work_dtype(k))
     step = max(1, _SCORE_ENTRIES // max(1, B * Hq * r * call.len_kv))
     mass = torch.zeros(B, Hq, nqb, nkb, dtype=keys.dtype, device=q.device)
     for a in range(0, nqb, step):

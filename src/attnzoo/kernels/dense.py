@@ -10,6 +10,11 @@ import torch
 import torch.nn.functional as F
 
 
+def work_dtype(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else runs in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     """(B, Hkv, N, D) -> (B, Hkv * groups, N, D): query head h uses key/value head h // groups."""
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
@@ -36,7 +41,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, sca
 
 def attention_scores(q: torch.Tensor, k: torch.Tensor, *, scale: float) -> torch.Tensor:
     """Scaled logits (B, Hq, Nq, Nk) in float32 (float64 stays float64), GQA expanded."""
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    work = work_dtype(q)
     k = repeat_kv(k, q.shape[1] // k.shape[1])
     return torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
 

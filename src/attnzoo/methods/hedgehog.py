@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError, check_int
-from ..kernels.dense import repeat_kv
+from ..kernels.dense import repeat_kv, work_dtype
 from ..kernels.linear.feature_maps import HedgehogFeatureMap, fit_to_softmax
 from ..method import Call, MethodInfo
 from ..registry import register
@@ -40,7 +40,7 @@ class LearnedFeatureMethod(LinearMethod):
         return self._untrained[key]
 
     def features(self, q, k, call: Call):
-        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        work = work_dtype(q)
         fmap = self.feature_module(call)
         return fmap(q.to(work), repeat_kv(k, call.groups).to(work))
 

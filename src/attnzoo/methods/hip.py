@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidArgumentError, check_int
+from ..kernels.dense import work_dtype
 from ..method import Call, MethodInfo
 from ..registry import register
 from ..selection import (
@@ -71,7 +72,7 @@ class HiP(BlockSelectionMethod):
         bq, bk = self.config.block_size, self.kv_block(call)
         nkb = -(-call.len_kv // bk)
         top_k = clamp_budget(self.info.name, "top_k", self.config.top_k, nkb)
-        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        work = work_dtype(q)
         B, Hq, G = call.batch, call.heads_q, call.groups
         if self.config.query_samples:  # r sampled queries of each query block
             rows = sample_rows(call, bq, self.config.query_samples)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import check_int
-from ..kernels.dense import attention_scores, causal_mask, repeat_kv
+from ..kernels.dense import attention_scores, causal_mask, repeat_kv, work_dtype
 from ..method import Call, CallStats, Method, MethodInfo, _sync
 from ..registry import register
 
@@ -185,7 +185,7 @@ class HyperAttention(Method):
         pieces = self.pieces(q, k, call)
         _sync(call.device)
         selection_ms = (time.perf_counter() - start) * 1e3
-        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        work = work_dtype(q)
         qw, kw, vw = q.to(work), repeat_kv(k, call.groups).to(work), repeat_kv(v, call.groups).to(work)
         out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=work, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=work, device=q.device)
@@ -211,7 +211,7 @@ class HyperAttention(Method):
         return bias
 
     def _reference(self, q, k, v, call: Call) -> torch.Tensor:
-        scores = attention_scores(q, k, scale=call.scale) + self._bias(q, k, call).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        scores = attention_scores(q, k, scale=call.scale) + self._bias(q, k, call).to(work_dtype(q))
         return (torch.softmax(scores, -1) @ repeat_kv(v, call.groups).to(scores.dtype)).to(q.dtype)
 
     def _support(self, q, k, v, call: Call) -> torch.Tensor:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import check_int
-from ..kernels.dense import masked_attention, repeat_kv, sdpa
+from ..kernels.dense import masked_attention, repeat_kv, sdpa, work_dtype
 from ..method import Call, CallStats, Method, MethodInfo, _sync
 from ..registry import register
 from ..selection import RegionConfig, block_means, region_order
@@ -63,7 +63,7 @@ class SGFormer(Method):
 
     def _pooled(self, x, ids, call: Call):
         """Mean of ``x`` (B, Hq, N, D) over each new token; (B, Hq, M, D) and the token counts (B, Hq, M)."""
-        M, work = self.config.num_tokens, torch.float64 if x.dtype == torch.float64 else torch.float32
+        M, work = self.config.num_tokens, work_dtype(x)
         sums = torch.zeros(*x.shape[:2], M, x.shape[-1], dtype=work, device=x.device)
         sums.scatter_add_(2, ids[..., None].expand(-1, -1, -1, x.shape[-1]), x.to(work))
         counts = torch.zeros(*x.shape[:2], M, dtype=work, device=x.device).scatter_add_(2, ids, torch.ones_like(ids, dtype=work))

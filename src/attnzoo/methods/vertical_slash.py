@@ -8,6 +8,7 @@ import torch
 
 from ..errors import InvalidArgumentError, check_int
 from ..kernels.block_sparse import membership
+from ..kernels.dense import work_dtype
 from ..method import Call, MethodInfo
 from ..registry import register
 from ..selection import BlockSelectionMethod, clamp_budget, last_key_block, top_blocks, unique_blocks
@@ -69,7 +70,7 @@ class VerticalSlash(BlockSelectionMethod):
         pos = (torch.arange(call.len_q - n, call.len_q, device=q.device) if self.config.estimate_queries == "last"
                else torch.linspace(0, call.len_q - 1, n, device=q.device).round().long())
         reach = pos + (Nk - call.len_q)  # the last key each of these queries sees
-        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        work = work_dtype(q)
         rows = (q[:, :, pos].to(work) * call.scale).reshape(B, Hq // G, G * n, -1)  # GQA as extra rows
         scores = (rows @ k.to(work).transpose(-1, -2)).view(B, Hq, n, Nk)
         first = max(0, int(reach.min()) + 1)  # columns before it are visible to every row

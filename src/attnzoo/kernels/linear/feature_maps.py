@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import InvalidArgumentError, UnknownNameError, check_int
-from ..dense import causal_mask, masked_softmax
+from ..dense import causal_mask, masked_softmax, work_dtype
 
 FIXED_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "elu": lambda x: F.elu(x).add_(1),  # Katharopoulos et al.: elu(x) + 1 > 0
@@ -52,7 +52,7 @@ def favor_exponent(x: torch.Tensor, proj: torch.Tensor, *, is_query: bool) -> tu
     """(exponent, stabiliser) of the FAVOR+ features of x (B, H, N, D), already scaled by
     ``scale ** 0.5``; proj (H|1, M, D): ``exponent = w x - |x|^2 / 2``, the stabiliser c is a
     per-query max (queries) or a per-head max over all keys (keys), detached."""
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    work = work_dtype(x)
     x = x.to(work)
     wx = x @ proj.to(x.device, work).transpose(-1, -2)
     exponent = wx - 0.5 * (x * x).sum(-1, keepdim=True)

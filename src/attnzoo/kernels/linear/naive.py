@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dense import repeat_kv
-
-
-def work_dtype(t: torch.Tensor) -> torch.dtype:
-    """Accumulation dtype: float64 stays float64, everything else runs in float32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from ..dense import repeat_kv, work_dtype
 
 
 def decay_matrix(len_q: int, len_kv: int, decay: torch.Tensor | None, *, causal: bool, device) -> torch.Tensor | None:
