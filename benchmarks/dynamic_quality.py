@@ -40,6 +40,7 @@ RECALL_CASES = [  # each at <= 10% density on 4K tokens
     ("hip", dict(top_k=11, block_size=16)),
     ("hip", dict(top_k=11, block_size=16, query_samples=4)),
     ("hip", dict(top_k=11, block_size=16, branch_score="bound")),
+    ("hip", dict(top_k=11, block_size=16, branch_score="bound", candidates=8)),
 ]
 ORACLE_BLOCKS = [64, 32, 16, None]  # None: single entries
 PPL_CASES = [  # each at <= 15% density on 4K tokens
@@ -47,12 +48,16 @@ PPL_CASES = [  # each at <= 15% density on 4K tokens
     ("vertical_slash", dict(vertical_blocks=8, slash_blocks=14, block_size=16, estimate_queries="spread", last_q=256)),
     ("vertical_slash", dict(vertical_blocks=1, slash_blocks=12, block_size=16, vertical_columns=200, estimate_queries="spread",
                             last_q=256)),
+    ("vertical_slash", dict(vertical_blocks=1, slash_blocks=12, block_size=16, vertical_columns=200, estimate_queries="spread",
+                            last_q=4096)),  # every query: the lines that hold the most mass of this text
     ("block_sparse", dict(top_k=20, block_size=16)),
     ("block_sparse", dict(top_k=20, block_size=16, estimator="sampled_q")),
     ("block_sparse", dict(top_k=20, block_size=16, estimator="sampled_q", samples=16)),  # every query: exact block mass
     ("hip", dict(top_k=17, block_size=16)),
     ("hip", dict(top_k=17, block_size=16, query_samples=4)),
     ("hip", dict(top_k=17, block_size=16, branch_score="bound")),
+    ("hip", dict(top_k=17, block_size=16, candidates=8)),
+    ("hip", dict(top_k=17, block_size=16, branch_score="bound", candidates=8)),
     ("streaming", dict(sinks=64, window=256)),
 ]
 PASSKEY_CASES = [
@@ -64,6 +69,8 @@ PASSKEY_CASES = [
     ("hip", dict(top_k=17, block_size=16, branch_score="bound")),
     ("hip", dict(top_k=34, block_size=16, branch_score="bound")),
     ("hip", dict(top_k=34, block_size=16, query_samples=4)),
+    ("hip", dict(top_k=17, block_size=16, branch_score="bound", candidates=8)),
+    ("hip", dict(top_k=34, block_size=16, branch_score="bound", candidates=8)),
     ("streaming", dict(sinks=64, window=256)),
 ]
 

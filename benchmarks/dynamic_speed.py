@@ -32,6 +32,7 @@ SPEED_CASES = [  # about 5% density at N = 16,384
     ("hip", dict(top_k=5)),
     ("hip", dict(top_k=5, query_samples=4)),
     ("hip", dict(top_k=5, branch_score="bound")),
+    ("hip", dict(top_k=5, candidates=8)),
 ]
 
 
@@ -67,7 +68,7 @@ def speed(a) -> None:
 
 def hip_scaling(a) -> None:
     print(f"hip selection time, causal float32 H={a.heads} D={a.dim}, {a.threads} threads, medians of {a.repeats}")
-    for cfg in (dict(top_k=8), dict(top_k=8, branch_score="bound"), dict(top_k=8, query_samples=4)):
+    for cfg in (dict(top_k=8), dict(top_k=8, branch_score="bound"), dict(top_k=8, query_samples=4), dict(top_k=8, candidates=4)):
         method = attnzoo.get_method("hip", **cfg)
         for n in a.lengths:
             q, k, v = inputs(n, a.heads, a.dim)

@@ -255,6 +255,36 @@ def sampled_query_mass(q, k, call: Call, q_block: int, kv_block: int, samples: i
     return mass.masked_fill_(~allowed_blocks(call, q_block, kv_block), float("-inf"))
 
 
+def listed_block_mass(q, k, call: Call, blocks: torch.Tensor, q_block: int, kv_block: int, samples: int) -> torch.Tensor:
+    """(B, Hq, nQB, K) float32: for each query block, the causal softmax of ``samples`` of its
+    queries (as :func:`sampled_query_mass`) over the keys of its listed key ``blocks`` (B, Hq, nQB, K;
+    -1 holes, no repeats) only, summed per listed block and over the samples; 0 on holes.
+    O(samples K kv_block D) per query block, however long the sequence: a cheap exact re-ranking of
+    a few candidates. Keys are gathered per key head (GQA without copies), a chunk of query blocks
+    at a time."""
+    B, Hq, G = call.batch, call.heads_q, call.groups
+    D, K = k.shape[-1], blocks.shape[-1]
+    nkb = -(-call.len_kv // kv_block)
+    rows = sample_rows(call, q_block, samples)
+    visible_to = rows + (call.len_kv - call.len_q) if call.causal else torch.full_like(rows, call.len_kv - 1)
+    work = work_dtype(k)
+    keys = torch.nn.functional.pad(k.to(work), (0, 0, 0, nkb * kv_block - call.len_kv)).unflatten(2, (nkb, kv_block)).flatten(0, 2)
+    first = ((torch.arange(B, device=q.device)[:, None] * call.heads_kv + torch.arange(Hq, device=q.device) // G) * nkb)[:, :, None, None]
+    offsets = torch.arange(kv_block, device=q.device)
+    step = max(1, _SCORE_ENTRIES // max(1, B * Hq * rows.shape[1] * K * kv_block))
+    mass = []
+    for a in range(0, rows.shape[0], step):
+        ids = blocks[:, :, a : a + step]
+        picked = keys.index_select(0, (ids.clamp(min=0) + first).flatten()).view(*ids.shape[:3], K * kv_block, D)
+        logits = (q[:, :, rows[a : a + step]].to(work) @ picked.transpose(-1, -2)).mul_(call.scale)  # (B, Hq, c, r, K b)
+        pos = (ids[..., None] * kv_block + offsets).flatten(-2)  # (B, Hq, c, K b)
+        hidden = (ids < 0).repeat_interleave(kv_block, -1) | (pos >= call.len_kv)
+        hidden = hidden[:, :, :, None] | (pos[:, :, :, None] > visible_to[a : a + step, :, None])
+        probs = torch.softmax(logits.masked_fill_(hidden, float("-inf")), dim=-1).nan_to_num_(0.0)
+        mass.append(probs.unflatten(-1, (K, kv_block)).sum((3, 5)))
+    return torch.cat(mass, 2)
+
+
 def pooled_scores(q, k, call: Call, q_block: int, kv_block: int) -> torch.Tensor:
     """(B, Hq, nQB, nKB) block-to-block logits of mean-pooled queries and keys (GQA expanded),
     -inf on blocks a query block may not visit."""

@@ -26,14 +26,15 @@ CASES = [
     ("hip", dict(top_k=2, block_size=16, query_samples=4), dict(top_k=6, block_size=16, query_samples=4)),
     ("hip", dict(top_k=5, block_size=16, key_block_size=4), dict(top_k=24, block_size=16, key_block_size=4)),
     ("hip", dict(top_k=2, block_size=16, branch_score="bound"), dict(top_k=6, block_size=16, branch_score="bound")),
+    ("hip", dict(top_k=2, block_size=16, candidates=3, rerank_samples=3), dict(top_k=6, block_size=16, candidates=3)),
     ("biformer", dict(n_win=6, topk=2), dict(n_win=6, topk=6)),
     ("routing", dict(num_clusters=3, block_size=16), dict(num_clusters=1, block_size=16)),
 ]
-CASE_IDS = [name + "".join(f"-{o}={cfg[o]}" for o in ("estimator", "query_samples", "key_block_size", "estimate_queries", "vertical_columns", "branch_score") if o in cfg) for name, cfg, _ in CASES]
+CASE_IDS = [name + "".join(f"-{o}={cfg[o]}" for o in ("estimator", "query_samples", "key_block_size", "estimate_queries", "vertical_columns", "branch_score", "candidates") if o in cfg) for name, cfg, _ in CASES]
 CLAMPED = [c for c in CASES if c[0] != "routing"]  # routing's budget is a cluster count: 1 is dense
 CLAMPED_IDS = [i for i, c in zip(CASE_IDS, CASES) if c in CLAMPED]
 PREFIX_INVARIANT = ["block_sparse", "block_sparse-estimator=sampled_q", "hip", "hip-query_samples=4", "hip-key_block_size=4",
-                    "hip-branch_score=bound"]
+                    "hip-branch_score=bound", "hip-candidates=3"]
 
 
 def modes(m):
@@ -124,7 +125,7 @@ def test_low_precision(name, cfg, _, dtype, rng):
 
 
 OPTIONS = {"vertical_slash": ("block_size", "vertical_blocks", "estimate_queries"), "block_sparse": ("block_size", "top_k"),
-           "hip": ("block_size", "top_k"), "biformer": ("n_win", "topk"), "routing": ("block_size", "num_clusters")}
+           "hip": ("block_size", "top_k", "candidates", "rerank_samples"), "biformer": ("n_win", "topk"), "routing": ("block_size", "num_clusters")}
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
@@ -136,7 +137,8 @@ def test_bad_options_name_the_argument(name):
 
 @pytest.mark.parametrize("name,cfg", [
     ("block_sparse", dict(top_k=4)), ("block_sparse", dict(top_k=4, estimator="sampled_q")),
-    ("hip", dict(top_k=1)), ("hip", dict(top_k=1, query_samples=2)), ("hip", dict(top_k=1, branch_score="bound")), ("vertical_slash", dict(vertical_blocks=1, slash_blocks=3)),
+    ("hip", dict(top_k=1)), ("hip", dict(top_k=1, query_samples=2)), ("hip", dict(top_k=1, branch_score="bound")),
+    ("hip", dict(top_k=1, candidates=4)), ("vertical_slash", dict(vertical_blocks=1, slash_blocks=3)),
 ])
 def test_local_blocks_are_always_visited(name, cfg, rng):
     """Whatever the content, a causal query block visits its diagonal block, block 0 and the
@@ -188,6 +190,49 @@ def test_sampled_q_with_every_query_sampled_is_the_exact_block_mass(nq, rng):
     assert torch.allclose(got[visible], want[visible], atol=1e-5), rng.initial_seed()
     assert nq < 64 or not visible[:, :, 0, 1:].any()  # self-attention: the first query block sees key block 0 only
 
+
+
+@pytest.mark.parametrize("nq", [64, 50])
+def test_listed_block_mass_is_the_softmax_over_the_listed_keys(nq, rng):
+    """Each sampled query's softmax runs over the keys of its query block's listed blocks only
+    (holes and causally hidden keys excluded), summed per listed block and over the samples."""
+    from attnzoo.selection import listed_block_mass, sample_rows
+    q, k, v = qkv(rng, B=2, Hq=4, Hkv=2, Nq=nq, Nk=64, D=8)
+    call = attnzoo.get_method("hip", block_size=16)._prepare(q, k, v, True, None)
+    nqb = -(-nq // 16)
+    blocks = torch.randint(0, 4, (2, 4, nqb, 3), generator=rng)
+    blocks[..., 1] = (blocks[..., 0] + 1) % 4
+    blocks[..., 2] = -1  # a hole
+    blocks[0, 0, 0, 1] = 3  # a block wholly after the first query block: hidden from every sample
+    got = listed_block_mass(q, k, call, blocks, 16, 16, samples=3)
+    rows = sample_rows(call, 16, 3)
+    logits = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 8 ** -0.5
+    want = torch.zeros_like(got)
+    for b in range(2):
+        for h in range(4):
+            for qb in range(nqb):
+                listed = blocks[b, h, qb]
+                keys = torch.cat([torch.arange(16 * i, 16 * i + 16) for i in listed.tolist() if i >= 0])
+                for row in rows[qb].tolist():
+                    seen = keys[keys <= row + 64 - nq]
+                    probs = torch.softmax(logits[b, h, row, seen], -1)
+                    for j, i in enumerate(listed.tolist()):
+                        want[b, h, qb, j] += probs[(seen >= 16 * i) & (seen < 16 * i + 16)].sum() if i >= 0 else 0
+    assert torch.allclose(got, want, atol=1e-5), rng.initial_seed()
+    assert nq < 64 or got[0, 0, 0, 1] == 0
+
+
+def test_hip_rerank_over_every_block_is_block_sparse_sampled_q(rng):
+    """With ``candidates`` large enough for the search to keep every block, hip's re-ranking keeps
+    the same blocks as block_sparse's sampled-query estimator with as many samples (which counts the
+    always-visited blocks inside its top_k)."""
+    from attnzoo.selection import unique_blocks
+    q, k, v = qkv(rng, B=2, Hq=4, Hkv=2, Nq=300, D=32)
+    for causal, forced in ((True, 3), (False, 1)):
+        hip = attnzoo.get_method("hip", top_k=4, block_size=16, candidates=100, rerank_samples=3).selection(q, k, v, causal=causal)
+        bs = attnzoo.get_method("block_sparse", top_k=4 + forced, block_size=16, estimator="sampled_q", samples=3).selection(q, k, v, causal=causal)
+        assert torch.equal(hip.kv_counts, bs.kv_counts), (causal, rng.initial_seed())
+        assert torch.equal(unique_blocks(hip.kv_indices), unique_blocks(bs.kv_indices)), (causal, rng.initial_seed())
 
 
 def test_biformer_routes_regions_of_a_2d_grid(rng):

@@ -11,7 +11,7 @@ from ..kernels.dense import work_dtype
 from ..method import Call, MethodInfo
 from ..registry import register
 from ..selection import (
-    BlockSelectionMethod, TopKConfig, block_means, clamp_budget, forced_blocks, last_key_block, sample_rows, unique_blocks,
+    BlockSelectionMethod, TopKConfig, block_means, clamp_budget, forced_blocks, last_key_block, listed_block_mass, sample_rows, unique_blocks,
 )
 
 
@@ -39,10 +39,16 @@ class HiP(BlockSelectionMethod):
     ``branch_score="bound"`` (not in the paper) scores a branch by Quest's upper bound of q . k over
     all its keys instead of one representative (see :class:`_BoundScore`): a lone strong key among
     look-alike keys (a passkey in repeated filler) lifts the bound of every range that holds it, where
-    a representative sees only filler. q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv). Selection
-    O((N / b) max(r, 1) k log(N / b) D), i.e. O(N log N) (the bound's sparse table adds
-    O(N log(N) D / b)); attention O(N k b D). ``top_k`` above the number of key blocks is clamped
-    (warning)."""
+    a representative sees only filler.
+    ``candidates`` c > 1 (not in the paper) lets the search keep c ``top_k`` blocks as a shortlist;
+    the ``top_k`` of them on which ``rerank_samples`` evenly spaced queries of the query block put
+    the most attention mass are kept (the softmax over the shortlisted and always-visited keys,
+    :func:`~attnzoo.selection.listed_block_mass`), so exact logits, not one representative, make the
+    final choice; a shortlisted block that is visited anyway is dropped first.
+    q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv). Selection O((N / b) max(r, 1) c k log(N / b) D),
+    i.e. O(N log N) (the bound's sparse table adds O(N log(N) D / b); the re-ranking
+    O(N c k rerank_samples D)); attention O(N k b D). ``top_k`` above the number of key blocks is
+    clamped (warning)."""
 
     info = MethodInfo(
         name="hip", title="HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention Pruning",
@@ -56,10 +62,14 @@ class HiP(BlockSelectionMethod):
         query_samples: int = 0
         key_block_size: int | None = None
         branch_score: str = "representative"
+        candidates: int = 1
+        rerank_samples: int = 4
 
         def __post_init__(self):
             super().__post_init__()
             self.query_samples = check_int("query_samples", self.query_samples, minimum=0)
+            self.candidates = check_int("candidates", self.candidates)
+            self.rerank_samples = check_int("rerank_samples", self.rerank_samples)
             if self.branch_score not in ("representative", "bound"):
                 raise InvalidArgumentError("branch_score", "'representative' or 'bound'", repr(self.branch_score))
             if self.key_block_size is not None:
@@ -72,6 +82,7 @@ class HiP(BlockSelectionMethod):
         bq, bk = self.config.block_size, self.kv_block(call)
         nkb = -(-call.len_kv // bk)
         top_k = clamp_budget(self.info.name, "top_k", self.config.top_k, nkb)
+        width = min(top_k * self.config.candidates, nkb)  # blocks the search keeps
         work = work_dtype(q)
         B, Hq, G = call.batch, call.heads_q, call.groups
         if self.config.query_samples:  # r sampled queries of each query block
@@ -88,20 +99,32 @@ class HiP(BlockSelectionMethod):
         first = ((torch.arange(B, device=q.device)[:, None] * call.heads_kv + torch.arange(Hq, device=q.device) // G) * nkb)[:, :, None, None]
         if self.config.branch_score == "bound":
             score = _BoundScore(kp, first, nkb)
-            width = 2 * kp.shape[-1]
+            gathered = 2 * kp.shape[-1]
         else:
             score = _RepresentativeScore(kp.flatten(0, 2), first, nkb)
-            width = kp.shape[3] * kp.shape[4]
-        chunk = max(1, min(_QUERY_CHUNK, _GATHERED // (B * Hq * 2 * top_k * width)))
+            gathered = kp.shape[3] * kp.shape[4]
+        chunk = max(1, min(_QUERY_CHUNK, _GATHERED // (B * Hq * 2 * width * gathered)))
         diag = last_key_block(call, bq, bk)
         visible = (diag + 1).clamp(min=0)[:, None]  # key blocks [0, visible) per query block
-        branch = torch.arange(top_k + 1, device=q.device)
-        bounds = (branch * visible) // top_k  # (nQB, top_k + 1): top_k ranges covering everything
+        branch = torch.arange(width + 1, device=q.device)
+        bounds = (branch * visible) // width  # (nQB, width + 1): ranges covering everything
         chosen = torch.cat([
-            _search(qp[:, :, a : a + chunk], score, bounds[a : a + chunk], top_k) for a in range(0, qp.shape[2], chunk)
+            _search(qp[:, :, a : a + chunk], score, bounds[a : a + chunk], width) for a in range(0, qp.shape[2], chunk)
         ], dim=2)
-        forced = forced_blocks(call, bq, bk, self.config.local_blocks).expand(*chosen.shape[:2], -1, -1)
+        forced = unique_blocks(forced_blocks(call, bq, bk, self.config.local_blocks)).expand(*chosen.shape[:2], -1, -1)
+        if width > top_k:
+            chosen = self._rerank(q, k, call, chosen, forced, top_k)
         return unique_blocks(torch.cat([chosen, forced], -1))
+
+    def _rerank(self, q, k, call: Call, chosen, forced, top_k: int) -> torch.Tensor:
+        """The ``top_k`` of the search's ``chosen`` blocks (B, Hq, nQB, width) that take the most
+        attention mass of ``rerank_samples`` queries per query block, the softmax running over the
+        chosen and ``forced`` blocks' keys; a chosen block that is also forced is dropped first."""
+        chosen = torch.where((chosen[..., None] == forced[..., None, :]).any(-1), -1, chosen)
+        listed = torch.cat([chosen, forced], -1)
+        mass = listed_block_mass(q, k, call, listed, self.config.block_size, self.kv_block(call), self.config.rerank_samples)
+        best = mass[..., : chosen.shape[-1]].masked_fill(chosen < 0, -1.0).topk(top_k, dim=-1).indices
+        return chosen.gather(-1, best)
 
 
 def _search(qp, score, bounds, top_k: int) -> torch.Tensor:
