@@ -210,6 +210,7 @@ class BlockSelectionMethod(Method):
 
 
 _SCORE_ENTRIES = 1 << 23  # query x key logits formed at once by sampled_query_mass (32 MB)
+_GATHERED_KEYS = 1 << 19  # key elements listed_block_mass gathers at once (2 MB, in cache)
 
 
 def sample_rows(call: Call, q_block: int, samples: int) -> torch.Tensor:
@@ -260,29 +261,30 @@ def listed_block_mass(q, k, call: Call, blocks: torch.Tensor, q_block: int, kv_b
     queries (as :func:`sampled_query_mass`) over the keys of its listed key ``blocks`` (B, Hq, nQB, K;
     -1 holes, no repeats) only, summed per listed block and over the samples; 0 on holes.
     O(samples K kv_block D) per query block, however long the sequence: a cheap exact re-ranking of
-    a few candidates. Keys are gathered per key head (GQA without copies), a chunk of query blocks
-    at a time."""
+    a few candidates. One query head at a time (its key head's keys stay in cache) and a chunk of
+    query blocks whose gathered keys fit in a few MB."""
     B, Hq, G = call.batch, call.heads_q, call.groups
     D, K = k.shape[-1], blocks.shape[-1]
     nkb = -(-call.len_kv // kv_block)
     rows = sample_rows(call, q_block, samples)
     visible_to = rows + (call.len_kv - call.len_q) if call.causal else torch.full_like(rows, call.len_kv - 1)
     work = work_dtype(k)
-    keys = torch.nn.functional.pad(k.to(work), (0, 0, 0, nkb * kv_block - call.len_kv)).unflatten(2, (nkb, kv_block)).flatten(0, 2)
-    first = ((torch.arange(B, device=q.device)[:, None] * call.heads_kv + torch.arange(Hq, device=q.device) // G) * nkb)[:, :, None, None]
-    offsets = torch.arange(kv_block, device=q.device)
-    step = max(1, _SCORE_ENTRIES // max(1, B * Hq * rows.shape[1] * K * kv_block))
-    mass = []
-    for a in range(0, rows.shape[0], step):
-        ids = blocks[:, :, a : a + step]
-        picked = keys.index_select(0, (ids.clamp(min=0) + first).flatten()).view(*ids.shape[:3], K * kv_block, D)
-        logits = (q[:, :, rows[a : a + step]].to(work) @ picked.transpose(-1, -2)).mul_(call.scale)  # (B, Hq, c, r, K b)
-        pos = (ids[..., None] * kv_block + offsets).flatten(-2)  # (B, Hq, c, K b)
-        hidden = (ids < 0).repeat_interleave(kv_block, -1) | (pos >= call.len_kv)
-        hidden = hidden[:, :, :, None] | (pos[:, :, :, None] > visible_to[a : a + step, :, None])
-        probs = torch.softmax(logits.masked_fill_(hidden, float("-inf")), dim=-1).nan_to_num_(0.0)
-        mass.append(probs.unflatten(-1, (K, kv_block)).sum((3, 5)))
-    return torch.cat(mass, 2)
+    keys = torch.nn.functional.pad(k.to(work), (0, 0, 0, nkb * kv_block - call.len_kv)).unflatten(2, (nkb, kv_block))
+    pos = (blocks[..., None] * kv_block + torch.arange(kv_block, device=q.device)).flatten(-2)  # (B, Hq, nQB, K b)
+    hidden = (blocks < 0).repeat_interleave(kv_block, -1) | (pos >= call.len_kv)
+    step = max(1, _GATHERED_KEYS // (K * kv_block * D))
+    mass = torch.zeros(B, Hq, rows.shape[0], K, dtype=work, device=q.device)
+    for b in range(B):
+        for h in range(Hq):
+            head_keys, head_q = keys[b, h // G], q[b, h, rows].to(work)  # (nKB, b, D), (nQB, r, D)
+            for a in range(0, rows.shape[0], step):
+                ids = blocks[b, h, a : a + step]
+                picked = head_keys.index_select(0, ids.clamp(min=0).flatten()).view(ids.shape[0], K * kv_block, D)
+                logits = (picked @ head_q[a : a + step].transpose(-1, -2)).mul_(call.scale)  # (c, K b, r)
+                unseen = hidden[b, h, a : a + step, :, None] | (pos[b, h, a : a + step, :, None] > visible_to[a : a + step, None, :])
+                probs = torch.softmax(logits.masked_fill_(unseen, float("-inf")), dim=1).nan_to_num_(0.0)
+                mass[b, h, a : a + step] = probs.unflatten(1, (K, kv_block)).sum((2, 3))
+    return mass
 
 
 def pooled_scores(q, k, call: Call, q_block: int, kv_block: int) -> torch.Tensor:
