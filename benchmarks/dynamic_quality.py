@@ -40,7 +40,7 @@ RECALL_CASES = [  # each at <= 10% density on 4K tokens
     ("hip", dict(top_k=11, block_size=16)),
     ("hip", dict(top_k=11, block_size=16, query_samples=4)),
     ("hip", dict(top_k=11, block_size=16, branch_score="bound")),
-    ("hip", dict(top_k=11, block_size=16, branch_score="bound", candidates=8)),
+    ("hip", dict(top_k=10, block_size=16, branch_score="bound", candidates=8)),
 ]
 ORACLE_BLOCKS = [64, 32, 16, None]  # None: single entries
 PPL_CASES = [  # each at <= 15% density on 4K tokens

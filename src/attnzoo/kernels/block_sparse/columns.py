@@ -39,7 +39,7 @@ def column_attention(q, k, v, layout: BlockLayout, *, scale: float):
     for a in range(0, Nq, step):
         rows = torch.arange(a, min(a + step, Nq), device=q.device)
         keep = visits[:, :, rows // layout.q_block] & layout.token_mask(rows[:, None], layout.columns[:, :, None, :], lb, lh)
-        allowed += int(keep.sum()) * (B // Bl) * (Hq // Hl)
+        allowed += int(torch.count_nonzero(keep)) * (B // Bl) * (Hq // Hl)
         out, lse = attention_with_lse(q[:, :, rows], kc, vc, additive_mask(keep, q.dtype), scale=scale)
         outs.append(out)
         lses.append(lse)
