@@ -44,7 +44,9 @@ class HiP(BlockSelectionMethod):
     the ``top_k`` of them on which ``rerank_samples`` evenly spaced queries of the query block put
     the most attention mass are kept (the softmax over the shortlisted and always-visited keys,
     :func:`~attnzoo.selection.listed_block_mass`), so exact logits, not one representative, make the
-    final choice; a shortlisted block that is visited anyway is dropped first.
+    final choice; a shortlisted block that is visited anyway is dropped first. On SmolLM2-135M at
+    4K tokens and about 15% density, c = 8 takes the perplexity increase from +9.9% to +1.6%
+    (``benchmarks/dynamic_quality.py``).
     q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv). Selection O((N / b) max(r, 1) c k log(N / b) D),
     i.e. O(N log N) (the bound's sparse table adds O(N log(N) D / b); the re-ranking
     O(N c k rerank_samples D)); attention O(N k b D). ``top_k`` above the number of key blocks is
