@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InvalidArgumentError, UnsupportedError, check_int
-from .kernels.block_sparse import BACKENDS, BlockLayout, Boxes2D, block_sparse_attention, choose_backend, membership
+from .kernels.block_sparse import BACKENDS, BlockLayout, Boxes2D, block_sparse_attention, choose_backend, membership, present_ids
 from .kernels.dense import causal_mask, masked_attention, sdpa
 from .method import Call, CallStats, Method
 
@@ -76,15 +76,13 @@ def coarsen(layout: BlockLayout, block: int) -> BlockLayout:
         keys = torch.cat([keys, keys.new_full((*keys.shape[:2], pad, keys.shape[3]), -1)], dim=2)
     keys = keys.view(*keys.shape[:2], n_coarse, -1)
     nkb = -(-layout.num_kv // block)
-    present = membership(keys, nkb)
-    counts = present.sum(-1)
-    order = torch.sort((~present).to(torch.int8), dim=-1, stable=True).indices[..., : max(int(counts.max()), 1)]
+    order, counts = present_ids(membership(keys, nkb))
     q_order = layout.q_order
     if q_order is not None and pad * layout.q_block:
         q_order = torch.cat([q_order, q_order.new_full((n_coarse * m * layout.q_block - q_order.numel(),), -1)])
     return BlockLayout(
         layout.num_q if q_order is None else q_order.numel(), layout.num_kv, m * layout.q_block, block,
-        order.contiguous(), counts, layout.mask_mod, q_order, kv_order, covers_mask=layout.covers_mask,
+        order, counts, layout.mask_mod, q_order, kv_order, covers_mask=layout.covers_mask,
     )
 
 

@@ -14,13 +14,13 @@ from ...errors import InvalidArgumentError
 from .blocks import CausalMask, block_attention, handles
 from .flex import flex_block_sparse
 from .gather import gather_attention
-from .layout import BlockLayout, MaskMod, membership
+from .layout import BlockLayout, MaskMod, membership, present_ids
 from .naive import naive_block_sparse
 from .strip import Boxes2D, strip_attention
 
 BACKENDS = ("auto", "gather", "flex", "naive")
 
-__all__ = ["BACKENDS", "BlockLayout", "Boxes2D", "CausalMask", "MaskMod", "block_sparse_attention", "choose_backend", "membership"]
+__all__ = ["BACKENDS", "BlockLayout", "Boxes2D", "CausalMask", "MaskMod", "block_sparse_attention", "choose_backend", "membership", "present_ids"]
 
 
 def choose_backend(requested: str, device: torch.device) -> str:

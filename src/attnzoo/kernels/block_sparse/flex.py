@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from .layout import BlockLayout
+from .layout import BlockLayout, present_ids
 
 
 def available() -> bool:
@@ -47,7 +47,7 @@ def block_mask(layout: BlockLayout):
         column = layout.column_tokens()
         holding = torch.nn.functional.pad(column, (0, -layout.num_kv % kb)).unflatten(-1, (-1, kb)).any(-1)
         visit = listed | holding[:, :, None, :]
-        counts, indices = visit.sum(-1), torch.argsort((~visit).to(torch.int8), dim=-1, stable=True)
+        indices, counts = present_ids(visit)
 
     def mask_mod(b, h, q_idx, kv_idx):
         # the layout's own batch/head index is 0 where it is shared by every batch row/head

@@ -32,6 +32,14 @@ def membership(ids: torch.Tensor, size: int) -> torch.Tensor:
     return present.scatter_(-1, torch.where(ids >= 0, ids, size), True)[..., :size]
 
 
+def present_ids(present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., n) bool -> the positions that are True, increasing (..., max count, at least 1; the
+    other positions fill the rest), and their counts (...): a membership mask back to id lists."""
+    counts = present.sum(-1)
+    ids = torch.sort((~present).to(torch.int8), dim=-1, stable=True).indices
+    return ids[..., : max(int(counts.max()), 1) if counts.numel() else 1].contiguous(), counts
+
+
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Boolean mask -> the additive form SDPA takes: 0 where allowed, -inf elsewhere."""
     zero = torch.zeros((), dtype=dtype, device=allowed.device)
