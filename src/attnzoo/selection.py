@@ -270,8 +270,7 @@ def listed_block_mass(q, k, call: Call, blocks: torch.Tensor, q_block: int, kv_b
     visible_to = rows + (call.len_kv - call.len_q) if call.causal else torch.full_like(rows, call.len_kv - 1)
     work = work_dtype(k)
     keys = torch.nn.functional.pad(k.to(work), (0, 0, 0, nkb * kv_block - call.len_kv)).unflatten(2, (nkb, kv_block))
-    pos = (blocks[..., None] * kv_block + torch.arange(kv_block, device=q.device)).flatten(-2)  # (B, Hq, nQB, K b)
-    hidden = (blocks < 0).repeat_interleave(kv_block, -1) | (pos >= call.len_kv)
+    offsets = torch.arange(kv_block, device=q.device)
     step = max(1, _GATHERED_KEYS // (K * kv_block * D))
     mass = torch.zeros(B, Hq, rows.shape[0], K, dtype=work, device=q.device)
     for b in range(B):
@@ -281,7 +280,9 @@ def listed_block_mass(q, k, call: Call, blocks: torch.Tensor, q_block: int, kv_b
                 ids = blocks[b, h, a : a + step]
                 picked = head_keys.index_select(0, ids.clamp(min=0).flatten()).view(ids.shape[0], K * kv_block, D)
                 logits = (picked @ head_q[a : a + step].transpose(-1, -2)).mul_(call.scale)  # (c, K b, r)
-                unseen = hidden[b, h, a : a + step, :, None] | (pos[b, h, a : a + step, :, None] > visible_to[a : a + step, None, :])
+                pos = (ids[..., None] * kv_block + offsets).flatten(-2)  # (c, K b)
+                hidden = (ids < 0).repeat_interleave(kv_block, -1) | (pos >= call.len_kv)
+                unseen = hidden[..., None] | (pos[..., None] > visible_to[a : a + step, None, :])
                 probs = torch.softmax(logits.masked_fill_(unseen, float("-inf")), dim=1).nan_to_num_(0.0)
                 mass[b, h, a : a + step] = probs.unflatten(1, (K, kv_block)).sum((2, 3))
     return mass
