@@ -79,7 +79,9 @@ class CallStats:
     """Statistics of one call, returned with ``return_stats=True``.
 
     ``density`` is the fraction of the (causal, where causal) score matrix the fast path computed;
-    times are wall-clock milliseconds (synchronised on GPU).
+    ``backend`` is the backend asked for, resolved (``torch``, ``flex``, ``triton``, ``naive``);
+    ``executor`` the kernel that actually ran (e.g. ``strip``, ``blocks``, ``gather``, ``chunked``,
+    ``sdpa``); times are wall-clock milliseconds (synchronised on GPU).
     """
 
     method: str
@@ -88,6 +90,7 @@ class CallStats:
     selection_ms: float = 0.0
     attention_ms: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    executor: str = ""
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -149,7 +152,8 @@ def check_qkv(q: object, k: object, v: object, *, causal: object, scale: object,
     return Call(B, Hq, Hkv, Nq, Nk, D, Dv, causal, float(scale), q.device, q.dtype)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU): timers are read only after it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -177,18 +181,27 @@ class Method:
         self.config = self.Config(**config)
 
     # ---- public API -------------------------------------------------------------------------
-    def __call__(self, q, k, v, *, causal: bool = False, scale: float | None = None, return_stats: bool = False):
-        call = self._prepare(q, k, v, causal, scale)
-        _sync(call.device)
+    def __call__(self, q, k, v, *, causal: bool = False, scale: float | None = None, return_stats: bool = False,
+                 check_finite: bool = True):
+        """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> (B, Hq, Nq, Dv).
+
+        ``return_stats``: also return a :class:`CallStats` (the device is synchronised around the
+        call only then). ``check_finite``: reject NaN / inf inputs (one reduction per tensor and a
+        host read; model integrations check once per patch and pass False after; skipped while
+        ``torch.compile`` traces).
+        """
+        call = self._prepare(q, k, v, causal, scale, check_finite=check_finite)
+        if not return_stats:
+            result = self._forward(q, k, v, call)
+            return result[0] if isinstance(result, tuple) else result
+        sync(call.device)
         start = time.perf_counter()
         result = self._forward(q, k, v, call)
-        _sync(call.device)
+        sync(call.device)
         if isinstance(result, tuple):
             out, stats = result
         else:
             out, stats = result, self.stats(call)
-        if not return_stats:
-            return out
         stats.attention_ms = (time.perf_counter() - start) * 1e3 - stats.selection_ms
         return out, stats
 
@@ -226,8 +239,10 @@ class Method:
         return None
 
     # ---- shared checks ----------------------------------------------------------------------
-    def _prepare(self, q, k, v, causal, scale) -> Call:
-        call = check_qkv(q, k, v, causal=causal, scale=scale)
+    def _prepare(self, q, k, v, causal, scale, check_finite: bool = True) -> Call:
+        if not isinstance(check_finite, bool):
+            raise InvalidArgumentError("check_finite", "a bool", repr(check_finite))
+        call = check_qkv(q, k, v, causal=causal, scale=scale, check_finite=check_finite and not torch.compiler.is_compiling())
         info = self.info
         if call.causal and not info.causal:
             raise UnsupportedError(f"method {info.name!r} does not support causal=True (it is non-causal only)")

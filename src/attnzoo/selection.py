@@ -21,7 +21,7 @@ import torch
 from .errors import InvalidArgumentError, check_int
 from .kernels.block_sparse import BACKENDS, BlockLayout, CausalMask, block_sparse_attention, choose_backend
 from .kernels.dense import masked_attention, repeat_kv, work_dtype
-from .method import Call, CallStats, Method, _sync
+from .method import Call, CallStats, Method, sync
 from .patterns import compact, dense_area
 
 
@@ -186,7 +186,7 @@ class BlockSelectionMethod(Method):
     def _forward(self, q, k, v, call: Call):
         start = time.perf_counter()
         layout = self._layout(q, k, call)
-        _sync(call.device)
+        sync(call.device)
         selection_ms = (time.perf_counter() - start) * 1e3
         backend = choose_backend(self.backend, call.device)
         out, counts = block_sparse_attention(q, k, v, layout, scale=call.scale, backend=backend, static=False)

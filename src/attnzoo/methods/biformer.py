@@ -10,7 +10,7 @@ import torch
 from ..errors import check_int
 from ..kernels.block_sparse import BlockLayout, block_sparse_attention, choose_backend
 from ..kernels.dense import repeat_kv
-from ..method import Call, CallStats, MethodInfo, _sync
+from ..method import Call, CallStats, MethodInfo, sync
 from ..patterns import compact, dense_area
 from ..registry import register
 from ..selection import BlockSelectionMethod, RegionConfig, block_means, clamp_budget, region_order, top_blocks
@@ -73,7 +73,7 @@ class BiFormer(BlockSelectionMethod):
         start = time.perf_counter()
         layout = self._layout(q, k, call)
         order = self.region_order(call)
-        _sync(call.device)
+        sync(call.device)
         selection_ms = (time.perf_counter() - start) * 1e3
         backend = choose_backend(self.backend, call.device)
         out_r, counts = block_sparse_attention(q[:, :, order], k[:, :, order], v[:, :, order], layout,

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import check_int
 from ..kernels.dense import attention_scores, causal_mask, repeat_kv, work_dtype
-from ..method import Call, CallStats, Method, MethodInfo, _sync
+from ..method import Call, CallStats, Method, MethodInfo, sync
 from ..registry import register
 
 
@@ -183,7 +183,7 @@ class HyperAttention(Method):
     def _forward(self, q, k, v, call: Call):
         start = time.perf_counter()
         pieces = self.pieces(q, k, call)
-        _sync(call.device)
+        sync(call.device)
         selection_ms = (time.perf_counter() - start) * 1e3
         work = work_dtype(q)
         qw, kw, vw = q.to(work), repeat_kv(k, call.groups).to(work), repeat_kv(v, call.groups).to(work)

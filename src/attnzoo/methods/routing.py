@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..errors import check_int
 from ..kernels.block_sparse import BlockLayout, block_sparse_attention, choose_backend
 from ..kernels.dense import causal_mask, repeat_kv
-from ..method import Call, CallStats, MethodInfo, _sync
+from ..method import Call, CallStats, MethodInfo, sync
 from ..patterns import compact, dense_area
 from ..registry import register
 from ..selection import BlockSelectionMethod
@@ -95,7 +95,7 @@ class Routing(BlockSelectionMethod):
     def _forward(self, q, k, v, call: Call):
         start = time.perf_counter()
         layout, q_pos, k_pos = self._routed(q, k, call)
-        _sync(call.device)
+        sync(call.device)
         selection_ms = (time.perf_counter() - start) * 1e3
         take = lambda x, pos: torch.gather(x, 2, pos[..., None].expand(-1, -1, -1, x.shape[-1]))  # noqa: E731
         backend = choose_backend(self.backend, call.device)

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import check_int
 from ..kernels.dense import masked_attention, repeat_kv, sdpa, work_dtype
-from ..method import Call, CallStats, Method, MethodInfo, _sync
+from ..method import Call, CallStats, Method, MethodInfo, sync
 from ..registry import register
 from ..selection import RegionConfig, block_means, region_order
 
@@ -74,7 +74,7 @@ class SGFormer(Method):
         ids = self.groups(q, k, call)
         kp, counts = self._pooled(repeat_kv(k, call.groups), ids, call)
         vp, _ = self._pooled(repeat_kv(v, call.groups), ids, call)
-        _sync(call.device)
+        sync(call.device)
         selection_ms = (time.perf_counter() - start) * 1e3
         used = counts > 0
         work = q.float() if q.dtype in (torch.float16, torch.bfloat16) else q
