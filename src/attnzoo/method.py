@@ -158,12 +158,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class Method:
-    """Base class of every attention method.
+class Method(torch.nn.Module):
+    """Base class of every attention method: an ``nn.Module`` whose ``forward`` is the attention call.
 
-    Subclasses set ``info`` and ``Config`` (a dataclass whose ``__post_init__`` checks values), and
-    implement ``_forward(q, k, v, call)`` and ``_reference(q, k, v, call)``. ``check(call)`` rejects
-    patterns the method cannot run. Both paths receive inputs that passed :func:`check_qkv`.
+    Subclasses set ``info`` and ``Config`` (a dataclass of plain values whose ``__post_init__``
+    checks them), and implement ``_forward(q, k, v, call)`` and ``_reference(q, k, v, call)``.
+    ``check(call)`` rejects patterns the method cannot run. Both paths receive inputs that passed
+    :func:`check_qkv`. State a method learns (feature maps, gates, projections) lives in the
+    module's parameters and buffers, never in ``config``, so two methods with equal configs are
+    interchangeable and ``state_dict`` saves what was learned.
     """
 
     info: ClassVar[MethodInfo]
@@ -177,12 +180,13 @@ class Method:
         for key in config:
             if key not in names:
                 raise UnknownNameError(f"option of method {self.info.name!r}", key, names | {"backend"})
+        super().__init__()
         self.backend = backend
         self.config = self.Config(**config)
 
     # ---- public API -------------------------------------------------------------------------
-    def __call__(self, q, k, v, *, causal: bool = False, scale: float | None = None, return_stats: bool = False,
-                 check_finite: bool = True):
+    def forward(self, q, k, v, *, causal: bool = False, scale: float | None = None, return_stats: bool = False,
+                check_finite: bool = True):
         """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> (B, Hq, Nq, Dv).
 
         ``return_stats``: also return a :class:`CallStats` (the device is synchronised around the
@@ -215,6 +219,10 @@ class Method:
         broadcasts to (B, Hq, Nq, Nk), for measuring recall of the exact attention mass; None where
         the method has no sparse support (linear or pooled attention). Dense: O(Nq Nk) memory."""
         return self._support(q, k, v, self._prepare(q, k, v, causal, scale))
+
+    def materialize(self, heads_q: int, heads_kv: int, dim: int, dim_v: int) -> None:
+        """Create the learned state for inputs of these shapes now, so its parameters exist before an
+        optimiser is built (:class:`attnzoo.nn.Attention` calls this); a no-op for stateless methods."""
 
     def stats(self, call: Call) -> CallStats:
         """Statistics of a call with these shapes; methods with content-dependent cost override this."""
