@@ -264,3 +264,12 @@ class Method(torch.nn.Module):
             raise UnsupportedError(f"method {info.name!r} does not support grouped-query attention (Hq={call.heads_q}, Hkv={call.heads_kv})")
         self.check(call)
         return call
+
+
+def dense_area(call: Call) -> float:
+    """Entries of the dense (causal, where causal) score matrix of one head."""
+    if not call.causal:
+        return float(call.len_q * call.len_kv)
+    off = call.len_kv - call.len_q
+    rows = torch.arange(call.len_q, dtype=torch.float64) + off + 1
+    return float(rows.clamp(min=0, max=call.len_kv).sum())

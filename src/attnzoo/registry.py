@@ -1,4 +1,11 @@
-"""The method registry: ``@register`` on a :class:`~attnzoo.method.Method` subclass makes it reachable by name."""
+"""Registries, one per kind of thing attnzoo offers: attention methods (``attnzoo.methods``), KV-cache
+policies (``attnzoo.cache``) and nn.Module blocks (``attnzoo.modules``).
+
+Each kind has one base class and one registry; ``@register`` on a subclass makes it reachable by
+name, and every module under the kind's package is imported on first lookup, so adding one is
+adding one file. Names are unique across kinds (``attnzoo list --kind ...`` and error messages
+never have to say which ``snapkv`` they mean).
+"""
 
 from __future__ import annotations
 
@@ -6,40 +13,82 @@ import importlib
 import pkgutil
 from typing import Any
 
-from .errors import UnknownNameError
+from .errors import InvalidArgumentError, UnknownNameError
 from .method import Method, MethodInfo
 
-_REGISTRY: dict[str, type[Method]] = {}
-_loaded = False
+
+class Registry:
+    """The registered classes of one kind, by ``cls.info.name``; ``package`` holds their files."""
+
+    def __init__(self, kind: str, singular: str, package: str):
+        self.kind, self.singular, self.package = kind, singular, package
+        self.base: type | None = None  # set by the kind's package (its base class)
+        self._classes: dict[str, type] = {}
+        self._loaded = False
+
+    def register(self, cls: type) -> type:
+        """Class decorator: register ``cls`` under ``cls.info.name``."""
+        if self.base is not None and not (isinstance(cls, type) and issubclass(cls, self.base)):
+            raise InvalidArgumentError(f"@{self.kind} register", f"a subclass of {self.base.__name__}", repr(cls))
+        name = cls.info.name
+        for other in KINDS.values():
+            owner = other._classes.get(name)
+            if owner is not None and owner is not cls:
+                raise ValueError(f"{self.singular} name {name!r} is already registered as a {other.singular} "
+                                 f"({owner.__module__}; {cls.__module__} is the second); names are unique across kinds")
+        self._classes[name] = cls
+        return cls
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a throwaway class registered by a test or a notebook); no error if absent."""
+        self._classes.pop(name, None)
+
+    def load(self) -> None:
+        """Import every module under the kind's package once (files starting with ``_`` excepted)."""
+        if self._loaded:
+            return
+        package = importlib.import_module(self.package)
+        for module in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}."):
+            if not module.name.rsplit(".", 1)[-1].startswith("_"):
+                importlib.import_module(module.name)
+        self._loaded = True
+
+    def get(self, name: str) -> type:
+        self.load()
+        if not isinstance(name, str) or name not in self._classes:
+            raise UnknownNameError(self.singular, str(name), self._classes)
+        return self._classes[name]
+
+    def names(self) -> list[str]:
+        self.load()
+        return sorted(self._classes)
+
+    def infos(self) -> list[Any]:
+        """Every registered class's ``info``, sorted by name."""
+        return [self.get(name).info for name in self.names()]
+
+
+METHODS = Registry("methods", "method", "attnzoo.methods")
+METHODS.base = Method
+CACHES = Registry("caches", "cache policy", "attnzoo.cache")
+MODULES = Registry("modules", "module", "attnzoo.modules")
+KINDS: dict[str, Registry] = {r.kind: r for r in (METHODS, CACHES, MODULES)}
+
+
+def kind(name: str) -> Registry:
+    """The registry of kind ``name`` (``methods``, ``caches`` or ``modules``)."""
+    if name not in KINDS:
+        raise UnknownNameError("kind", str(name), KINDS)
+    return KINDS[name]
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: register a method under ``cls.info.name``."""
-    name = cls.info.name
-    if name in _REGISTRY and _REGISTRY[name] is not cls:
-        raise ValueError(f"method name {name!r} is registered twice ({_REGISTRY[name].__module__} and {cls.__module__})")
-    _REGISTRY[name] = cls
-    return cls
-
-
-def _load_all() -> None:
-    """Import every module of ``attnzoo.methods`` once: adding a method is adding a file."""
-    global _loaded
-    if _loaded:
-        return
-    from . import methods
-
-    for module in pkgutil.iter_modules(methods.__path__):
-        if not module.name.startswith("_"):
-            importlib.import_module(f"{methods.__name__}.{module.name}")
-    _loaded = True
+    """Class decorator: register an attention method under ``cls.info.name``."""
+    return METHODS.register(cls)
 
 
 def method_class(name: str) -> type[Method]:
-    _load_all()
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise UnknownNameError("method", str(name), _REGISTRY)
-    return _REGISTRY[name]
+    return METHODS.get(name)
 
 
 def get_method(name: str, **config: Any) -> Method:
@@ -49,8 +98,7 @@ def get_method(name: str, **config: Any) -> Method:
 
 def list_methods(family: str | None = None) -> list[MethodInfo]:
     """Every registered method's :class:`MethodInfo`, sorted by name (optionally one family)."""
-    _load_all()
-    infos = [cls.info for cls in _REGISTRY.values()]
+    infos = METHODS.infos()
     if family is not None:
         infos = [i for i in infos if family in i.family]
-    return sorted(infos, key=lambda i: i.name)
+    return infos

@@ -6,7 +6,7 @@ import pytest
 
 from attnzoo.kernels.dense import sdpa
 from attnzoo.method import Method, MethodInfo
-from attnzoo.registry import _REGISTRY, register
+from attnzoo.registry import METHODS, register
 
 
 def _throwaway(name: str, forward, doc: str) -> type[Method]:
@@ -43,4 +43,4 @@ def test_methods():
         register(cls)
     yield [cls.info.name for cls in classes]
     for cls in classes:
-        _REGISTRY.pop(cls.info.name, None)
+        METHODS.unregister(cls.info.name)

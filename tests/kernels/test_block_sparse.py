@@ -9,7 +9,7 @@ import torch
 from helpers import qkv, rel_err
 
 from attnzoo.kernels.block_sparse import BlockLayout, block_sparse_attention
-from attnzoo.patterns import coarsen, compact
+from attnzoo.kernels.block_sparse.builders import coarsen, compact
 
 
 def random_layout(gen, Bl, Hl, num_q, num_kv, q_block, kv_block, causal, q_order=None):

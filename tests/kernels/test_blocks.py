@@ -11,7 +11,7 @@ from helpers import qkv, rel_err
 
 from attnzoo.kernels.block_sparse import CausalMask, block_sparse_attention
 from attnzoo.kernels.block_sparse.blocks import block_attention, handles
-from attnzoo.patterns import compact
+from attnzoo.kernels.block_sparse.builders import compact
 
 
 def random_blocks(gen, Bl, Hl, num_q, num_kv, q_block, kv_block, mask_mod, density=0.4):

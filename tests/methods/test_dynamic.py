@@ -176,7 +176,7 @@ def test_sampled_q_finds_a_strong_key_that_key_pooling_hides(rng):
 def test_sampled_q_with_every_query_sampled_is_the_exact_block_mass(nq, rng):
     """samples = block_size: the estimate is the exact causal attention mass per (query block, key
     block) tile, GQA and bottom-right aligned cross lengths included."""
-    from attnzoo.selection import sampled_query_mass
+    from attnzoo.methods.dynamic.scoring import sampled_query_mass
     q, k, v = qkv(rng, B=2, Hq=4, Hkv=2, Nq=nq, Nk=64, D=8)
     m = attnzoo.get_method("block_sparse", block_size=16)
     call = m._prepare(q, k, v, True, None)
@@ -196,7 +196,7 @@ def test_sampled_q_with_every_query_sampled_is_the_exact_block_mass(nq, rng):
 def test_listed_block_mass_is_the_softmax_over_the_listed_keys(nq, rng):
     """Each sampled query's softmax runs over the keys of its query block's listed blocks only
     (holes and causally hidden keys excluded), summed per listed block and over the samples."""
-    from attnzoo.selection import listed_block_mass, sample_rows
+    from attnzoo.methods.dynamic.scoring import listed_block_mass, sample_rows
     q, k, v = qkv(rng, B=2, Hq=4, Hkv=2, Nq=nq, Nk=64, D=8)
     call = attnzoo.get_method("hip", block_size=16)._prepare(q, k, v, True, None)
     nqb = -(-nq // 16)
@@ -226,7 +226,7 @@ def test_hip_rerank_over_every_block_is_block_sparse_sampled_q(rng):
     """With ``candidates`` large enough for the search to keep every block, hip's re-ranking keeps
     the same blocks as block_sparse's sampled-query estimator with as many samples (which counts the
     always-visited blocks inside its top_k)."""
-    from attnzoo.selection import unique_blocks
+    from attnzoo.methods.dynamic.scoring import unique_blocks
     q, k, v = qkv(rng, B=2, Hq=4, Hkv=2, Nq=300, D=32)
     for causal, forced in ((True, 3), (False, 1)):
         hip = attnzoo.get_method("hip", top_k=4, block_size=16, candidates=100, rerank_samples=3).selection(q, k, v, causal=causal)
@@ -299,7 +299,7 @@ def test_vertical_columns_are_the_heaviest_single_keys(rng):
 def test_hip_bound_is_an_upper_bound_of_every_logit_in_the_branch(samples, rng):
     """For any range of key blocks, the bound score is at least the largest logit between the
     queries and any key of the range, and equals it for a range of one single-token block."""
-    from attnzoo.methods.hip import _BoundScore
+    from attnzoo.methods.dynamic.hip import _BoundScore
     B, H, nkb, bk, D, r = 1, 2, 13, 3, 8, max(samples, 1)
     kp = torch.randn(B, H, nkb, bk, D, generator=rng)
     first = (torch.arange(H) * nkb).view(1, H, 1, 1)

@@ -1,0 +1,150 @@
+"""Shared machinery of the dynamic (content-selected, block-granular) methods.
+
+A :class:`BlockSelectionMethod` chooses, from q and k, which key blocks each query block attends to
+(``_select`` returns per (batch, query head, query block) key block ids with -1 holes), and the
+block executor then computes exact softmax attention on exactly those blocks. The reference is dense
+attention under the same selection (:meth:`BlockSelectionMethod.selection` exposes it), so the
+fast path and the oracle never disagree about where to look.
+
+Budgets are counts of key blocks. A budget larger than the number of key blocks is clamped to all of
+them (which is dense attention) with a :class:`UserWarning`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from attnzoo.kernels.block_sparse.builders import compact
+from attnzoo.method import dense_area
+
+from ...errors import InvalidArgumentError, check_int
+from ...kernels.block_sparse import (
+    BACKENDS,
+    BlockLayout,
+    CausalMask,
+    block_sparse_attention,
+    choose_backend,
+)
+from ...kernels.dense import masked_attention
+from ...method import Call, CallStats, Method, sync
+
+
+def clamp_budget(method: str, argument: str, value: int, available: int, unit: str = "key blocks") -> int:
+    """``value`` key blocks (or other ``unit``), at most ``available``; warns when it had to clamp."""
+    if value > available:
+        warnings.warn(
+            f"{method}: {argument}={value} exceeds the {available} {unit} of this input; using all of them",
+            UserWarning, stacklevel=4,
+        )
+        return available
+    return value
+
+
+@dataclass
+class TopKConfig:
+    """``top_k`` key blocks per query block, blocks of ``block_size`` tokens (queries and keys);
+    ``local_blocks``: when causal, the key blocks just before the diagonal block that are always
+    visited (every query keeps at least its ``local_blocks * block_size`` nearest predecessors)."""
+
+    top_k: int = 8
+    block_size: int = 64
+    local_blocks: int = 1
+
+    def __post_init__(self):
+        self.top_k = check_int("top_k", self.top_k)
+        self.block_size = check_int("block_size", self.block_size, minimum=2)
+        self.local_blocks = check_int("local_blocks", self.local_blocks, minimum=0)
+
+
+@dataclass
+class RegionConfig:
+    """Regions of a token grid: ``grid`` (H, W) row-major, or None for a 1-D sequence; ``n_win``
+    regions per axis (n_win x n_win windows in 2-D, n_win chunks in 1-D), dividing every side."""
+
+    n_win: int = 7
+    grid: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        self.n_win = check_int("n_win", self.n_win)
+        if self.grid is not None:
+            if isinstance(self.grid, int):
+                self.grid = (self.grid,)
+            if not isinstance(self.grid, (tuple, list)) or len(self.grid) not in (1, 2):
+                raise InvalidArgumentError("grid", "None, (N,) or (H, W)", repr(self.grid))
+            self.grid = tuple(check_int(f"grid[{i}]", g) for i, g in enumerate(self.grid))
+
+    def sides(self, tokens: int) -> tuple[int, ...]:
+        """The grid of a call with ``tokens`` tokens, checked against the regions."""
+        grid = self.grid or (tokens,)
+        if torch.Size(grid).numel() != tokens:
+            raise InvalidArgumentError("grid", f"a product equal to the {tokens} tokens", grid)
+        for axis, n in enumerate(grid):
+            if n % self.n_win:
+                raise InvalidArgumentError("n_win", f"a divisor of every grid side (grid {grid}, axis {axis} has {n})", self.n_win)
+        return grid
+
+
+class BlockSelectionMethod(Method):
+    """A dynamic method: ``_select`` picks key blocks per query block; the executor computes there.
+
+    Subclasses set ``info`` and ``Config`` (with ``block_size``) and implement
+    ``_select(q, k, call) -> (B, Hq, nQB, K)`` key block ids with -1 holes; selections should keep
+    each query block's diagonal block when causal, so every query sees at least one key. A method
+    that also picks single key columns for every query block overrides ``_select_with_columns``
+    instead, returning the blocks and (B, Hq, C) column ids with -1 holes.
+    """
+
+    backends = BACKENDS
+
+    def q_block(self, call: Call) -> int:
+        return self.config.block_size
+
+    def kv_block(self, call: Call) -> int:
+        return self.config.block_size
+
+    def _select(self, q, k, call: Call) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _select_with_columns(self, q, k, call: Call) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._select(q, k, call), None
+
+    def _layout(self, q, k, call: Call) -> BlockLayout:
+        keys, columns = self._select_with_columns(q, k, call)
+        mask_mod = CausalMask(call.len_kv - call.len_q) if call.causal else None
+        return compact(keys, call.len_q, call.len_kv, self.q_block(call), kv_block=self.kv_block(call), mask_mod=mask_mod,
+                       columns=columns)
+
+    def selection(self, q, k, v, *, causal: bool = False, scale: float | None = None) -> BlockLayout:
+        """The layout (key blocks per batch, query head and query block) this call attends to."""
+        return self._layout(q, k, self._prepare(q, k, v, causal, scale))
+
+    def _forward(self, q, k, v, call: Call):
+        start = time.perf_counter()
+        layout = self._layout(q, k, call)
+        sync(call.device)
+        selection_ms = (time.perf_counter() - start) * 1e3
+        backend = choose_backend(self.backend, call.device)
+        out, counts = block_sparse_attention(q, k, v, layout, scale=call.scale, backend=backend, static=False)
+        area = dense_area(call) * call.batch * call.heads_q
+        allowed = counts["allowed"]
+        if allowed is None:  # backends that do not count: the support's size
+            allowed = int(self._support_of(layout, call).expand(call.batch, call.heads_q, -1, -1).sum())
+        return out, CallStats(
+            self.info.name, backend, density=allowed / area, selection_ms=selection_ms,
+            extra={"computed_fraction": counts["computed"] / area, "blocks_per_query_block": float(layout.kv_counts.float().mean())},
+        )
+
+    def _support_of(self, layout: BlockLayout, call: Call) -> torch.Tensor:
+        return layout.dense_mask(call.len_q, call.len_kv)
+
+    def _support(self, q, k, v, call: Call) -> torch.Tensor:
+        return self._support_of(self._layout(q, k, call), call)
+
+    def _reference(self, q, k, v, call: Call) -> torch.Tensor:
+        return masked_attention(q, k, v, self._support(q, k, v, call), scale=call.scale)
+
+

@@ -1,0 +1,105 @@
+"""SEA: estimate attention with a linear attention, keep the top-k keys, attend there exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnzoo.kernels.block_sparse.builders import compact
+from attnzoo.kernels.linear.feature_maps import favor_features, orthogonal_gaussian
+from attnzoo.method import dense_area
+
+from ...errors import check_int
+from ...kernels.block_sparse import BACKENDS, block_sparse_attention, membership
+from ...kernels.dense import causal_mask, masked_attention, repeat_kv
+from ...method import Call, CallStats, Method, MethodInfo
+from ...registry import register
+
+
+@dataclass
+class SEAConfig:
+    """``top_k``: keys kept per query block (beyond the block's own diagonal keys, always kept so
+    every query sees a key); ``q_block``: queries sharing a selection; ``num_features``/``seed``:
+    the Performer estimate."""
+
+    top_k: int = 128
+    q_block: int = 64
+    num_features: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        self.top_k = check_int("top_k", self.top_k)
+        self.q_block = check_int("q_block", self.q_block)
+        self.num_features = check_int("num_features", self.num_features)
+        self.seed = check_int("seed", self.seed, minimum=0)
+
+
+@register
+class SEA(Method):
+    """SEA ("SEA: Sparse Linear Attention with Estimated Attention Mask", arXiv 2310.01777):
+    estimate the attention matrix with a linear attention (Performer features; each query block's
+    row is ``mean_i phi(q_i) . phi(k_j)``), keep the ``top_k`` keys of every query block, and compute
+    exact softmax attention on those keys with the shared block-sparse executor. Training-free: the
+    paper's learned CNN decoder that refines the estimate is not included. Estimation costs
+    O(N^2 M / q_block), attention O(N (k + q_block) D). q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv)."""
+
+    info = MethodInfo(
+        name="sea", title="SEA: Sparse Linear Attention with Estimated Attention Mask", arxiv="2310.01777",
+        family=("linear", "dynamic"), causal=True, non_causal=True, cross=True, gqa=True, training_free=True,
+        time="O(N^2 M / b + N k D)", memory="O(N^2 / b + N k)",
+        summary="Performer estimate of attention -> top-k keys per query block -> exact sparse attention",
+    )
+    Config = SEAConfig
+    backends = BACKENDS
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self._projections: dict = {}
+
+    def select(self, q, k, call: Call) -> torch.Tensor:
+        """(B, Hq, nQB, q_block + top_k) key ids per query block, -1 for none: the block's diagonal
+        keys, then the top_k keys of the estimate among the other allowed keys."""
+        cfg, dev = self.config, q.device
+        if call.dim not in self._projections:
+            self._projections[call.dim] = orthogonal_gaussian(cfg.num_features, call.dim, seed=cfg.seed)
+        proj, root = self._projections[call.dim], call.scale ** 0.5
+        qf = favor_features(q * root, proj, is_query=True)
+        kf = repeat_kv(favor_features(k * root, proj, is_query=False), call.groups)
+        nqb, b, off = -(-call.len_q // cfg.q_block), cfg.q_block, call.len_kv - call.len_q
+        pad = nqb * b - call.len_q
+        block_mean = torch.nn.functional.pad(qf, (0, 0, 0, pad)).unflatten(2, (nqb, b)).sum(3)
+        block_mean = block_mean / torch.clamp(call.len_q - torch.arange(nqb, device=dev) * b, max=b)[:, None]
+        estimate = block_mean @ kf.transpose(-1, -2)  # (B, Hq, nQB, Nk)
+        first = torch.arange(nqb, device=dev) * b + off  # position of each block's first query
+        diag = first[:, None] + torch.arange(b, device=dev)[None, :]
+        diag_ok = (diag >= 0) & (diag < call.len_kv) & (diag - off < call.len_q)
+        keys_pos = torch.arange(call.len_kv, device=dev)[None, :]
+        last = torch.clamp(first + b, max=call.len_q + off) - 1
+        excluded = (keys_pos >= first[:, None]) & (keys_pos <= last[:, None])
+        if call.causal:
+            excluded = excluded | (keys_pos > last[:, None])
+        estimate = estimate.masked_fill(excluded, float("-inf"))
+        top = estimate.topk(min(cfg.top_k, call.len_kv), dim=-1)
+        chosen = torch.where(torch.isfinite(top.values), top.indices, -1)
+        diag_keys = torch.where(diag_ok, diag, -1).expand(*chosen.shape[:2], -1, -1)
+        return torch.cat([diag_keys, chosen], dim=-1)
+
+    def _causal_mod(self, call: Call):
+        off = call.len_kv - call.len_q
+        return (lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + off) if call.causal else None
+
+    def _forward(self, q, k, v, call: Call):
+        keys = self.select(q, k, call)
+        layout = compact(keys, call.len_q, call.len_kv, self.config.q_block, mask_mod=self._causal_mod(call), covers_mask=False)
+        out, counts = block_sparse_attention(q, k, v, layout, scale=call.scale, backend=self.backend, static=False)
+        kept = float((keys >= 0).sum()) * self.config.q_block / (call.batch * call.heads_q)
+        return out, CallStats(self.info.name, self.backend, density=min(1.0, kept / dense_area(call)), extra=counts)
+
+    def _reference(self, q, k, v, call: Call):
+        return masked_attention(q, k, v, self._support(q, k, v, call), scale=call.scale)
+
+    def _support(self, q, k, v, call: Call):
+        keys = self.select(q, k, call)
+        mask = membership(keys, call.len_kv).repeat_interleave(self.config.q_block, dim=2)[:, :, : call.len_q]
+        return mask & causal_mask(call.len_q, call.len_kv, q.device) if call.causal else mask

@@ -1,0 +1,95 @@
+"""SG-Former: a significance map from coarse attention reallocates key tokens, finer where salient."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from attnzoo.methods.dynamic.base import RegionConfig
+from attnzoo.methods.dynamic.scoring import block_means, region_order
+
+from ...errors import check_int
+from ...kernels.dense import masked_attention, repeat_kv, sdpa, work_dtype
+from ...method import Call, CallStats, Method, MethodInfo, sync
+from ...registry import register
+
+
+@register
+class SGFormer(Method):
+    """Significance-guided attention ("SG-Former: Self-guided Transformer with Evolving Token
+    Reallocation", arXiv 2308.12216). A coarse attention between region means (``n_win`` regions
+    per grid axis) gives each region's significance, the attention mass it receives. The keys and
+    values are then reallocated into ``num_tokens`` new tokens: walking the tokens in region-major
+    order, every new token averages a run of tokens carrying an equal share of significance, so
+    salient regions keep many fine tokens and background regions merge into few coarse ones. Every
+    query attends to the reallocated tokens (dense SDPA over ``num_tokens`` keys). Computed per
+    head; the paper's local-window heads (its hybrid scale) are the ``sliding_window`` or
+    ``neighborhood`` methods. Non-causal self-attention; no sparse support (pooled keys).
+    q (B, Hq, N, D), k/v (B, Hkv, N, D|Dv). Cost O(R^2 D + N M D), M = ``num_tokens``."""
+
+    info = MethodInfo(
+        name="sgformer", title="SG-Former: Self-guided Transformer with Evolving Token Reallocation", arxiv="2308.12216",
+        family=("dynamic",), causal=False, non_causal=True, cross=False, gqa=True, training_free=True,
+        time="O(R^2 D + N M D)", memory="O(N + M D) per head", spatial=True,
+        summary="significance map from coarse attention; salient regions keep more (finer) key tokens",
+    )
+
+    @dataclass
+    class Config(RegionConfig):
+        n_win: int = 8
+        num_tokens: int = 64
+
+        def __post_init__(self):
+            super().__post_init__()
+            self.num_tokens = check_int("num_tokens", self.num_tokens)
+
+    def check(self, call: Call) -> None:
+        self.config.sides(call.len_q)
+
+    def groups(self, q, k, call: Call) -> torch.Tensor:
+        """(B, Hq, N) new-token id of every original token (ids increase along the region-major order)."""
+        grid = self.config.sides(call.len_q)
+        order = region_order(grid, self.config.n_win, call.device)
+        size = call.len_q // self.config.n_win ** len(grid)
+        qr = block_means(q[:, :, order], size)
+        kr = repeat_kv(block_means(k[:, :, order], size), call.groups)
+        significance = torch.softmax(qr @ kr.transpose(-1, -2) * call.scale, dim=-1).mean(2)  # (B, Hq, R)
+        weight = (significance / size).repeat_interleave(size, dim=-1).double()  # per token, region-major
+        before = torch.cumsum(weight, dim=-1) - weight  # significance of the tokens before each token
+        ids_sorted = (before / weight.sum(-1, keepdim=True) * self.config.num_tokens).floor().long()
+        ids = torch.empty_like(ids_sorted)
+        ids[..., order] = ids_sorted.clamp(max=self.config.num_tokens - 1)
+        return ids
+
+    def _pooled(self, x, ids, call: Call):
+        """Mean of ``x`` (B, Hq, N, D) over each new token; (B, Hq, M, D) and the token counts (B, Hq, M)."""
+        M, work = self.config.num_tokens, work_dtype(x)
+        sums = torch.zeros(*x.shape[:2], M, x.shape[-1], dtype=work, device=x.device)
+        sums.scatter_add_(2, ids[..., None].expand(-1, -1, -1, x.shape[-1]), x.to(work))
+        counts = torch.zeros(*x.shape[:2], M, dtype=work, device=x.device).scatter_add_(2, ids, torch.ones_like(ids, dtype=work))
+        return sums / counts.clamp(min=1)[..., None], counts
+
+    def _forward(self, q, k, v, call: Call):
+        start = time.perf_counter()
+        ids = self.groups(q, k, call)
+        kp, counts = self._pooled(repeat_kv(k, call.groups), ids, call)
+        vp, _ = self._pooled(repeat_kv(v, call.groups), ids, call)
+        sync(call.device)
+        selection_ms = (time.perf_counter() - start) * 1e3
+        used = counts > 0
+        work = q.float() if q.dtype in (torch.float16, torch.bfloat16) else q
+        out = sdpa(work, kp.to(work.dtype), vp.to(work.dtype), causal=False, scale=call.scale,
+                   mask=None if bool(used.all()) else used[:, :, None, :]).to(q.dtype)
+        density = float(used.sum(-1).float().mean()) / call.len_kv
+        return out, CallStats(self.info.name, "dense", density=density, selection_ms=selection_ms, extra={"tokens": int(used.sum(-1).max())})
+
+    def _reference(self, q, k, v, call: Call) -> torch.Tensor:
+        ids = self.groups(q, k, call)
+        member = torch.nn.functional.one_hot(ids, self.config.num_tokens).transpose(-1, -2).double()  # (B, Hq, M, N)
+        counts = member.sum(-1)
+        pool = member / counts.clamp(min=1)[..., None]
+        kp = pool @ repeat_kv(k, call.groups).double()
+        vp = pool @ repeat_kv(v, call.groups).double()
+        return masked_attention(q.double(), kp, vp, (counts > 0)[:, :, None, :], scale=call.scale).to(q.dtype)

@@ -1,0 +1,114 @@
+"""MInference vertical-slash: key columns and diagonals estimated from the last queries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnzoo.methods.dynamic.base import BlockSelectionMethod, clamp_budget
+from attnzoo.methods.dynamic.scoring import last_key_block, top_blocks, unique_blocks
+
+from ...errors import InvalidArgumentError, check_int
+from ...kernels.block_sparse import membership
+from ...kernels.dense import work_dtype
+from ...method import Call, MethodInfo
+from ...registry import register
+
+
+@register
+class VerticalSlash(BlockSelectionMethod):
+    """MInference's vertical-slash pattern ("MInference 1.0: Accelerating Pre-filling for
+    Long-Context LLMs via Dynamic Sparse Attention", arXiv 2407.02490).
+
+    The last ``last_q`` queries (``estimate_queries="spread"``: ``last_q`` queries spread evenly
+    over the sequence, not in the paper) attend densely (causal); summing their attention per key
+    column gives vertical scores, summing it along diagonals (offset = query position - key
+    position) gives slash scores. Every query block then visits the ``vertical_blocks`` key blocks
+    with the most vertical mass (block 0, the attention sinks, always) and, along the
+    ``slash_blocks`` block diagonals with the most slash mass (its own diagonal block and the
+    ``local_blocks`` before it always, as MInference always keeps the nearest diagonals), the key
+    block at that distance; a token diagonal counts for both block diagonals it crosses.
+    ``vertical_columns`` c > 0 adds the c single key columns with the most vertical mass outside
+    those blocks, which every query block also visits: MInference's vertical lines are single
+    tokens like these (its kernel gathers them), so ``vertical_blocks=1, vertical_columns=c`` is
+    the paper's pattern, with the slashes kept at block granularity. Causal only, like the paper.
+    q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv). Selection O(last_q N D), attention
+    O(N ((v + s) b + c) D). Budgets above the number of key blocks (of keys for c) are clamped
+    (warning)."""
+
+    info = MethodInfo(
+        name="vertical_slash", title="MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse Attention",
+        arxiv="2407.02490", family=("dynamic",), causal=True, non_causal=False, cross=True, gqa=True, training_free=True,
+        time="O(last_q N D + N ((v + s) b + c) D)", memory="O(last_q N + N ((v + s) b + c)) per head",
+        summary="vertical lines + slash diagonals estimated from the last queries (MInference)",
+    )
+
+    @dataclass
+    class Config:
+        vertical_blocks: int = 4
+        slash_blocks: int = 4
+        vertical_columns: int = 0
+        last_q: int = 64
+        block_size: int = 64
+        local_blocks: int = 1
+        estimate_queries: str = "last"
+
+        def __post_init__(self):
+            self.vertical_blocks = check_int("vertical_blocks", self.vertical_blocks)
+            self.slash_blocks = check_int("slash_blocks", self.slash_blocks)
+            self.vertical_columns = check_int("vertical_columns", self.vertical_columns, minimum=0)
+            self.last_q = check_int("last_q", self.last_q)
+            self.block_size = check_int("block_size", self.block_size, minimum=2)
+            self.local_blocks = check_int("local_blocks", self.local_blocks, minimum=0)
+            if self.estimate_queries not in ("last", "spread"):
+                raise InvalidArgumentError("estimate_queries", "'last' or 'spread'", repr(self.estimate_queries))
+
+    def estimate(self, q, k, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vertical (B, Hq, Nk) and slash (B, Hq, Nk, by offset) attention mass of ``last_q`` queries:
+        the last ones, or spread evenly over the sequence (``estimate_queries``)."""
+        n = min(self.config.last_q, call.len_q)
+        B, Hq, G, Nk = call.batch, call.heads_q, call.groups, call.len_kv
+        pos = (torch.arange(call.len_q - n, call.len_q, device=q.device) if self.config.estimate_queries == "last"
+               else torch.linspace(0, call.len_q - 1, n, device=q.device).round().long())
+        reach = pos + (Nk - call.len_q)  # the last key each of these queries sees
+        work = work_dtype(q)
+        rows = (q[:, :, pos].to(work) * call.scale).reshape(B, Hq // G, G * n, -1)  # GQA as extra rows
+        scores = (rows @ k.to(work).transpose(-1, -2)).view(B, Hq, n, Nk)
+        first = max(0, int(reach.min()) + 1)  # columns before it are visible to every row
+        hidden = torch.arange(first, Nk, device=q.device)[None, :] > reach[:, None]
+        scores[..., first:].masked_fill_(hidden, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        if first == 0:  # bottom-right aligned queries that see no key
+            probs = probs.nan_to_num(0.0)
+        # the key j of the query reaching p lies on diagonal p - j
+        offsets = (reach[:, None] - torch.arange(Nk, device=q.device)[None, :]).clamp(min=0)
+        slash = torch.zeros_like(probs[:, :, 0]).scatter_add_(-1, offsets.flatten().expand(B, Hq, -1), probs.flatten(2))
+        return probs.sum(2), slash
+
+    def _select_with_columns(self, q, k, call: Call) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cfg, b = self.config, self.config.block_size
+        nkb = -(-call.len_kv // b)
+        vertical, slash = self.estimate(q, k, call)
+        pad = nkb * b - call.len_kv
+        v_blocks = torch.nn.functional.pad(vertical, (0, pad)).unflatten(-1, (nkb, b)).sum(-1)
+        s_blocks = torch.nn.functional.pad(slash, (0, pad)).unflatten(-1, (nkb, b)).sum(-1)
+        s_blocks = s_blocks + torch.nn.functional.pad(s_blocks[..., :-1], (1, 0))  # offsets in [(d-1) b, (d+1) b)
+        top = torch.finfo(v_blocks.dtype).max
+        v_blocks[..., 0] = top
+        s_blocks[..., : cfg.local_blocks + 1] = top
+        verticals = top_blocks(v_blocks, clamp_budget(self.info.name, "vertical_blocks", cfg.vertical_blocks, nkb))
+        slashes = top_blocks(s_blocks, clamp_budget(self.info.name, "slash_blocks", cfg.slash_blocks, nkb))
+        diag = last_key_block(call, b, b)  # (nQB,)
+        v = verticals[:, :, None, :].expand(-1, -1, diag.numel(), -1)
+        v = torch.where((v >= 0) & (v <= diag[:, None]), v, -1)
+        s = diag[:, None] - slashes[:, :, None, :]
+        s = torch.where((slashes[:, :, None, :] >= 0) & (s >= 0), s, -1)
+        columns = None
+        if cfg.vertical_columns:
+            # the heaviest single columns outside the vertical blocks already chosen
+            outside = vertical.masked_fill(membership(verticals, nkb).repeat_interleave(b, -1)[..., : call.len_kv], float("-inf"))
+            count = clamp_budget(self.info.name, "vertical_columns", cfg.vertical_columns, call.len_kv, "keys")
+            top = outside.topk(count, dim=-1)
+            columns = torch.where(torch.isfinite(top.values), top.indices, -1)
+        return unique_blocks(torch.cat([v, s], dim=-1)), columns

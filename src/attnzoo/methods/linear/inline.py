@@ -1,0 +1,93 @@
+"""InLine: injective linear attention plus a local attention residual."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnzoo.methods.linear.base import KernelizedConfig
+from attnzoo.methods.linear.linear import Linear
+from attnzoo.methods.local.sliding_window import SlidingWindow
+
+from ...errors import check_int
+from ...kernels.dense import attention_scores, causal_mask, repeat_kv
+from ...kernels.linear import state_product
+from ...method import Call, MethodInfo
+from ...registry import register
+
+
+@dataclass
+class InLineConfig(KernelizedConfig):
+    """``feature_map`` phi (default ``identity``: InLine needs no positive kernel); ``window``:
+    keys of the local residual (softmax attention over the ``window`` nearest keys: centred, or the
+    most recent when causal); 0 turns the residual off."""
+
+    feature_map: str = "identity"
+    window: int = 9
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.window = check_int("window", self.window, minimum=0)
+
+
+@register
+class InLine(Linear):
+    """InLine attention ("Bridging the Divide: Reconsidering Softmax and Linear Attention", arXiv
+    2412.06590). Injective weights ``w_ij = phi(q_i) phi(k_j) - (1/n_i) sum_s phi(q_i) phi(k_s) +
+    1/n_i`` (n_i visible keys: subtract the mean instead of dividing by the sum, so rows still sum
+    to one but queries of different norm stay distinguishable), ``O_inline = sum_j w_ij v_j``, plus
+    a local residual. The paper predicts the 9 local weights with an MLP on the block input;
+    attnzoo uses softmax attention over a ``window`` of nearby keys (the ``sliding_window`` method).
+    Causal sums run over j <= i. q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv) -> (B, Hq, Nq, Dv)."""
+
+    info = MethodInfo(
+        name="inline", title="Bridging the Divide: Reconsidering Softmax and Linear Attention", arxiv="2412.06590",
+        family=("linear",), causal=True, non_causal=True, cross=True, gqa=True, training_free=True,
+        time="O(N D Dv + N w D)", memory="O(N (D + Dv))",
+        summary="injective linear attention (mean-subtracted weights) plus a local softmax residual",
+    )
+    Config = InLineConfig
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self._local = SlidingWindow(window=self.config.window) if self.config.window else None
+
+    @staticmethod
+    def _visible(call: Call, device) -> torch.Tensor:
+        """(Nq, 1) number of keys each query sees."""
+        if not call.causal:
+            return torch.full((call.len_q, 1), float(call.len_kv), device=device)
+        pos = torch.arange(call.len_q, device=device)[:, None] + (call.len_kv - call.len_q) + 1
+        return pos.clamp(0, call.len_kv).float()
+
+    def _inline(self, q, k, v, call: Call, product) -> torch.Tensor:
+        """``num + vsum (1 - den) / n`` from the unnormalised product of [v, 1] and of [v] with
+        phi = 1 (the visible value sums); rows that see no key give 0."""
+        qf, kf = self.features(q, k, call)
+        ones_q, ones_k = torch.ones_like(q[..., :1]), torch.ones_like(k[..., :1])
+        v_aug = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+        num_den = product(qf, kf, v_aug)
+        value_sum = product(ones_q, ones_k, v)
+        n = self._visible(call, q.device)
+        return num_den[..., :-1] + value_sum * (1 - num_den[..., -1:]) / n.clamp_min(1)
+
+    def _with_local(self, out, q, k, v, call: Call, reference: bool):
+        if self._local is not None:
+            local = self._local.reference if reference else self._local
+            out = out + local(q, k, v, causal=call.causal, scale=call.scale).to(out.dtype)
+        return out.to(q.dtype)
+
+    def _forward(self, q, k, v, call: Call):
+        product = lambda a, b, c: state_product(a, b, c, causal=call.causal, chunk=self.config.chunk, backend=self.backend)  # noqa: E731
+        return self._with_local(self._inline(q, k, v, call, product), q, k, v, call, reference=False)
+
+    def _reference(self, q, k, v, call: Call):
+        qf, kf = self.features(q, k, call)
+        scores = attention_scores(qf, kf, scale=1.0)  # phi(q_i) phi(k_j), (B, Hq, Nq, Nk)
+        allowed = causal_mask(call.len_q, call.len_kv, q.device) if call.causal else torch.ones_like(scores, dtype=torch.bool)
+        n = self._visible(call, q.device).clamp_min(1)
+        scores = scores * allowed
+        weights = (scores - scores.sum(-1, keepdim=True) / n + 1 / n) * allowed
+        out = weights @ repeat_kv(v, call.groups).to(weights.dtype)
+        return self._with_local(out, q, k, v, call, reference=True)

@@ -1,0 +1,41 @@
+"""RALA: rank-augmented linear attention (query-aware weighting of the KV buffer)."""
+
+from __future__ import annotations
+
+import torch
+
+from attnzoo.kernels.linear.feature_maps import fixed_map
+from attnzoo.methods.linear.base import KernelizedConfig, LinearMethod
+
+from ...kernels.dense import attention_scores, repeat_kv
+from ...method import Call, MethodInfo
+from ...registry import register
+
+
+@register
+class RALA(LinearMethod):
+    """Rank-augmented linear attention ("Breaking the Low-Rank Dilemma of Linear Attention", arXiv
+    2411.07635): the KV buffer ``sum_j alpha_j phi(k_j)^T v_j`` weights each key by ``alpha_j = N
+    softmax_j(q_bar k_j * scale)`` with the global query ``q_bar = mean_i q_i``, which raises the
+    buffer's rank; output ``phi(q_i) KV / phi(q_i) sum_j alpha_j phi(k_j)^T`` with ``phi = elu + 1``.
+    The paper's output rank augmentation (an elementwise product with a projection of the block
+    input) needs the layer input and is left to the caller. Non-causal (q_bar uses every query).
+    q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv) -> (B, Hq, Nq, Dv)."""
+
+    info = MethodInfo(
+        name="rala", title="Breaking the Low-Rank Dilemma of Linear Attention", arxiv="2411.07635",
+        family=("linear",), causal=False, non_causal=True, cross=True, gqa=True, training_free=True,
+        time="O(N D Dv)", memory="O(N (D + Dv))",
+        summary="linear attention with a query-aware (softmax of the mean query) weighting of keys",
+    )
+    Config = KernelizedConfig
+
+    def key_weights(self, q, k, call: Call) -> torch.Tensor:
+        """(B, Hq, Nk, 1) weights ``alpha = N softmax(q_bar K^T * scale)``."""
+        q_bar = q.mean(dim=2, keepdim=True)
+        return (call.len_kv * torch.softmax(attention_scores(q_bar, k, scale=call.scale), dim=-1)).transpose(-1, -2)
+
+    def features(self, q, k, call: Call):
+        phi = fixed_map(self.config.feature_map)
+        kf = repeat_kv(phi(k), call.groups)
+        return phi(q), kf * self.key_weights(q, k, call).to(kf.dtype)
