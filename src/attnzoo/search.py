@@ -73,7 +73,7 @@ def search_patterns(model, tokenizer, text: str | None = None, budget: float = 0
     measured ``recall`` and ``density`` of the chosen pattern. Needs the ``[models]`` extra.
     """
     from .eval import capture_qkv
-    from .eval.common import progress
+    from .progress import progress
 
     budget = check_float("budget", budget, low=0.0, high=1.0, low_open=True)
     max_tokens = check_int("max_tokens", max_tokens, minimum=2 * block_size)

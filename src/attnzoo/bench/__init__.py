@@ -1,7 +1,13 @@
 """``attnzoo bench``: speed, peak memory and quality of attention methods against dense, stored in
 SQLite and reported as one HTML file. See :func:`run_bench` and the ``attnzoo bench`` command."""
 
-from .measure import FLOP_MODEL, MEMORY_METHOD, attention_flops, measure_time, peak_memory
+from .measure import (
+    FLOP_MODEL,
+    MEMORY_METHOD,
+    attention_flops,
+    measure_time,
+    peak_memory,
+)
 from .report import render, write_report
 from .runner import BenchOptions, RunOutcome, run_bench
 from .specs import MethodSpec, parse_method_spec

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..method import sync
+
 MEMORY_METHOD = {
     "cpu": "peak of the running sum of allocation/free events recorded by torch.profiler (profile_memory=True) "
            "during one extra call, above the memory the inputs already hold",
@@ -53,16 +55,11 @@ class Timing:
         return min(self.times_ms)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    synchronize(device)
+    sync(device)
     start = time.perf_counter()
     fn()
-    synchronize(device)
+    sync(device)
     return (time.perf_counter() - start) * 1e3
 
 
@@ -102,11 +99,11 @@ def _cpu_peak_from_profile(prof) -> int:
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     """Peak bytes allocated while ``fn`` runs, above what was allocated when it started (see module doc)."""
     if device.type == "cuda":
-        synchronize(device)
+        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         fn()
-        synchronize(device)
+        sync(device)
         return max(0, torch.cuda.max_memory_allocated(device) - before)
     if device.type != "cpu":
         raise NotImplementedError(f"peak memory on {device.type} is not measured (cpu and cuda are)")

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 from ..errors import AttnzooError
 from ..kernels.dense import attention_scores, causal_mask, masked_softmax
+from ..progress import Progress
 from ..registry import get_method, method_class
-from .runner import BenchOptions, _Progress, is_out_of_memory
+from .runner import BenchOptions, is_out_of_memory
 from .specs import MethodSpec, config_at
 from .store import Store
 
@@ -54,7 +55,7 @@ def run_quality(store: Store, run_id: str, opts: BenchOptions, *, level: str | Q
     :class:`QualityLevel`); returns the run's status afterwards (``interrupted`` on Ctrl-C, which
     keeps what was measured)."""
     setting = LEVELS[level] if isinstance(level, str) else level
-    bar = _Progress(0, progress)
+    bar = Progress(enabled=progress)
     try:
         try:
             from .. import eval as evaluation
@@ -89,7 +90,7 @@ def _skip_all(store: Store, run_id: str, specs: list[MethodSpec], message: str, 
 
 
 class _Stage:
-    def __init__(self, store: Store, run_id: str, opts: BenchOptions, setting: QualityLevel, evaluation, bar: _Progress):
+    def __init__(self, store: Store, run_id: str, opts: BenchOptions, setting: QualityLevel, evaluation, bar: Progress):
         self.store, self.run_id, self.opts, self.setting, self.eval, self.bar = store, run_id, opts, setting, evaluation, bar
 
     def _record(self, spec: MethodSpec, config: dict, model: str, metric: str, value: float | None,

@@ -4,7 +4,6 @@ each measurement committed to the store as soon as it is taken."""
 from __future__ import annotations
 
 import gc
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -12,6 +11,7 @@ import torch
 
 from ..errors import AttnzooError, InvalidArgumentError, check_int
 from ..method import Method
+from ..progress import Progress
 from ..registry import get_method, method_class
 from .machine import machine_info
 from .measure import attention_flops, measure_time, peak_memory
@@ -106,38 +106,6 @@ def _inputs(opts: BenchOptions, length: int, device: torch.device):
     return [torch.randn(*s, generator=gen).to(device=device, dtype=DTYPES[opts.dtype]) for s in shapes]
 
 
-class _Progress:
-    """One line per measurement on stderr, under a tqdm bar when tqdm is installed and stderr is a terminal."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.bar = None
-        self.enabled = enabled
-        if enabled and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, unit="meas", file=sys.stderr, dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def write(self, line: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(line, file=sys.stderr)
-        else:
-            print(line, file=sys.stderr, flush=True)
-
-    def step(self, label: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(label, refresh=False)
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _describe(row: dict[str, Any]) -> str:
     head = f"N={row['length']:>6} {'causal' if row['causal'] else 'non-causal':<10} {row['pass']:<16} {row['spec']:<28}"
     if row["status"] != "ok":
@@ -154,7 +122,7 @@ def run_bench(opts: BenchOptions, store: Store, *, progress: bool = True,
     run_id = store.start_run(opts.as_dict(), machine_info(device))
     items = [(n, spec, causal, p) for n in opts.lengths for spec in opts.methods for causal in opts.modes_of(spec)
              for p in (("forward", "forward+backward") if opts.backward else ("forward",))]
-    bar = _Progress(len(items), progress)
+    bar = Progress(len(items), enabled=progress, unit="meas")
     bar.write(f"attnzoo bench: run {run_id}, {len(items)} measurements, store {store.path}")
     sweep = _Sweep(opts, store, run_id, device)
     measured = 0

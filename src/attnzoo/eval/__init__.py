@@ -9,11 +9,17 @@
 Results are dataclasses with ``as_dict()`` (plain JSON-serialisable dicts). Needs the ``[models]`` extra.
 """
 
-from .approximation import ApproximationResult, LayerApproximation, approximation, attention_recall, oracle_recall
+from .approximation import (
+    ApproximationResult,
+    LayerApproximation,
+    approximation,
+    attention_recall,
+    oracle_recall,
+)
 from .capture import CapturedQKV, capture_qkv
+from .common import ENGLISH_SOURCE, english_text
 from .passkey import PasskeyResult, PasskeyTrial, passkey, passkey_prompt
 from .perplexity import PerplexityResult, perplexity, token_ids
-from .common import ENGLISH_SOURCE, english_text
 
 __all__ = [
     "ApproximationResult", "CapturedQKV", "ENGLISH_SOURCE", "LayerApproximation", "PasskeyResult", "PasskeyTrial",

@@ -12,11 +12,17 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import check_float, check_int
-from ..kernels.dense import attention_scores, causal_mask, masked_softmax, repeat_kv, sdpa
+from ..kernels.dense import (
+    attention_scores,
+    causal_mask,
+    masked_softmax,
+    repeat_kv,
+    sdpa,
+)
 from ..method import Method
+from ..progress import progress
 from ..registry import get_method
 from .capture import CapturedQKV
-from .common import progress
 
 
 @dataclass

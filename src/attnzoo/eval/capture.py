@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidArgumentError
-from .perplexity import token_ids
 from .common import english_text, model_device
+from .perplexity import token_ids
 
 
 @dataclass
@@ -36,7 +36,12 @@ def capture_qkv(model, tokenizer, text: str | None = None, layers: Iterable[int]
     """{layer: CapturedQKV} from one forward pass of ``model`` (unpatched) over the first
     ``max_tokens`` tokens of ``text`` (default: :func:`~attnzoo.eval.english_text`); ``layers``:
     indices (default all). Tensors are detached, on the CPU, in the model's dtype."""
-    from ..integrations.transformers import CapturePlan, attention_modules, install, unpatch
+    from ..integrations.transformers import (
+        CapturePlan,
+        attention_modules,
+        install,
+        unpatch,
+    )
 
     if getattr(model, "_attnzoo_state", None) is not None:
         raise InvalidArgumentError("model", "an unpatched model (capture_qkv records exact attention inputs)", "a patched model")

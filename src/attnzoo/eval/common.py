@@ -1,11 +1,9 @@
-"""Evaluation text present on every machine, a progress helper for long loops, JSON saving."""
+"""Evaluation text present on every machine, model checks, JSON saving."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,19 +22,6 @@ def english_text() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[name] for name in sorted(topics))
-
-
-def progress(items: Iterable[T], description: str, enabled: bool = True, total: int | None = None) -> Iterator[T]:
-    """``items`` with a tqdm bar on stderr when tqdm is installed and ``enabled``."""
-    if enabled:
-        try:
-            from tqdm import tqdm
-
-            yield from tqdm(items, desc=description, total=total, file=sys.stderr, dynamic_ncols=True, leave=False)
-            return
-        except ImportError:
-            pass
-    yield from items
 
 
 def model_device(model) -> torch.device:

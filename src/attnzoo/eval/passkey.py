@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InvalidArgumentError, check_float, check_int
-from .common import check_causal_lm, model_device, progress
+from ..progress import progress
+from .common import check_causal_lm, model_device
 
 INTRO = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about it.\n"
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "

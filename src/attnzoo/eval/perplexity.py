@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError, check_int
-from .common import ENGLISH_SOURCE, check_causal_lm, english_text, model_device, progress
+from ..progress import progress
+from .common import ENGLISH_SOURCE, check_causal_lm, english_text, model_device
 
 _LOGIT_CHUNK = 1024
 

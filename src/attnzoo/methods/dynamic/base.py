@@ -18,9 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from attnzoo.kernels.block_sparse.builders import compact
-from attnzoo.method import dense_area
-
 from ...errors import InvalidArgumentError, check_int
 from ...kernels.block_sparse import (
     BACKENDS,
@@ -29,8 +26,9 @@ from ...kernels.block_sparse import (
     block_sparse_attention,
     choose_backend,
 )
+from ...kernels.block_sparse.builders import compact
 from ...kernels.dense import masked_attention
-from ...method import Call, CallStats, Method, sync
+from ...method import Call, CallStats, Method, dense_area, sync
 
 
 def clamp_budget(method: str, argument: str, value: int, available: int, unit: str = "key blocks") -> int:

@@ -7,20 +7,18 @@ from dataclasses import dataclass
 
 import torch
 
-from attnzoo.kernels.block_sparse.builders import compact
-from attnzoo.method import dense_area
-from attnzoo.methods.dynamic.base import (
+from ...errors import check_int
+from ...kernels.block_sparse import BlockLayout, block_sparse_attention, choose_backend
+from ...kernels.block_sparse.builders import compact
+from ...kernels.dense import repeat_kv
+from ...method import Call, CallStats, MethodInfo, dense_area, sync
+from ...registry import register
+from .base import (
     BlockSelectionMethod,
     RegionConfig,
     clamp_budget,
 )
-from attnzoo.methods.dynamic.scoring import block_means, region_order, top_blocks
-
-from ...errors import check_int
-from ...kernels.block_sparse import BlockLayout, block_sparse_attention, choose_backend
-from ...kernels.dense import repeat_kv
-from ...method import Call, CallStats, MethodInfo, sync
-from ...registry import register
+from .scoring import block_means, region_order, top_blocks
 
 
 @register

@@ -6,17 +6,16 @@ from dataclasses import dataclass
 
 import torch
 
-from attnzoo.methods.dynamic.base import BlockSelectionMethod, TopKConfig, clamp_budget
-from attnzoo.methods.dynamic.scoring import (
+from ...errors import InvalidArgumentError, check_int
+from ...method import Call, MethodInfo
+from ...registry import register
+from .base import BlockSelectionMethod, TopKConfig, clamp_budget
+from .scoring import (
     forced_blocks,
     pooled_scores,
     sampled_query_mass,
     top_blocks,
 )
-
-from ...errors import InvalidArgumentError, check_int
-from ...method import Call, MethodInfo
-from ...registry import register
 
 ESTIMATORS = ("pooled_qk", "sampled_q")
 

@@ -6,8 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-from attnzoo.methods.dynamic.base import BlockSelectionMethod, TopKConfig, clamp_budget
-from attnzoo.methods.dynamic.scoring import (
+from ...errors import InvalidArgumentError, check_int
+from ...kernels.dense import work_dtype
+from ...method import Call, MethodInfo
+from ...registry import register
+from .base import BlockSelectionMethod, TopKConfig, clamp_budget
+from .scoring import (
     block_means,
     forced_blocks,
     last_key_block,
@@ -15,11 +19,6 @@ from attnzoo.methods.dynamic.scoring import (
     sample_rows,
     unique_blocks,
 )
-
-from ...errors import InvalidArgumentError, check_int
-from ...kernels.dense import work_dtype
-from ...method import Call, MethodInfo
-from ...registry import register
 
 _QUERY_CHUNK = 256  # query blocks searched at once: the gathered representatives stay in cache
 _GATHERED = 1 << 22  # at most this many representative key elements gathered at once (16 MB)

@@ -8,15 +8,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attnzoo.kernels.block_sparse.builders import compact
-from attnzoo.method import dense_area
-from attnzoo.methods.dynamic.base import BlockSelectionMethod
-
 from ...errors import check_int
 from ...kernels.block_sparse import BlockLayout, block_sparse_attention, choose_backend
+from ...kernels.block_sparse.builders import compact
 from ...kernels.dense import causal_mask, repeat_kv
-from ...method import Call, CallStats, MethodInfo, sync
+from ...method import Call, CallStats, MethodInfo, dense_area, sync
 from ...registry import register
+from .base import BlockSelectionMethod
 
 
 @register

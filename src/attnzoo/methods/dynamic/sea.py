@@ -6,14 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-from attnzoo.kernels.block_sparse.builders import compact
-from attnzoo.kernels.linear.feature_maps import favor_features, orthogonal_gaussian
-from attnzoo.method import dense_area
-
 from ...errors import check_int
 from ...kernels.block_sparse import BACKENDS, block_sparse_attention, membership
+from ...kernels.block_sparse.builders import compact
 from ...kernels.dense import causal_mask, masked_attention, repeat_kv
-from ...method import Call, CallStats, Method, MethodInfo
+from ...kernels.linear.feature_maps import favor_features, orthogonal_gaussian
+from ...method import Call, CallStats, Method, MethodInfo, dense_area
 from ...registry import register
 
 

@@ -7,13 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from attnzoo.methods.dynamic.base import RegionConfig
-from attnzoo.methods.dynamic.scoring import block_means, region_order
-
 from ...errors import check_int
 from ...kernels.dense import masked_attention, repeat_kv, sdpa, work_dtype
 from ...method import Call, CallStats, Method, MethodInfo, sync
 from ...registry import register
+from .base import RegionConfig
+from .scoring import block_means, region_order
 
 
 @register

@@ -17,22 +17,30 @@ from .fit import fit_to_softmax
 
 class LearnedFeatureMethod(LinearMethod):
     """Normalised linear attention whose feature map is an ``nn.Module`` ``(q, k) -> (phi(q),
-    phi(k))`` with one parameter set per query head (``config.feature_map``; an untrained map is
-    made when it is None). ``fit`` trains the map on a teacher's softmax attention weights."""
+    phi(k))`` with one parameter set per query head. The map is the submodule ``feature_map``
+    (given at construction, created by ``materialize`` or trained by ``fit``); while it is None an
+    untrained map is made per input shape and not kept in the state."""
 
-    map_class: type[nn.Module]
+    map_type: ClassVar[type[nn.Module]] = nn.Module
 
-    def __init__(self, **config):
+    def __init__(self, *, feature_map: nn.Module | None = None, **config):
         super().__init__(**config)
+        if feature_map is not None and not isinstance(feature_map, self.map_type):
+            raise InvalidArgumentError("feature_map", f"None or a {self.map_type.__name__}", type(feature_map).__name__)
+        self.feature_map = feature_map
         self._untrained: dict = {}
 
     def new_map(self, heads: int, dim: int) -> nn.Module:
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def materialize(self, heads_q: int, heads_kv: int, dim: int, dim_v: int) -> None:
+        if self.feature_map is None:
+            self.feature_map = self.new_map(heads_q, dim)
+
     def feature_module(self, call: Call) -> nn.Module:
-        """The configured map, or an untrained one for these shapes (cached)."""
-        if self.config.feature_map is not None:
-            return self.config.feature_map
+        """The learned map, or an untrained one for these shapes (cached outside the state)."""
+        if self.feature_map is not None:
+            return self.feature_map
         key = (call.heads_q, call.dim, call.device)
         if key not in self._untrained:
             self._untrained[key] = self.new_map(call.heads_q, call.dim).to(call.device)
@@ -47,29 +55,24 @@ class LearnedFeatureMethod(LinearMethod):
             steps: int = 200, lr: float = 1e-2, window: int = 256, windows_per_step: int = 4) -> list[float]:
         """Fit the feature map on sample queries/keys of one layer, q (B, Hq, N, D), k (B, Hkv, N, D),
         to the teacher ``softmax(q k^T * scale)`` (Hedgehog's cross-entropy distillation, on windows
-        of ``window`` tokens, see :func:`~attnzoo.kernels.linear.feature_maps.fit_to_softmax`); the
-        fitted map becomes ``config.feature_map``. Returns the loss per step."""
+        of ``window`` tokens, see :func:`~attnzoo.methods.learned.fit.fit_to_softmax`); the fitted
+        map becomes the submodule ``feature_map`` (the config is not touched). Returns the loss per step."""
         if q.dim() != 4 or k.dim() != 4 or q.shape[1] % k.shape[1]:
             raise InvalidArgumentError("q, k", "(B, Hq, N, D) and (B, Hkv, N, D) with Hq a multiple of Hkv", f"{tuple(q.shape)}, {tuple(k.shape)}")
-        fmap = self.config.feature_map or self.new_map(q.shape[1], q.shape[-1]).to(q.device)
+        fmap = self.feature_map if self.feature_map is not None else self.new_map(q.shape[1], q.shape[-1]).to(q.device)
         losses = fit_to_softmax(fmap, q, repeat_kv(k, q.shape[1] // k.shape[1]), causal=causal, scale=scale, steps=steps,
                                 lr=lr, window=window, windows_per_step=windows_per_step)
-        self.config.feature_map = fmap
+        self.feature_map = fmap
         return losses
 
 
 @dataclass
 class LearnedMapConfig(LinearConfig):
-    """``feature_map``: a trained map of type ``map_type`` (None: an untrained one); ``width``: the
-    width of a new map (default: the head dim)."""
+    """``width``: the width of a new map (default: the head dim)."""
 
-    map_type: ClassVar[type] = nn.Module
-    feature_map: nn.Module | None = None
     width: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
-        if self.feature_map is not None and not isinstance(self.feature_map, self.map_type):
-            raise InvalidArgumentError("feature_map", f"None or a {self.map_type.__name__}", type(self.feature_map).__name__)
         if self.width is not None:
             self.width = check_int("width", self.width)

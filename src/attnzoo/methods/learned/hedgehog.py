@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from torch import nn
-
-from attnzoo.methods.learned.maps import HedgehogFeatureMap
 
 from ...method import MethodInfo
 from ...registry import register
 from .base import LearnedFeatureMethod, LearnedMapConfig
+from .maps import HedgehogFeatureMap
 
 
 @dataclass
 class HedgehogConfig(LearnedMapConfig):
-    """``feature_map``: a trained :class:`~attnzoo.kernels.linear.feature_maps.HedgehogFeatureMap`
-    (one per layer; get one with ``method.fit(q, k)`` on sample queries/keys, or build and train it
-    yourself); None uses an untrained map (W = I). ``width``: its F features per sign (default: head dim)."""
-
-    map_type: ClassVar[type] = HedgehogFeatureMap
+    """``width``: the F features per sign of a new :class:`~attnzoo.methods.learned.maps.HedgehogFeatureMap`
+    (default: head dim). The trained map itself is state, not config: pass ``feature_map=`` to the
+    constructor, or let ``method.fit(q, k)`` train one on sample queries/keys; without one an
+    untrained map (W = I) runs."""
 
 
 @register
@@ -37,6 +34,7 @@ class Hedgehog(LearnedFeatureMethod):
         training_free=False, time="O(N F (D + Dv))", memory="O(N (F + Dv))",
         summary="learnable spiky/monotone MLP feature map distilled from softmax attention weights",
     )
+    map_type = HedgehogFeatureMap
     Config = HedgehogConfig
 
     def new_map(self, heads: int, dim: int) -> nn.Module:

@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from torch import nn
 
-from attnzoo.methods.learned.base import LearnedFeatureMethod, LearnedMapConfig
-from attnzoo.methods.learned.maps import KernelMLP
-
 from ...method import MethodInfo
 from ...registry import register
+from .base import LearnedFeatureMethod, LearnedMapConfig
+from .maps import KernelMLP
 
 
 @dataclass
 class LinFusionConfig(LearnedMapConfig):
-    """``feature_map``: a trained :class:`~attnzoo.kernels.linear.feature_maps.KernelMLP` (one per
-    layer; ``method.fit(q, k, causal=False)`` distils it from the layer's softmax attention); None
-    uses an untrained one, which is exactly elu + 1. ``width``: its MLP width (default: head dim)."""
-
-    map_type: ClassVar[type] = KernelMLP
+    """``width``: the MLP width of a new :class:`~attnzoo.methods.learned.maps.KernelMLP` (default:
+    head dim). The trained map is state, not config: pass ``feature_map=`` to the constructor or
+    let ``method.fit(q, k, causal=False)`` distil it; an untrained one is exactly elu + 1."""
 
 
 @register
@@ -38,6 +34,7 @@ class LinFusion(LearnedFeatureMethod):
         time="O(N D Dv)", memory="O(N (D + Dv))",
         summary="normalised non-causal linear attention with a learnable residual-MLP kernel",
     )
+    map_type = KernelMLP
     Config = LinFusionConfig
 
     def new_map(self, heads: int, dim: int) -> nn.Module:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ...errors import InvalidArgumentError, check_float, check_int
 from ...kernels.dense import causal_mask, repeat_kv
@@ -20,16 +21,15 @@ ACTIVATIONS = ("relu", "softmax")
 class RandomFeatureConfig:
     """``num_heads``: random heads M; their query-key matrices ``W_m`` (D x D) have i.i.d.
     ``N(mean, std^2)`` entries drawn from ``seed`` and stay frozen; ``activation``: ``relu`` (the
-    paper's ``sigma``, weights averaged over the visible keys) or ``softmax``; ``values``: the
-    trainable value matrices (M, Dv, Dv) (None: ``I / M``, the plain average of the heads; fit them
-    with ``method.fit_values``); ``query_block``: queries per step of the fast path."""
+    paper's ``sigma``, weights averaged over the visible keys) or ``softmax``; ``query_block``: queries
+    per step of the fast path. The trainable value matrices are state, not config (see
+    :class:`RandomFeature`)."""
 
     num_heads: int = 64
     mean: float = 0.0
     std: float = 1.0
     activation: str = "relu"
     seed: int = 0
-    values: torch.Tensor | None = None
     query_block: int = 128
 
     def __post_init__(self):
@@ -39,9 +39,6 @@ class RandomFeatureConfig:
         if self.activation not in ACTIVATIONS:
             raise InvalidArgumentError("activation", f"one of {ACTIVATIONS}", repr(self.activation))
         self.seed = check_int("seed", self.seed, minimum=0)
-        if self.values is not None and (not isinstance(self.values, torch.Tensor) or self.values.dim() != 3
-                                        or self.values.shape[0] != self.num_heads or self.values.shape[1] != self.values.shape[2]):
-            raise InvalidArgumentError("values", f"None or a ({self.num_heads}, Dv, Dv) tensor", getattr(self.values, "shape", type(self.values).__name__))
         self.query_block = check_int("query_block", self.query_block)
 
 
@@ -63,9 +60,23 @@ class RandomFeature(Method):
     )
     Config = RandomFeatureConfig
 
-    def __init__(self, **config):
+    def __init__(self, *, values: torch.Tensor | None = None, **config):
+        """``values``: trained value matrices (M, Dv, Dv), kept as the parameter ``values``; None
+        uses ``I / M`` (the plain average of the heads) until ``fit_values`` or ``materialize``."""
         super().__init__(**config)
+        m = self.config.num_heads
+        if values is not None and (not isinstance(values, torch.Tensor) or values.dim() != 3
+                                   or values.shape[0] != m or values.shape[1] != values.shape[2]):
+            raise InvalidArgumentError("values", f"None or a ({m}, Dv, Dv) tensor", getattr(values, "shape", type(values).__name__))
+        self.values = None if values is None else nn.Parameter(values.detach().clone())
         self._weights: dict = {}
+
+    def _average(self, dim_v: int) -> torch.Tensor:
+        return torch.eye(dim_v).expand(self.config.num_heads, -1, -1) / self.config.num_heads
+
+    def materialize(self, heads_q: int, heads_kv: int, dim: int, dim_v: int) -> None:
+        if self.values is None:
+            self.values = nn.Parameter(self._average(dim_v).clone())
 
     def query_key(self, dim: int) -> torch.Tensor:
         """(M, D, D) frozen query-key matrices, drawn once per head dim."""
@@ -76,9 +87,9 @@ class RandomFeature(Method):
         return self._weights[dim]
 
     def value_matrices(self, dim_v: int, device, dtype) -> torch.Tensor:
-        values = self.config.values
+        values = self.values
         if values is None:
-            values = torch.eye(dim_v).expand(self.config.num_heads, -1, -1) / self.config.num_heads
+            values = self._average(dim_v)
         elif values.shape[-1] != dim_v:
             raise InvalidArgumentError("values", f"({self.config.num_heads}, {dim_v}, {dim_v}) for value dim {dim_v}", tuple(values.shape))
         return values.to(device, dtype)
@@ -119,7 +130,7 @@ class RandomFeature(Method):
 
     def fit_values(self, q, k, v, target, *, causal: bool = False, scale: float | None = None, ridge: float = 1e-3) -> float:
         """Train the value matrices on (q, k, v) -> ``target`` (B, Hq, Nq, Dv) by ridge regression
-        (the model is linear in them); sets ``config.values`` and returns the relative training error."""
+        (the model is linear in them); sets the parameter ``values`` and returns the relative training error."""
         call = self._prepare(q, k, v, causal, scale)
         if not isinstance(target, torch.Tensor) or target.shape != (call.batch, call.heads_q, call.len_q, call.dim_v):
             raise InvalidArgumentError("target", f"a tensor of shape {(call.batch, call.heads_q, call.len_q, call.dim_v)}", getattr(target, "shape", target))
@@ -130,5 +141,5 @@ class RandomFeature(Method):
         goal = target.double().reshape(-1, call.dim_v)
         gram = design.T @ design + ridge * torch.eye(design.shape[1], dtype=torch.float64, device=design.device)
         solution = torch.linalg.solve(gram, design.T @ goal)
-        self.config.values = solution.view(self.config.num_heads, call.dim_v, call.dim_v).float()
+        self.values = nn.Parameter(solution.view(self.config.num_heads, call.dim_v, call.dim_v).float())
         return float((design @ solution - goal).norm() / goal.norm().clamp_min(1e-30))

@@ -6,15 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from attnzoo.methods.linear.base import KernelizedConfig
-from attnzoo.methods.linear.linear import Linear
-from attnzoo.methods.local.sliding_window import SlidingWindow
-
 from ...errors import check_int
 from ...kernels.dense import attention_scores, causal_mask, repeat_kv
 from ...kernels.linear import state_product
 from ...method import Call, MethodInfo
 from ...registry import register
+from ..local.sliding_window import SlidingWindow
+from .base import KernelizedConfig
+from .linear import Linear
 
 
 @dataclass

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attnzoo.methods.linear.base import KernelizedConfig
-
 from ...method import Call, MethodInfo
 from ...registry import register
+from .base import KernelizedConfig
 from .decay import check_decay, decay_for
 from .linear import Linear
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attnzoo.kernels.linear.feature_maps import favor_features, orthogonal_gaussian
-from attnzoo.methods.linear.base import LinearConfig, LinearMethod
-
 from ...errors import check_int
+from ...kernels.linear.feature_maps import favor_features, orthogonal_gaussian
 from ...method import Call, MethodInfo
 from ...registry import register
+from .base import LinearConfig, LinearMethod
 
 
 @dataclass

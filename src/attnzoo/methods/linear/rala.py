@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from attnzoo.kernels.linear.feature_maps import fixed_map
-from attnzoo.methods.linear.base import KernelizedConfig, LinearMethod
-
 from ...kernels.dense import attention_scores, repeat_kv
+from ...kernels.linear.feature_maps import fixed_map
 from ...method import Call, MethodInfo
 from ...registry import register
+from .base import KernelizedConfig, LinearMethod
 
 
 @register

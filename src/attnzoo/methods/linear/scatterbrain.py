@@ -8,15 +8,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attnzoo.kernels.linear.feature_maps import favor_exponent, orthogonal_gaussian
-from attnzoo.methods.linear.base import LinearConfig, LinearMethod
-
 from ...errors import InvalidArgumentError, check_int
 from ...kernels.dense import causal_mask, repeat_kv
 from ...kernels.linear import state_product, work_dtype
+from ...kernels.linear.feature_maps import favor_exponent, orthogonal_gaussian
 from ...kernels.linear.naive import safe_denominator
 from ...method import Call, MethodInfo
 from ...registry import register
+from .base import LinearConfig, LinearMethod
 
 
 @dataclass

@@ -7,14 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-from attnzoo.kernels.linear.feature_maps import fixed_map, lrpe, lrpe_theta
-from attnzoo.methods.linear.base import KernelizedConfig, LinearMethod
-from attnzoo.methods.linear.decay import check_decay, decay_for
-
 from ...errors import InvalidArgumentError, UnsupportedError, check_float, check_int
 from ...kernels.dense import causal_mask, masked_attention, sdpa
+from ...kernels.linear.feature_maps import fixed_map, lrpe, lrpe_theta
 from ...method import Call, MethodInfo
 from ...registry import register
+from .base import KernelizedConfig, LinearMethod
+from .decay import check_decay, decay_for
 
 MODES = ("norm", "diag")
 

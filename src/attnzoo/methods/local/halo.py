@@ -6,12 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from attnzoo.kernels.block_sparse.builders import box_layout
-from attnzoo.methods.local.base import SpatialConfig, SpatialMethod
-
 from ...errors import check_int, per_axis
+from ...kernels.block_sparse.builders import box_layout
 from ...method import Call, MethodInfo
 from ...registry import register
+from .base import SpatialConfig, SpatialMethod
 
 
 @dataclass

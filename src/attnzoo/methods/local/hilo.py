@@ -7,13 +7,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attnzoo.methods.local.base import SpatialConfig
-
 from ...errors import InvalidArgumentError, UnsupportedError, check_float, check_int
 from ...kernels.block_sparse import BACKENDS
 from ...kernels.dense import masked_attention, sdpa
 from ...method import Call, Method, MethodInfo
 from ...registry import register
+from .base import SpatialConfig
 
 
 @dataclass

@@ -7,12 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from attnzoo.kernels.block_sparse.builders import box_layout, compact
-from attnzoo.methods.local.base import SpatialConfig, SpatialMethod
-
 from ...errors import InvalidArgumentError, per_axis
+from ...kernels.block_sparse.builders import box_layout, compact
 from ...method import Call, MethodInfo
 from ...registry import register
+from .base import SpatialConfig, SpatialMethod
 
 _TITLE = "MaxViT: Multi-Axis Vision Transformer"
 

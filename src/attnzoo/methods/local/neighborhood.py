@@ -6,12 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from attnzoo.kernels.block_sparse.builders import box_layout, tile_shape
-from attnzoo.methods.local.base import SpatialConfig, SpatialMethod
-
 from ...errors import InvalidArgumentError, per_axis, per_axis_bool
+from ...kernels.block_sparse.builders import box_layout, tile_shape
 from ...method import Call, MethodInfo
 from ...registry import register
+from .base import SpatialConfig, SpatialMethod
 
 
 @dataclass

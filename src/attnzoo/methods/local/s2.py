@@ -6,13 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-from attnzoo.kernels.block_sparse.builders import compact
-from attnzoo.masks import causal_allowed
-from attnzoo.methods.local.base import PatternMethod
-
 from ...errors import check_int
+from ...kernels.block_sparse.builders import compact
+from ...masks import causal_allowed
 from ...method import Call, MethodInfo
 from ...registry import register
+from .base import PatternMethod
 
 
 @register

@@ -6,13 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-from attnzoo.kernels.block_sparse.builders import range_layout
-from attnzoo.masks import causal_allowed
-from attnzoo.methods.local.base import PatternMethod
-
 from ...errors import InvalidArgumentError, check_int
+from ...kernels.block_sparse.builders import range_layout
+from ...masks import causal_allowed
 from ...method import Call, MethodInfo
 from ...registry import register
+from .base import PatternMethod
 
 
 @dataclass
