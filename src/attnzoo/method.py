@@ -63,6 +63,7 @@ class Call:
     scale: float
     device: torch.device
     dtype: torch.dtype
+    timed: bool = False  # stats were asked for: time the phases (synchronising the device around each)
 
     @property
     def groups(self) -> int:
@@ -158,6 +159,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Stopwatch:
+    """Milliseconds since the last lap of a call's phase, synchronised; a no-op returning 0 unless
+    ``call.timed`` (so a call without ``return_stats`` never waits for the device)."""
+
+    def __init__(self, call: Call):
+        self.device, self.timed = call.device, call.timed
+        if self.timed:
+            sync(self.device)
+            self.start = time.perf_counter()
+
+    def lap(self) -> float:
+        if not self.timed:
+            return 0.0
+        sync(self.device)
+        now = time.perf_counter()
+        elapsed, self.start = (now - self.start) * 1e3, now
+        return elapsed
+
+
 class Method(torch.nn.Module):
     """Base class of every attention method: an ``nn.Module`` whose ``forward`` is the attention call.
 
@@ -194,19 +214,14 @@ class Method(torch.nn.Module):
         host read; model integrations check once per patch and pass False after; skipped while
         ``torch.compile`` traces).
         """
-        call = self._prepare(q, k, v, causal, scale, check_finite=check_finite)
-        if not return_stats:
-            result = self._forward(q, k, v, call)
-            return result[0] if isinstance(result, tuple) else result
-        sync(call.device)
-        start = time.perf_counter()
+        call = self._prepare(q, k, v, causal, scale, check_finite=check_finite, timed=return_stats)
+        watch = Stopwatch(call)
         result = self._forward(q, k, v, call)
-        sync(call.device)
-        if isinstance(result, tuple):
-            out, stats = result
-        else:
-            out, stats = result, self.stats(call)
-        stats.attention_ms = (time.perf_counter() - start) * 1e3 - stats.selection_ms
+        if not return_stats:
+            return result[0] if isinstance(result, tuple) else result
+        total_ms = watch.lap()
+        out, stats = result if isinstance(result, tuple) else (result, self.stats(call))
+        stats.attention_ms = total_ms - stats.selection_ms
         return out, stats
 
     def reference(self, q, k, v, *, causal: bool = False, scale: float | None = None) -> torch.Tensor:
@@ -228,6 +243,19 @@ class Method(torch.nn.Module):
         """Statistics of a call with these shapes; methods with content-dependent cost override this."""
         return CallStats(self.info.name, self.backend, density=1.0)
 
+    def call_stats(self, call: Call, counts: dict[str, Any], *, selection_ms: float = 0.0) -> CallStats:
+        """The :class:`CallStats` of a call from an executor's ``counts``: ``allowed`` (query-key
+        entries of the method's support; None where the executor did not count them) and ``computed``
+        (entries the executor multiplied), ``backend`` and ``executor`` (what ran); other entries go
+        to ``extra``. Density is allowed (else computed) entries over the dense (causal) area, summed
+        over batch and query heads: the one definition every method reports."""
+        area = dense_area(call) * call.batch * call.heads_q
+        allowed = counts.get("allowed")
+        extra = {key: value for key, value in counts.items() if key not in ("allowed", "computed", "backend", "executor")}
+        extra["computed_fraction"] = counts["computed"] / area
+        return CallStats(self.info.name, counts.get("backend", self.backend), density=min(1.0, (counts["computed"] if allowed is None else allowed) / area),
+                         selection_ms=selection_ms, extra=extra, executor=counts.get("executor", ""))
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))
         return f"{type(self).__name__}({fields})"
@@ -247,10 +275,12 @@ class Method(torch.nn.Module):
         return None
 
     # ---- shared checks ----------------------------------------------------------------------
-    def _prepare(self, q, k, v, causal, scale, check_finite: bool = True) -> Call:
+    def _prepare(self, q, k, v, causal, scale, check_finite: bool = True, timed: bool = False) -> Call:
         if not isinstance(check_finite, bool):
             raise InvalidArgumentError("check_finite", "a bool", repr(check_finite))
         call = check_qkv(q, k, v, causal=causal, scale=scale, check_finite=check_finite and not torch.compiler.is_compiling())
+        if timed:
+            call = dataclasses.replace(call, timed=True)
         info = self.info
         if call.causal and not info.causal:
             raise UnsupportedError(f"method {info.name!r} does not support causal=True (it is non-causal only)")

@@ -12,7 +12,6 @@ them (which is dense attention) with a :class:`UserWarning`.
 
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -27,8 +26,8 @@ from ...kernels.block_sparse import (
     choose_backend,
 )
 from ...kernels.block_sparse.builders import compact
-from ...kernels.dense import masked_attention
-from ...method import Call, CallStats, Method, dense_area, sync
+from ...kernels.dense import masked_attention, repeat_kv
+from ...method import Call, Method, Stopwatch
 
 
 def clamp_budget(method: str, argument: str, value: int, available: int, unit: str = "key blocks") -> int:
@@ -86,7 +85,94 @@ class RegionConfig:
         return grid
 
 
-class BlockSelectionMethod(Method):
+@dataclass
+class Selection:
+    """What a dynamic method chose for one call, for the block executor: ``layout``, optionally in a
+    permuted token order (``q_order`` / ``kv_order``: (Nq,) / (Nk,) shared by all heads, or
+    (B, Hq, N) per query head; the executor runs on the permuted tokens and the output is put back
+    in the original order)."""
+
+    layout: BlockLayout
+    q_order: torch.Tensor | None = None
+    kv_order: torch.Tensor | None = None
+
+
+def _take(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """x (B, H, N, D) with its tokens in ``order`` ((N,) or (B, H, N))."""
+    if order.dim() == 1:
+        return x.index_select(2, order)
+    return torch.gather(x, 2, order[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+
+def _put_back(out: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_take` along the tokens."""
+    if order.dim() == 1:
+        return torch.empty_like(out).index_copy_(2, order, out)
+    return torch.empty_like(out).scatter_(2, order[..., None].expand_as(out), out)
+
+
+class DynamicMethod(Method):
+    """A content-selected method: ``plan`` chooses from q and k (timed as selection), ``execute``
+    computes exact attention where the plan says (by default a :class:`Selection` on the shared
+    block executor). The one ``_forward`` of the family; statistics come from the executor's counts
+    through :meth:`~attnzoo.method.Method.call_stats`."""
+
+    backends = BACKENDS
+
+    def plan(self, q, k, call: Call):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def execute(self, q, k, v, call: Call, plan) -> tuple[torch.Tensor, dict]:
+        """Run a :class:`Selection` on the block executor; returns the output and the counts."""
+        backend = choose_backend(self.backend, call.device)
+        if plan.q_order is not None:
+            per_head = plan.q_order.dim() > 1
+            k, v = (repeat_kv(k, call.groups), repeat_kv(v, call.groups)) if per_head else (k, v)
+            q, k, v = _take(q, plan.q_order), _take(k, plan.kv_order), _take(v, plan.kv_order)
+        out, counts = block_sparse_attention(q, k, v, plan.layout, scale=call.scale, backend=backend, static=False)
+        if plan.q_order is not None:
+            out = _put_back(out, plan.q_order)
+        if counts["allowed"] is None:  # executors that do not count: the support's size
+            counts["allowed"] = int(self._support_of(plan, call).expand(call.batch, call.heads_q, -1, -1).sum())
+        counts = {"backend": backend, **counts}
+        counts["blocks_per_query_block"] = float(plan.layout.kv_counts.float().mean())
+        return out, counts
+
+    def selection(self, q, k, v, *, causal: bool = False, scale: float | None = None):
+        """What this call would attend to: the :class:`BlockLayout` of a :class:`Selection` (key
+        blocks per batch, query head and query block, in the selection's token order), or the
+        method's own plan."""
+        plan = self.plan(q, k, self._prepare(q, k, v, causal, scale))
+        return plan.layout if isinstance(plan, Selection) else plan
+
+    def _forward(self, q, k, v, call: Call):
+        watch = Stopwatch(call)
+        plan = self.plan(q, k, call)
+        selection_ms = watch.lap()
+        out, counts = self.execute(q, k, v, call, plan)
+        return out, self.call_stats(call, counts, selection_ms=selection_ms)
+
+    def _support_of(self, plan: Selection, call: Call) -> torch.Tensor:
+        """The (B|1, Hq|1, Nq, Nk) boolean support of a :class:`Selection`, in the original order."""
+        mask = plan.layout.dense_mask(call.len_q, call.len_kv)
+        if plan.q_order is None:
+            return mask
+        if plan.q_order.dim() == 1:
+            out = torch.empty_like(mask)
+            out[:, :, plan.q_order[:, None], plan.kv_order[None, :]] = mask
+            return out
+        mask = mask.expand(call.batch, call.heads_q, -1, -1)
+        rows = torch.empty_like(mask).scatter_(2, plan.q_order[..., None].expand_as(mask), mask)
+        return torch.empty_like(rows).scatter_(3, plan.kv_order[:, :, None, :].expand_as(rows), rows)
+
+    def _support(self, q, k, v, call: Call) -> torch.Tensor:
+        return self._support_of(self.plan(q, k, call), call)
+
+    def _reference(self, q, k, v, call: Call) -> torch.Tensor:
+        return masked_attention(q, k, v, self._support(q, k, v, call), scale=call.scale)
+
+
+class BlockSelectionMethod(DynamicMethod):
     """A dynamic method: ``_select`` picks key blocks per query block; the executor computes there.
 
     Subclasses set ``info`` and ``Config`` (with ``block_size``) and implement
@@ -95,8 +181,6 @@ class BlockSelectionMethod(Method):
     that also picks single key columns for every query block overrides ``_select_with_columns``
     instead, returning the blocks and (B, Hq, C) column ids with -1 holes.
     """
-
-    backends = BACKENDS
 
     def q_block(self, call: Call) -> int:
         return self.config.block_size
@@ -116,33 +200,6 @@ class BlockSelectionMethod(Method):
         return compact(keys, call.len_q, call.len_kv, self.q_block(call), kv_block=self.kv_block(call), mask_mod=mask_mod,
                        columns=columns)
 
-    def selection(self, q, k, v, *, causal: bool = False, scale: float | None = None) -> BlockLayout:
-        """The layout (key blocks per batch, query head and query block) this call attends to."""
-        return self._layout(q, k, self._prepare(q, k, v, causal, scale))
-
-    def _forward(self, q, k, v, call: Call):
-        start = time.perf_counter()
-        layout = self._layout(q, k, call)
-        sync(call.device)
-        selection_ms = (time.perf_counter() - start) * 1e3
-        backend = choose_backend(self.backend, call.device)
-        out, counts = block_sparse_attention(q, k, v, layout, scale=call.scale, backend=backend, static=False)
-        area = dense_area(call) * call.batch * call.heads_q
-        allowed = counts["allowed"]
-        if allowed is None:  # backends that do not count: the support's size
-            allowed = int(self._support_of(layout, call).expand(call.batch, call.heads_q, -1, -1).sum())
-        return out, CallStats(
-            self.info.name, backend, density=allowed / area, selection_ms=selection_ms,
-            extra={"computed_fraction": counts["computed"] / area, "blocks_per_query_block": float(layout.kv_counts.float().mean())},
-        )
-
-    def _support_of(self, layout: BlockLayout, call: Call) -> torch.Tensor:
-        return layout.dense_mask(call.len_q, call.len_kv)
-
-    def _support(self, q, k, v, call: Call) -> torch.Tensor:
-        return self._support_of(self._layout(q, k, call), call)
-
-    def _reference(self, q, k, v, call: Call) -> torch.Tensor:
-        return masked_attention(q, k, v, self._support(q, k, v, call), scale=call.scale)
-
+    def plan(self, q, k, call: Call) -> Selection:
+        return Selection(self._layout(q, k, call))
 

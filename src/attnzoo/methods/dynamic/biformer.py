@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
-from ...errors import check_int
-from ...kernels.block_sparse import BlockLayout, block_sparse_attention, choose_backend
-from ...kernels.block_sparse.builders import compact
-from ...kernels.dense import repeat_kv
-from ...method import Call, CallStats, MethodInfo, dense_area, sync
-from ...registry import register
-from .base import (
-    BlockSelectionMethod,
+from attnzoo.methods.dynamic.base import (
+    DynamicMethod,
     RegionConfig,
+    Selection,
     clamp_budget,
 )
+
+from ...errors import check_int
+from ...kernels.block_sparse.builders import compact
+from ...kernels.dense import repeat_kv
+from ...method import Call, MethodInfo
+from ...registry import register
 from .scoring import block_means, region_order, top_blocks
 
 
 @register
-class BiFormer(BlockSelectionMethod):
+class BiFormer(DynamicMethod):
     """Bi-level routing attention ("BiFormer: Vision Transformer with Bi-Level Routing Attention",
     arXiv 2303.08125). The token grid (``grid`` (H, W), row-major; or a 1-D sequence) is split into
     ``n_win`` x ``n_win`` regions (``n_win`` chunks in 1-D); region queries and keys are the means
@@ -69,27 +69,9 @@ class BiFormer(BlockSelectionMethod):
         affinity = torch.einsum("bhrd,bhsd->brs", qr, kr)[:, None]
         return top_blocks(affinity, clamp_budget(self.info.name, "topk", self.config.topk, regions))
 
-    def _layout(self, q, k, call: Call) -> BlockLayout:
+    def plan(self, q, k, call: Call) -> Selection:
+        """Routed regions as key blocks of the region-major token order."""
         routes = self.routes(q, k, call)
         size = call.len_q // routes.shape[2]
-        return compact(routes, call.len_q, call.len_kv, size, kv_block=size)
-
-    def _forward(self, q, k, v, call: Call):
-        start = time.perf_counter()
-        layout = self._layout(q, k, call)
         order = self.region_order(call)
-        sync(call.device)
-        selection_ms = (time.perf_counter() - start) * 1e3
-        backend = choose_backend(self.backend, call.device)
-        out_r, counts = block_sparse_attention(q[:, :, order], k[:, :, order], v[:, :, order], layout,
-                                               scale=call.scale, backend=backend, static=False)
-        out = torch.empty_like(out_r)
-        out[:, :, order] = out_r
-        visited = float(layout.kv_counts.float().mean()) * layout.q_block * layout.kv_block * layout.num_q_blocks
-        return out, CallStats(self.info.name, backend, density=visited / dense_area(call), selection_ms=selection_ms, extra=counts)
-
-    def _support_of(self, layout: BlockLayout, call: Call) -> torch.Tensor:
-        order = self.region_order(call)
-        mask = torch.empty_like(layout.dense_mask(call.len_q, call.len_kv))
-        mask[:, :, order[:, None], order[None, :]] = layout.dense_mask(call.len_q, call.len_kv)
-        return mask
+        return Selection(compact(routes, call.len_q, call.len_kv, size, kv_block=size), order, order)

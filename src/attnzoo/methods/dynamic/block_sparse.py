@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from attnzoo.methods.dynamic.base import BlockSelectionMethod, TopKConfig, clamp_budget
+
 from ...errors import InvalidArgumentError, check_int
 from ...method import Call, MethodInfo
 from ...registry import register
-from .base import BlockSelectionMethod, TopKConfig, clamp_budget
 from .scoring import (
     forced_blocks,
     pooled_scores,

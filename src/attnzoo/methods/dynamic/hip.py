@@ -6,11 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
+from attnzoo.methods.dynamic.base import BlockSelectionMethod, TopKConfig, clamp_budget
+
 from ...errors import InvalidArgumentError, check_int
 from ...kernels.dense import work_dtype
 from ...method import Call, MethodInfo
 from ...registry import register
-from .base import BlockSelectionMethod, TopKConfig, clamp_budget
 from .scoring import (
     block_means,
     forced_blocks,

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 
 from ...errors import check_int
 from ...kernels.dense import attention_scores, causal_mask, repeat_kv, work_dtype
-from ...method import Call, CallStats, Method, MethodInfo, sync
+from ...method import Call, MethodInfo
 from ...registry import register
+from .base import DynamicMethod
 
 
 def _gray_rank(code: torch.Tensor, bits: int) -> torch.Tensor:
@@ -40,7 +40,7 @@ class _Piece:
 
 
 @register
-class HyperAttention(Method):
+class HyperAttention(DynamicMethod):
     """HyperAttention ("HyperAttention: Long-context Attention in Near-Linear Time", arXiv
     2310.05868). Non-causal: queries and keys are hashed by ``num_projections`` random hyperplanes
     (angular LSH), sorted by the Gray-code rank of their hash (sortLSH) and split into blocks of
@@ -180,11 +180,11 @@ class HyperAttention(Method):
         lse_unsorted = torch.empty_like(lse).scatter_(2, piece.q_sorted, lse)
         return unsorted, lse_unsorted
 
-    def _forward(self, q, k, v, call: Call):
-        start = time.perf_counter()
-        pieces = self.pieces(q, k, call)
-        sync(call.device)
-        selection_ms = (time.perf_counter() - start) * 1e3
+    def plan(self, q, k, call: Call) -> list[_Piece]:
+        return self.pieces(q, k, call)
+
+    def execute(self, q, k, v, call: Call, pieces: list[_Piece]) -> tuple[torch.Tensor, dict]:
+        """Each piece's sorted-block and sampled attention, merged by log-sum-exp across pieces."""
         work = work_dtype(q)
         qw, kw, vw = q.to(work), repeat_kv(k, call.groups).to(work), repeat_kv(v, call.groups).to(work)
         out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=work, device=q.device)
@@ -198,8 +198,8 @@ class HyperAttention(Method):
                 + o * torch.exp(l_piece - merged)[..., None]
             lse[:, :, rows] = merged
             entries += self._entries(piece)
-        area = call.len_q * (call.len_q + 1) / 2 if call.causal else call.len_q ** 2
-        return out.to(q.dtype), CallStats(self.info.name, "lsh-blocks", density=min(1.0, entries / area), selection_ms=selection_ms)
+        total = entries * call.batch * call.heads_q
+        return out.to(q.dtype), {"allowed": total, "computed": total, "backend": "torch", "executor": "lsh-blocks"}
 
     # ---- reference: one dense softmax with the same log-weights -----------------------------
     def _bias(self, q, k, call: Call) -> torch.Tensor:

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from attnzoo.methods.dynamic.base import DynamicMethod, Selection
+
 from ...errors import check_int
-from ...kernels.block_sparse import BlockLayout, block_sparse_attention, choose_backend
 from ...kernels.block_sparse.builders import compact
 from ...kernels.dense import causal_mask, repeat_kv
-from ...method import Call, CallStats, MethodInfo, dense_area, sync
+from ...method import Call, MethodInfo
 from ...registry import register
-from .base import BlockSelectionMethod
 
 
 @register
-class Routing(BlockSelectionMethod):
+class Routing(DynamicMethod):
     """Routing attention ("Efficient Content-Based Sparse Attention with Routing Transformers",
     arXiv 2003.05997): queries and keys, unit-normalised, are routed to the nearest of
     ``num_clusters`` shared centroids, and each query attends exactly to the keys of its own cluster
@@ -66,8 +65,8 @@ class Routing(BlockSelectionMethod):
             centroids = torch.where(sums.norm(dim=-1, keepdim=True) > 0, F.normalize(sums, dim=-1), centroids)
         return (qn @ centroids.transpose(-1, -2)).argmax(-1), (kn @ centroids.transpose(-1, -2)).argmax(-1)
 
-    def _routed(self, q, k, call: Call) -> tuple[BlockLayout, torch.Tensor, torch.Tensor]:
-        """The layout in cluster-sorted order, and the sorted positions' original query and key indices."""
+    def plan(self, q, k, call: Call) -> Selection:
+        """The layout in cluster-sorted order, with the sorted positions' original query and key indices."""
         b = self.config.block_size
         cq, ck = self.clusters(q, k, call)
         cq_s, q_pos = torch.sort(cq, dim=-1, stable=True)
@@ -87,26 +86,7 @@ class Routing(BlockSelectionMethod):
             return same & (k_pos[bi, hi_][kv_idx] <= q_pos[bi, hi_][q_idx] + off) if call.causal else same
 
         layout = compact(keys, call.len_q, call.len_kv, b, kv_block=b, mask_mod=mask_mod)
-        return layout, q_pos, k_pos
-
-    def _layout(self, q, k, call: Call) -> BlockLayout:
-        return self._routed(q, k, call)[0]
-
-    def _forward(self, q, k, v, call: Call):
-        start = time.perf_counter()
-        layout, q_pos, k_pos = self._routed(q, k, call)
-        sync(call.device)
-        selection_ms = (time.perf_counter() - start) * 1e3
-        take = lambda x, pos: torch.gather(x, 2, pos[..., None].expand(-1, -1, -1, x.shape[-1]))  # noqa: E731
-        backend = choose_backend(self.backend, call.device)
-        out_s, counts = block_sparse_attention(
-            take(q, q_pos), take(repeat_kv(k, call.groups), k_pos), take(repeat_kv(v, call.groups), k_pos), layout,
-            scale=call.scale, backend=backend, static=False,
-        )
-        out = torch.empty_like(out_s).scatter_(2, q_pos[..., None].expand_as(out_s), out_s)
-        allowed = counts["allowed"] if counts["allowed"] is not None else counts["computed"]
-        return out, CallStats(self.info.name, backend, density=allowed / (dense_area(call) * call.batch * call.heads_q),
-                              selection_ms=selection_ms, extra=counts)
+        return Selection(layout, q_pos, k_pos)
 
     def _support(self, q, k, v, call: Call) -> torch.Tensor:
         cq, ck = self.clusters(q, k, call)

@@ -7,12 +7,16 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import check_int
-from ...kernels.block_sparse import BACKENDS, block_sparse_attention, membership
+from ...kernels.block_sparse import (
+    CausalMask,
+    membership,
+)
 from ...kernels.block_sparse.builders import compact
-from ...kernels.dense import causal_mask, masked_attention, repeat_kv
+from ...kernels.dense import causal_mask, repeat_kv
 from ...kernels.linear.feature_maps import favor_features, orthogonal_gaussian
-from ...method import Call, CallStats, Method, MethodInfo, dense_area
+from ...method import Call, MethodInfo
 from ...registry import register
+from .base import DynamicMethod, Selection
 
 
 @dataclass
@@ -34,7 +38,7 @@ class SEAConfig:
 
 
 @register
-class SEA(Method):
+class SEA(DynamicMethod):
     """SEA ("SEA: Sparse Linear Attention with Estimated Attention Mask", arXiv 2310.01777):
     estimate the attention matrix with a linear attention (Performer features; each query block's
     row is ``mean_i phi(q_i) . phi(k_j)``), keep the ``top_k`` keys of every query block, and compute
@@ -49,7 +53,6 @@ class SEA(Method):
         summary="Performer estimate of attention -> top-k keys per query block -> exact sparse attention",
     )
     Config = SEAConfig
-    backends = BACKENDS
 
     def __init__(self, **config):
         super().__init__(**config)
@@ -83,19 +86,10 @@ class SEA(Method):
         diag_keys = torch.where(diag_ok, diag, -1).expand(*chosen.shape[:2], -1, -1)
         return torch.cat([diag_keys, chosen], dim=-1)
 
-    def _causal_mod(self, call: Call):
-        off = call.len_kv - call.len_q
-        return (lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + off) if call.causal else None
-
-    def _forward(self, q, k, v, call: Call):
+    def plan(self, q, k, call: Call) -> Selection:
         keys = self.select(q, k, call)
-        layout = compact(keys, call.len_q, call.len_kv, self.config.q_block, mask_mod=self._causal_mod(call), covers_mask=False)
-        out, counts = block_sparse_attention(q, k, v, layout, scale=call.scale, backend=self.backend, static=False)
-        kept = float((keys >= 0).sum()) * self.config.q_block / (call.batch * call.heads_q)
-        return out, CallStats(self.info.name, self.backend, density=min(1.0, kept / dense_area(call)), extra=counts)
-
-    def _reference(self, q, k, v, call: Call):
-        return masked_attention(q, k, v, self._support(q, k, v, call), scale=call.scale)
+        mask_mod = CausalMask(call.len_kv - call.len_q) if call.causal else None
+        return Selection(compact(keys, call.len_q, call.len_kv, self.config.q_block, mask_mod=mask_mod, covers_mask=False))
 
     def _support(self, q, k, v, call: Call):
         keys = self.select(q, k, call)

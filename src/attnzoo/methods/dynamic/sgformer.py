@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from ...errors import check_int
 from ...kernels.dense import masked_attention, repeat_kv, sdpa, work_dtype
-from ...method import Call, CallStats, Method, MethodInfo, sync
+from ...method import Call, MethodInfo
 from ...registry import register
-from .base import RegionConfig
+from .base import DynamicMethod, RegionConfig
 from .scoring import block_means, region_order
 
 
 @register
-class SGFormer(Method):
+class SGFormer(DynamicMethod):
     """Significance-guided attention ("SG-Former: Self-guided Transformer with Evolving Token
     Reallocation", arXiv 2308.12216). A coarse attention between region means (``n_win`` regions
     per grid axis) gives each region's significance, the attention mass it receives. The keys and
@@ -70,19 +69,23 @@ class SGFormer(Method):
         counts = torch.zeros(*x.shape[:2], M, dtype=work, device=x.device).scatter_add_(2, ids, torch.ones_like(ids, dtype=work))
         return sums / counts.clamp(min=1)[..., None], counts
 
-    def _forward(self, q, k, v, call: Call):
-        start = time.perf_counter()
-        ids = self.groups(q, k, call)
+    def plan(self, q, k, call: Call) -> torch.Tensor:
+        return self.groups(q, k, call)
+
+    def execute(self, q, k, v, call: Call, ids) -> tuple[torch.Tensor, dict]:
+        """Exact attention of every query over the pooled keys and values of the new tokens."""
         kp, counts = self._pooled(repeat_kv(k, call.groups), ids, call)
         vp, _ = self._pooled(repeat_kv(v, call.groups), ids, call)
-        sync(call.device)
-        selection_ms = (time.perf_counter() - start) * 1e3
         used = counts > 0
         work = q.float() if q.dtype in (torch.float16, torch.bfloat16) else q
         out = sdpa(work, kp.to(work.dtype), vp.to(work.dtype), causal=False, scale=call.scale,
                    mask=None if bool(used.all()) else used[:, :, None, :]).to(q.dtype)
-        density = float(used.sum(-1).float().mean()) / call.len_kv
-        return out, CallStats(self.info.name, "dense", density=density, selection_ms=selection_ms, extra={"tokens": int(used.sum(-1).max())})
+        pooled_entries = int(used.sum()) * call.len_q  # each query against each non-empty pooled token
+        return out, {"allowed": pooled_entries, "computed": pooled_entries, "backend": "torch", "executor": "sdpa",
+                     "tokens": int(used.sum(-1).max())}
+
+    def _support(self, q, k, v, call: Call) -> None:
+        return None  # pooled keys: no (query, key) support
 
     def _reference(self, q, k, v, call: Call) -> torch.Tensor:
         ids = self.groups(q, k, call)

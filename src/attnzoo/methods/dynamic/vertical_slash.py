@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
+from attnzoo.methods.dynamic.base import BlockSelectionMethod, clamp_budget
+
 from ...errors import InvalidArgumentError, check_int
 from ...kernels.block_sparse import membership
 from ...kernels.dense import work_dtype
 from ...method import Call, MethodInfo
 from ...registry import register
-from .base import BlockSelectionMethod, clamp_budget
 from .scoring import last_key_block, top_blocks, unique_blocks
 
 

@@ -75,7 +75,7 @@ class PatternMethod(Method):
         backend = choose_backend(self.backend, call.device)
         layout = self.layout(call, backend)
         out, counts = block_sparse_attention(q, k, v, layout, scale=call.scale, backend=backend)
-        return out, self._stats(call, backend, counts)
+        return out, self.call_stats(call, {"backend": backend, **counts})
 
     def _reference(self, q, k, v, call: Call) -> torch.Tensor:
         return masked_attention(q, k, v, self._support(q, k, v, call), scale=call.scale)
@@ -83,16 +83,6 @@ class PatternMethod(Method):
     def _support(self, q, k, v, call: Call) -> torch.Tensor:
         mask = self.reference_mask(call)
         return mask & causal_mask(call.len_q, call.len_kv, mask.device) if call.causal else mask
-
-    def _stats(self, call: Call, backend: str, counts: dict) -> CallStats:
-        area = dense_area(call) * call.batch * call.heads_q
-        allowed = counts.get("allowed")
-        return CallStats(
-            self.info.name,
-            backend,
-            density=(allowed / area) if allowed is not None else counts["computed"] / area,
-            extra={"computed_fraction": counts["computed"] / area},
-        )
 
     def stats(self, call: Call) -> CallStats:
         backend = choose_backend(self.backend, call.device)
