@@ -109,6 +109,15 @@ def test_rope_scores_depend_on_relative_position_only(rng):
     assert torch.allclose(apply_rope(q, positions * 0, 10000.0), q)  # position 0 is the identity
 
 
+def test_apply_rope_errors_name_the_argument():
+    with pytest.raises(InvalidArgumentError) as e:
+        apply_rope(torch.randn(2, 5, 7), torch.arange(5), 10000.0)
+    assert e.value.argument == "x"
+    with pytest.raises(InvalidArgumentError) as e:
+        apply_rope(torch.randn(2, 5, 8), torch.arange(6), 10000.0)
+    assert e.value.argument == "positions"
+
+
 @pytest.mark.parametrize(
     "method,causal,config,tokens",
     [

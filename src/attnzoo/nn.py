@@ -28,6 +28,10 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.T
     key rotated at position r depends on p - r only. Computed in float32 (float64 stays float64);
     returns x's dtype.
     """
+    if x.dim() < 2 or x.shape[-1] % 2:
+        raise InvalidArgumentError("x", "a tensor (..., N, D) with an even D (channels rotate in pairs)", f"shape {tuple(x.shape)}")
+    if positions.shape != (x.shape[-2],):
+        raise InvalidArgumentError("positions", f"shape ({x.shape[-2]},) (one per token of x)", f"shape {tuple(positions.shape)}")
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     half = x.shape[-1] // 2
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=work) / half)
