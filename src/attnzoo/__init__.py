@@ -18,8 +18,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``attnzoo.models`` and ``attnzoo.eval`` import on first use (they need the optional [models] extra)."""
-    if name in ("models", "eval"):
+    """``attnzoo.models`` and ``attnzoo.eval`` (they need the optional [models] extra) and the
+    submodules ``nn``, ``cache``, ``modules`` import on first use."""
+    if name in ("models", "eval", "nn", "cache", "modules"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")

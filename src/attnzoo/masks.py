@@ -1,16 +1,59 @@
 """Masks as small pure functions ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor`` (the FlexAttention
 form) and the combinators that build patterns from them (attention-gym style).
 
-Indices are original token positions; causal masks are aligned bottom-right when Nq != Nk (query i
-sits at position i + Nk - Nq), the convention of every executor here."""
+Indices are original token positions and broadcast against each other (the executors pass
+index tensors of any shape); causal masks are aligned bottom-right when Nq != Nk (query i sits at
+position i + Nk - Nq), the convention of every executor here.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from .method import Call
 
+MaskMod = Callable[[object, object, torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 def causal_allowed(call: Call, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
     """Bottom-right aligned causality on original indices (query i sits at i + Nk - Nq)."""
     return kv_idx <= q_idx + (call.len_kv - call.len_q)
+
+
+def and_masks(*mask_mods: MaskMod) -> MaskMod:
+    """A mask_mod allowing (q, kv) where every one of ``mask_mods`` allows it."""
+    if not mask_mods:
+        raise ValueError("and_masks needs at least one mask_mod")
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = mask_mods[0](b, h, q_idx, kv_idx)
+        for other in mask_mods[1:]:
+            allowed = allowed & other(b, h, q_idx, kv_idx)
+        return allowed
+
+    return mask_mod
+
+
+def or_masks(*mask_mods: MaskMod) -> MaskMod:
+    """A mask_mod allowing (q, kv) where any one of ``mask_mods`` allows it."""
+    if not mask_mods:
+        raise ValueError("or_masks needs at least one mask_mod")
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = mask_mods[0](b, h, q_idx, kv_idx)
+        for other in mask_mods[1:]:
+            allowed = allowed | other(b, h, q_idx, kv_idx)
+        return allowed
+
+    return mask_mod
+
+
+def evaluate(mask_mod: MaskMod, heads: int, len_q: int, len_kv: int, device=None) -> torch.Tensor:
+    """The dense (heads, Nq, Nk) boolean mask of ``mask_mod`` (batch index 0): O(H Nq Nk) memory,
+    for references, tests and the full-graph path under ``torch.compile``."""
+    h = torch.arange(heads, device=device)[:, None, None]
+    q_idx = torch.arange(len_q, device=device)[None, :, None]
+    kv_idx = torch.arange(len_kv, device=device)[None, None, :]
+    return torch.as_tensor(mask_mod(0, h, q_idx, kv_idx), device=device).expand(heads, len_q, len_kv)

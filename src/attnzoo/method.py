@@ -178,6 +178,16 @@ class Stopwatch:
         return elapsed
 
 
+def build_config(owner: str, config_class: type, options: dict[str, Any], extra: tuple[str, ...] = ()):
+    """``config_class(**options)`` after checking every option name (an unknown one raises
+    :class:`UnknownNameError` naming ``owner`` and the known options, ``extra`` included)."""
+    names = set(config_class.__dataclass_fields__)  # (dataclasses.fields is opaque to torch.compile)
+    for key in options:
+        if key not in names:
+            raise UnknownNameError(f"option of {owner}", key, names | set(extra))
+    return config_class(**options)
+
+
 class Method(torch.nn.Module):
     """Base class of every attention method: an ``nn.Module`` whose ``forward`` is the attention call.
 
@@ -196,13 +206,9 @@ class Method(torch.nn.Module):
     def __init__(self, *, backend: str = "auto", **config: Any):
         if backend not in self.backends:
             raise InvalidArgumentError("backend", f"one of {self.backends} for {self.info.name!r}", repr(backend))
-        names = {f.name for f in dataclasses.fields(self.Config)}
-        for key in config:
-            if key not in names:
-                raise UnknownNameError(f"option of method {self.info.name!r}", key, names | {"backend"})
         super().__init__()
         self.backend = backend
-        self.config = self.Config(**config)
+        self.config = build_config(f"method {self.info.name!r}", self.Config, config, extra=("backend",))
 
     # ---- public API -------------------------------------------------------------------------
     def forward(self, q, k, v, *, causal: bool = False, scale: float | None = None, return_stats: bool = False,

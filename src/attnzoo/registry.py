@@ -9,12 +9,29 @@ never have to say which ``snapkv`` they mean).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidArgumentError, UnknownNameError
 from .method import Method, MethodInfo
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """The card of a registered KV-cache policy or module: its name, the paper (title, arXiv id),
+    the SEED_MAP family and a one-line summary."""
+
+    name: str
+    title: str
+    arxiv: str | None
+    family: tuple[str, ...]
+    summary: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 class Registry:

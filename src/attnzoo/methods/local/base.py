@@ -29,7 +29,7 @@ from ...kernels.block_sparse import (
 )
 from ...kernels.block_sparse.builders import FLEX_BLOCK, coarsen
 from ...kernels.dense import causal_mask, masked_attention, sdpa
-from ...masks import causal_allowed
+from ...masks import causal_allowed, evaluate
 from ...method import Call, CallStats, Method, dense_area
 
 
@@ -72,10 +72,18 @@ class PatternMethod(Method):
         return layout
 
     def _forward(self, q, k, v, call: Call):
+        if torch.compiler.is_compiling():
+            return self._masked_forward(q, k, v, call)
         backend = choose_backend(self.backend, call.device)
         layout = self.layout(call, backend)
         out, counts = block_sparse_attention(q, k, v, layout, scale=call.scale, backend=backend)
         return out, self.call_stats(call, {"backend": backend, **counts})
+
+    def _masked_forward(self, q, k, v, call: Call) -> torch.Tensor:
+        """One SDPA under the dense mask evaluated from ``mask_mod``: the path ``torch.compile`` traces
+        (a full graph cannot hold the executors' data-dependent plans); O(Hq Nq Nk) memory."""
+        mask = evaluate(self.mask_mod(call), call.heads_q, call.len_q, call.len_kv, call.device)
+        return sdpa(q, k, v, causal=False, scale=call.scale, mask=mask)
 
     def _reference(self, q, k, v, call: Call) -> torch.Tensor:
         return masked_attention(q, k, v, self._support(q, k, v, call), scale=call.scale)
@@ -181,6 +189,8 @@ class SpatialMethod(PatternMethod):
         return self.embed_grid_mask(call, mask)
 
     def _forward(self, q, k, v, call: Call):
+        if torch.compiler.is_compiling():
+            return self._masked_forward(q, k, v, call)
         out, stats = super()._forward(q, k, v, call)
         G = self.config.num_global
         if G:
