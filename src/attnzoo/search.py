@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .errors import InvalidArgumentError, check_float, check_int
-from .kernels.dense import attention_scores, causal_mask, masked_softmax
+from .kernels.dense import causal_mask, exact_probabilities
 from .registry import get_method
 
 FORMAT = "attnzoo-patterns/1"
@@ -54,9 +54,7 @@ def head_scores(q, k, v, causal: bool, scale: float, specs: Sequence[dict[str, A
     supports = [get_method(s["method"], **s["config"]).support(q, k, v, causal=causal, scale=scale).expand(1, q.shape[1], Nq, Nk)
                 for s in specs]
     recall = [torch.zeros(q.shape[1], dtype=torch.float64) for _ in specs]
-    for start in range(0, Nq, chunk):
-        rows = slice(start, min(start + chunk, Nq))
-        probs = masked_softmax(attention_scores(q[:, :, rows], k, scale=scale), visible[rows])
+    for rows, probs in exact_probabilities(q, k, causal=causal, scale=scale, chunk=chunk):
         for r, support in zip(recall, supports):
             r += (probs * support[:, :, rows]).sum(dim=(0, 2, 3)).double()
     return [(r / Nq, (s & visible).sum(dim=(0, 2, 3)).double() / float(area)) for r, s in zip(recall, supports)]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AttnzooError
-from ..kernels.dense import attention_scores, causal_mask, masked_softmax
+from ..kernels.dense import exact_probabilities
 from ..progress import Progress
 from ..registry import get_method, method_class
 from .runner import BenchOptions, is_out_of_memory
@@ -164,7 +164,8 @@ class _Stage:
         n = min(c.q.shape[2], 512)
         q, k = c.q[:1, :, :n], c.k[:1, :, :n]
         with torch.no_grad():
-            probs = masked_softmax(attention_scores(q, k, scale=c.scale), causal_mask(n, n) if c.causal else None)[0]
+            _, probs = next(exact_probabilities(q, k, causal=c.causal, scale=c.scale, chunk=n))
+            probs = probs[0]
             pooled = F.adaptive_avg_pool2d(probs, HEATMAP_SIZE)
         for head, grid in enumerate(pooled):
             self.store.add_heatmap(self.run_id, model=name, layer=c.layer, head=head, label=f"exact, first {n} tokens",

@@ -13,10 +13,8 @@ import torch.nn.functional as F
 
 from ..errors import check_float, check_int
 from ..kernels.dense import (
-    attention_scores,
     causal_mask,
-    masked_softmax,
-    repeat_kv,
+    exact_probabilities,
     sdpa,
 )
 from ..method import Method
@@ -68,24 +66,14 @@ class ApproximationResult:
                 "mean_bound": self.mean_bound}
 
 
-def _exact_probs(q, k, allowed: torch.Tensor | None, scale: float, chunk: int):
-    """(row range, exact softmax rows (B, Hq, rows, Nk) float64) of q (B, Hq, Nq, D) where ``allowed``
-    (Nq, Nk) or None (everywhere), a chunk of rows at a time."""
-    k = repeat_kv(k, q.shape[1] // k.shape[1]).double()
-    for start in range(0, q.shape[2], chunk):
-        rows = slice(start, min(start + chunk, q.shape[2]))
-        yield rows, masked_softmax(attention_scores(q[:, :, rows].double(), k, scale=scale), None if allowed is None else allowed[rows])
-
-
 @torch.no_grad()
 def attention_recall(q: torch.Tensor, k: torch.Tensor, support: torch.Tensor, *, causal: bool, scale: float,
                      chunk: int = 256) -> torch.Tensor:
     """Per query head (Hq,): mean over batch and queries of the exact softmax mass (float64) on
     ``support`` (bool, broadcasting to (B, Hq, Nq, Nk)), ``chunk`` queries at a time."""
-    Nq, Nk = q.shape[2], k.shape[2]
-    allowed = causal_mask(Nq, Nk, q.device) if causal else None
+    Nq = q.shape[2]
     total = torch.zeros(q.shape[1], dtype=torch.float64, device=q.device)
-    for rows, probs in _exact_probs(q, k, allowed, scale, chunk):
+    for rows, probs in exact_probabilities(q, k, causal=causal, scale=scale, chunk=chunk, dtype=torch.float64):
         kept = support[..., rows, :] if support.shape[-2] == Nq else support
         total += (probs * kept).sum(dim=(-1, -2)).sum(0)
     return total / (q.shape[0] * Nq)
@@ -147,7 +135,8 @@ def oracle_recall(q: torch.Tensor, k: torch.Tensor, *, causal: bool, scale: floa
     if block_size is None:  # one query head at a time: its allowed probabilities, then their top entries
         G = Hq // k.shape[1]
         kept = torch.stack([
-            torch.cat([p[..., allowed[rows]] for rows, p in _exact_probs(q[:, h : h + 1], k[:, h // G : h // G + 1], allowed, scale, chunk)], -1)
+            torch.cat([p[..., allowed[rows]] for rows, p in exact_probabilities(q[:, h : h + 1], k[:, h // G : h // G + 1], causal=causal, scale=scale,
+                                                                        chunk=chunk, dtype=torch.float64)], -1)
             .topk(int(budget), dim=-1).values.sum(-1)[:, 0]
             for h in range(Hq)
         ], 1)
@@ -155,7 +144,8 @@ def oracle_recall(q: torch.Tensor, k: torch.Tensor, *, causal: bool, scale: floa
         b = check_int("block_size", block_size)
         area = _tiles(allowed.double(), b).flatten()  # allowed entries per tile
         rows_at_once = max(b, chunk // b * b)  # whole query blocks per chunk
-        mass = torch.cat([_tiles(p, b) for _, p in _exact_probs(q, k, allowed, scale, rows_at_once)], dim=2).flatten(2)
+        mass = torch.cat([_tiles(p, b) for _, p in exact_probabilities(q, k, causal=causal, scale=scale, chunk=rows_at_once,
+                                                                           dtype=torch.float64)], dim=2).flatten(2)
         order = (mass / area.clamp(min=1)).masked_fill(area == 0, -1.0).argsort(-1, descending=True)
         fits = area[order].cumsum(-1) <= budget
         kept = (mass.gather(-1, order) * fits).sum(-1)

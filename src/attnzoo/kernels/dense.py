@@ -62,6 +62,21 @@ def masked_attention(q, k, v, mask: torch.Tensor | None, *, scale: float) -> tor
     return torch.matmul(probs, v.to(probs.dtype)).to(q.dtype)
 
 
+def exact_probabilities(q, k, *, causal: bool, scale: float, chunk: int = 256, dtype: torch.dtype | None = None,
+                        mask: torch.Tensor | None = None):
+    """Yield (row slice, exact softmax probabilities (B, Hq, rows, Nk)) of q (B, Hq, Nq, D) over
+    k (B, Hkv, Nk, D), ``chunk`` query rows at a time (O(chunk Nk) memory), bottom-right causal
+    when ``causal``, restricted to ``mask`` (Nq, Nk) when given; in ``dtype`` (default: the work
+    dtype). The one place exact attention weights are computed for analysis and evaluation."""
+    allowed = causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
+    if mask is not None:
+        allowed = mask if allowed is None else allowed & mask
+    k = repeat_kv(k, q.shape[1] // k.shape[1]).to(dtype or work_dtype(k))
+    for start in range(0, q.shape[2], chunk):
+        rows = slice(start, min(start + chunk, q.shape[2]))
+        yield rows, masked_softmax(attention_scores(q[:, :, rows].to(k.dtype), k, scale=scale), None if allowed is None else allowed[rows])
+
+
 def attention_with_lse(q, k, v, mask: torch.Tensor | None, *, scale: float):
     """Attention over (..., L, D) queries and (..., K, D) keys with an additive ``mask`` (or None),
     returning the output and each row's log-sum-exp (..., L); a row whose keys are all masked
