@@ -307,10 +307,11 @@ def test_errors_at_patch_time(llama, bert):
     assert llama.config._attn_implementation == "sdpa" and bert.config._attn_implementation == "sdpa"
 
 
-def test_unsupported_family_names_the_supported_ones():
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64)
-    model = transformers.GPT2LMHeadModel(config)
-    with pytest.raises(UnsupportedError, match="Llama-family decoders.*BERT-family encoders.*got model_type 'gpt2'"):
+def test_model_whose_attention_skips_the_interface_is_refused():
+    """Bloom writes its attention inline (no ALL_ATTENTION_FUNCTIONS lookup): nothing to route through attnzoo."""
+    config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=2)
+    model = transformers.BloomForCausalLM(config)
+    with pytest.raises(UnsupportedError, match="BloomForCausalLM \\(model_type 'bloom'\\) has no attention module that calls transformers' attention interface"):
         attnzoo.patch(model, "dense")
 
 

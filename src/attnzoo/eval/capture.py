@@ -1,4 +1,5 @@
-"""Capture the real post-RoPE q, k, v that a model's attention layers receive."""
+"""Capture the real post-RoPE q, k, v that a model's attention layers receive (built on
+:func:`attnzoo.integrations.transformers.capture`)."""
 
 from __future__ import annotations
 
@@ -36,30 +37,19 @@ def capture_qkv(model, tokenizer, text: str | None = None, layers: Iterable[int]
     """{layer: CapturedQKV} from one forward pass of ``model`` (unpatched) over the first
     ``max_tokens`` tokens of ``text`` (default: :func:`~attnzoo.eval.english_text`); ``layers``:
     indices (default all). Tensors are detached, on the CPU, in the model's dtype."""
-    from ..integrations.transformers import (
-        CapturePlan,
-        attention_modules,
-        install,
-        unpatch,
-    )
+    from ..integrations.transformers import capture, current_patch
 
-    if getattr(model, "_attnzoo_state", None) is not None:
+    if current_patch(model) is not None:
         raise InvalidArgumentError("model", "an unpatched model (capture_qkv records exact attention inputs)", "a patched model")
-    _, modules = attention_modules(model)
-    layers = list(range(len(modules))) if layers is None else list(layers)
     ids = token_ids(tokenizer, english_text() if text is None else text)
     if max_tokens is not None:
         if len(ids) < max_tokens:
             raise InvalidArgumentError("max_tokens", f"at most {len(ids)} (the length of the text in tokens)", max_tokens)
         ids = ids[:max_tokens]
-    plans = {i: CapturePlan() for i in layers}
-    install(model, plans)  # checks the layer indices
-    try:
+    with capture(model, layers) as recorded:  # checks the layer indices
         model.base_model(input_ids=ids[None].to(model_device(model)))
-    finally:
-        unpatch(model)
     captured = {}
-    for i, plan in plans.items():
-        record = plan.records[0]
-        captured[i] = CapturedQKV(i, record["q"], record["k"], record["v"], record["causal"], record["scale"])
+    for i in recorded.records:
+        record = recorded.first(i)
+        captured[i] = CapturedQKV(i, record.q, record.k, record.v, record.causal, record.scale)
     return captured
