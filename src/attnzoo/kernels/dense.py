@@ -62,19 +62,26 @@ def masked_attention(q, k, v, mask: torch.Tensor | None, *, scale: float) -> tor
     return torch.matmul(probs, v.to(probs.dtype)).to(q.dtype)
 
 
+def attention_probabilities(q, k, *, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact softmax probabilities (B, Hq, Nq, Nk) in the work dtype of q (B, Hq, Nq, D) over
+    k (B, Hkv, Nk, D), where ``mask`` (broadcasting bool; None: everywhere) allows; a row with no
+    allowed key is zeros. The one place exact attention weights are computed."""
+    return masked_softmax(attention_scores(q, k, scale=scale), mask)
+
+
 def exact_probabilities(q, k, *, causal: bool, scale: float, chunk: int = 256, dtype: torch.dtype | None = None,
                         mask: torch.Tensor | None = None):
     """Yield (row slice, exact softmax probabilities (B, Hq, rows, Nk)) of q (B, Hq, Nq, D) over
     k (B, Hkv, Nk, D), ``chunk`` query rows at a time (O(chunk Nk) memory), bottom-right causal
     when ``causal``, restricted to ``mask`` (Nq, Nk) when given; in ``dtype`` (default: the work
-    dtype). The one place exact attention weights are computed for analysis and evaluation."""
+    dtype); see :func:`attention_probabilities`."""
     allowed = causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
     if mask is not None:
         allowed = mask if allowed is None else allowed & mask
     k = repeat_kv(k, q.shape[1] // k.shape[1]).to(dtype or work_dtype(k))
     for start in range(0, q.shape[2], chunk):
         rows = slice(start, min(start + chunk, q.shape[2]))
-        yield rows, masked_softmax(attention_scores(q[:, :, rows].to(k.dtype), k, scale=scale), None if allowed is None else allowed[rows])
+        yield rows, attention_probabilities(q[:, :, rows].to(k.dtype), k, scale=scale, mask=None if allowed is None else allowed[rows])
 
 
 def attention_with_lse(q, k, v, mask: torch.Tensor | None, *, scale: float):

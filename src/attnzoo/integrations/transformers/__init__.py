@@ -8,7 +8,16 @@
 - :mod:`.capture`: :func:`capture`, the one hook that records q, k, v and attention probabilities.
 """
 
-from .adapter import IMPLEMENTATION, Patch, attention_modules, current_patch, install, patch, token_layout, unpatch
+from .adapter import (
+    IMPLEMENTATION,
+    Patch,
+    attention_modules,
+    current_patch,
+    install,
+    patch,
+    token_layout,
+    unpatch,
+)
 from .capture import AttentionRecord, Capture, capture
 from .plan import PATTERNS_FORMAT, AttentionLayer, HeadGroup, LayerPlan, TokenLayout
 

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from ...errors import InvalidArgumentError
-from ...kernels.dense import causal_mask
+from ...kernels.dense import attention_probabilities, causal_mask
 from .adapter import CAPTURE_ATTR, attention_modules, current_patch, install, unpatch
 from .padding import bool_mask
-from .plan import LayerPlan, layer_index, probabilities
+from .plan import LayerPlan, layer_index
 
 
 @dataclass
@@ -46,14 +46,14 @@ class AttentionRecord:
     plan: list[dict[str, Any]] | None = None
 
 
-def exact_probabilities(q, k, mask: torch.Tensor | None, causal: bool, scale: float) -> torch.Tensor:
+def model_probabilities(q, k, mask: torch.Tensor | None, causal: bool, scale: float) -> torch.Tensor:
     """(B, Hq, Nq, Nk) softmax probabilities of the model's own attention under its ``mask``
     (B|1, 1, Nq, Nk), or the causal (bottom-right) or full pattern where it passes none."""
     if mask is not None:
         allowed = bool_mask(mask)
     else:
         allowed = causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
-    return probabilities(q, k, allowed, scale)
+    return attention_probabilities(q, k, scale=scale, mask=allowed)
 
 
 class Capture:
@@ -83,7 +83,7 @@ class Capture:
             record.mask = None if mask is None else self._keep(bool_mask(mask))
         if self.probs:
             with torch.no_grad():
-                p = plan.probabilities(q, k, v, mask, causal, scale) if plan is not None else exact_probabilities(q, k, mask, causal, scale)
+                p = plan.probabilities(q, k, v, mask, causal, scale) if plan is not None else model_probabilities(q, k, mask, causal, scale)
             record.probs = self._keep(p)
         self.records[layer].append(record)
 

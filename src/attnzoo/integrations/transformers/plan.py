@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ...errors import InvalidArgumentError, UnsupportedError, check_int
-from ...kernels.dense import attention_scores, causal_mask, masked_softmax, repeat_kv, sdpa
+from ...kernels.dense import attention_probabilities, causal_mask, repeat_kv, sdpa
 from ...method import Call, Method
 from ...registry import get_method, method_class
 from .padding import masked_run
@@ -118,7 +118,7 @@ class LayerPlan:
                               lambda *t: sdpa(*t, causal=causal, scale=scale))
 
     def _probabilities(self, q, k, v, causal: bool, scale: float) -> torch.Tensor:
-        exact = lambda q, k, v: probabilities(q, k, causal_mask(q.shape[2], k.shape[2], q.device) if causal else None, scale)  # noqa: E731
+        exact = lambda q, k, v: attention_probabilities(q, k, scale=scale, mask=causal_mask(q.shape[2], k.shape[2], q.device) if causal else None)  # noqa: E731
         return self._by_group(q, k, v, lambda m, *t: method_probabilities(m, *t, causal=causal, scale=scale), exact)
 
     def _by_group(self, q, k, v, with_method: Callable, exact: Callable) -> torch.Tensor:
@@ -151,12 +151,6 @@ def call_method(method: Method, q, k, v, *, causal: bool, scale: float, check_fi
     return method(q, *_kv_for(method, q, k, v), causal=causal, scale=scale, check_finite=check_finite)
 
 
-def probabilities(q, k, allowed: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Exact softmax probabilities (B, Hq, Nq, Nk) of q (B, Hq, Nq, D) over k (B, Hkv, Nk, D) where
-    ``allowed`` (broadcasting bool, None: everywhere); rows with no allowed key are zeros."""
-    return masked_softmax(attention_scores(q, k, scale=scale), allowed)
-
-
 def method_probabilities(method: Method, q, k, v, *, causal: bool, scale: float) -> torch.Tensor:
     """(B, Hq, Nq, Nk) attention probabilities of ``method``: the exact softmax restricted to its
     ``.support`` (the pairs it attends to). That is what sparse-softmax methods (position patterns,
@@ -168,7 +162,7 @@ def method_probabilities(method: Method, q, k, v, *, causal: bool, scale: float)
                                "attention is not a softmax over chosen keys); capture it with probs=False")
     if causal:
         support = support & causal_mask(q.shape[2], k.shape[2], q.device)
-    return probabilities(q, k, support, scale)
+    return attention_probabilities(q, k, scale=scale, mask=support)
 
 
 def _kv_index(heads: Sequence[int], groups: int) -> list[int]:
