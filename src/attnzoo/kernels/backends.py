@@ -21,7 +21,7 @@ every executor's reason.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,8 +38,8 @@ class Executor:
 
     name: str
     backend: str
-    can_run: Callable[..., str | None]
-    run: Callable[..., Any]
+    can_run: Callable[..., str | None] = field(repr=False)
+    run: Callable[..., Any] = field(repr=False)
 
 
 class Dispatcher:
