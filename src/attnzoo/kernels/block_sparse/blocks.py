@@ -55,8 +55,6 @@ def can_run(q, k, v, layout: BlockLayout) -> str | None:
         return "key blocks of one token"
     if layout.q_order is not None or layout.kv_order is not None:
         return "a visiting order (q_order / kv_order)"
-    if layout.boxes is not None:
-        return "2-D boxes"
     return None
 
 
