@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..dense import attention_with_lse, masked_attention
 from .layout import BlockLayout
 

@@ -35,6 +35,7 @@ from ..backends import Dispatcher, Executor
 from ..dense import repeat_kv
 from .naive import safe_denominator, work_dtype
 
+
 def interpreting() -> bool:
     """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -264,7 +265,7 @@ def _causal_chunks(qf, kf, v, lam, init, chunk: int, segment: int, work: torch.d
     slow every matmul down. With decay the padding of a ragged last chunk decays the final states
     too far; ``exact_state`` recomputes them from the state before that chunk."""
     B, H, N, Fd = qf.shape
-    Hk, Dv = kf.shape[1], v.shape[-1]
+    Hk = kf.shape[1]
     G = H // Hk
     if lam is not None:  # the decayed state mixing is an (n+1) x n matmul: keep n small
         segment = min(segment, 64 * chunk)
