@@ -88,7 +88,7 @@ def test_sinks_run_as_a_prefix_merged_by_log_sum_exp(name, cfg, rng):
     ref = m.reference(q, k, v, causal=True)
     with torch.no_grad():
         out = m(q, k, v, causal=True)
-    layout = m.layout(check_qkv(q, k, v, causal=True, scale=None))
+    layout = m.layout(check_qkv(q, k, v, causal=True, scale=None), "torch")
     split = [p for row in layout.cache[("gather", torch.float32, True)] for p in row]
     assert all(p.prefix is not None and p.prefix.size == cfg["sinks"] for p in split)
     assert rel_err(out, ref) <= 1e-5

@@ -10,7 +10,7 @@ import torch
 from helpers import qkv, rel_err
 
 from attnzoo.kernels.block_sparse import CausalMask, block_sparse_attention
-from attnzoo.kernels.block_sparse.blocks import block_attention, handles
+from attnzoo.kernels.block_sparse.blocks import block_attention, can_run
 from attnzoo.kernels.block_sparse.builders import compact
 
 
@@ -51,7 +51,7 @@ def test_blocks_executor_equals_naive(mask, q_block, kv_block, nq, nk, rng):
     Bl, Hl = [(1, 1), (2, 4), (1, 4), (2, 1)][sharing]
     q, k, v = qkv(rng, B=2, Hq=4, Hkv=2, Nq=nq, Nk=nk, Dv=8)
     layout = random_blocks(rng, Bl, Hl, nq, nk, q_block, kv_block, MASKS[mask](nq, nk))
-    assert handles(layout)
+    assert can_run(q, k, v, layout) is None
     ref, _ = block_sparse_attention(q, k, v, layout, scale=0.3, backend="naive")
     out, counts = block_sparse_attention(q, k, v, layout, scale=0.3, backend="gather", static=False)
     assert rel_err(out, ref) <= 1e-5, rng.initial_seed()
@@ -72,7 +72,7 @@ def test_blocks_executor_gradients(mask, columns, rng):
     grad_out = torch.randn(2, 4, 90, 8, generator=rng, dtype=torch.float64)
     ref, _ = block_sparse_attention(q, k, v, layout, scale=0.3, backend="naive")
     want = torch.autograd.grad((ref * grad_out).sum(), (q, k, v))
-    out, _ = block_attention(q, k, v, layout, scale=0.3, static=False)
+    out, _, _ = block_attention(q, k, v, layout, scale=0.3, static=False)
     got = torch.autograd.grad((out * grad_out).sum(), (q, k, v))
     for g, w in zip(got, want):
         assert rel_err(g, w) <= 1e-8
@@ -83,7 +83,7 @@ def test_blocks_executor_low_precision(dtype, rng):
     q, k, v = qkv(rng, B=1, Hq=2, Hkv=1, Nq=128, Dv=16)
     layout = random_blocks(rng, 1, 2, 128, 128, 32, 32, CausalMask(0), density=0.7)
     ref, _ = block_sparse_attention(q, k, v, layout, scale=0.25, backend="naive")
-    out, _ = block_attention(q.to(dtype), k.to(dtype), v.to(dtype), layout, scale=0.25, static=False)
+    out, _, _ = block_attention(q.to(dtype), k.to(dtype), v.to(dtype), layout, scale=0.25, static=False)
     assert out.dtype == dtype
     assert rel_err(out, ref) <= 2e-2
 
@@ -91,16 +91,17 @@ def test_blocks_executor_low_precision(dtype, rng):
 def test_static_plan_is_cached_and_reused(rng):
     q, k, v = qkv(rng, Nq=64)
     layout = random_blocks(rng, 1, 1, 64, 64, 16, 16, CausalMask(0))
-    a, _ = block_attention(q, k, v, layout, scale=0.25, static=True)
+    a, _, _ = block_attention(q, k, v, layout, scale=0.25, static=True)
     assert ("gather", "blocks", torch.float32) in layout.cache
-    b, _ = block_attention(q, k, v, layout, scale=0.25, static=True)
+    b, _, _ = block_attention(q, k, v, layout, scale=0.25, static=True)
     assert torch.equal(a, b)
 
 
 def test_token_layouts_and_orders_are_not_handled(rng):
+    q, k, v = qkv(rng, Nq=64)
     keys = torch.arange(8).expand(4, -1)
-    assert not handles(compact(keys, 64, 64, 16))  # kv_block 1: the gather executor's
-    assert not handles(compact(keys, 64, 64, 16, kv_block=8, q_order=torch.arange(64)))
+    assert can_run(q, k, v, compact(keys, 64, 64, 16)) == "key blocks of one token"  # the gather executor's
+    assert "visiting order" in can_run(q, k, v, compact(keys, 64, 64, 16, kv_block=8, q_order=torch.arange(64)))
 
 
 @pytest.mark.parametrize("mask", ["causal", "per-head-stripes"])

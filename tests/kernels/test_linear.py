@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import rel_err
 
-from attnzoo.errors import InvalidArgumentError
+from attnzoo.errors import InvalidArgumentError, UnsupportedError
 from attnzoo.kernels.linear import linear_attention, naive_linear_attention, state_product
 
 
@@ -101,6 +101,78 @@ def test_bad_arguments_are_named(rng):
         state_product(qf, kf, v, causal=True, backend="cuda")
 
 
+def plain_state(kf, v, decay, normalize, heads):
+    """Float64 ``sum_j lambda^(N-1-j) phi(k_j)^T [v_j, 1]`` over all N keys, per state head."""
+    kf, v = kf.double().repeat_interleave(heads // kf.shape[1], 1), v.double().repeat_interleave(heads // v.shape[1], 1)
+    if normalize:
+        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+    n = kf.shape[2]
+    weights = torch.ones(heads, n, dtype=torch.float64) if decay is None else decay.double()[:, None] ** torch.arange(n - 1, -1, -1)
+    return torch.einsum("bhnf,bhnd,hn->bhfd", kf, v, weights)
+
+
+@pytest.mark.parametrize("decay", DECAYS, ids=["no_decay", "decay"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4)], ids=["gqa", "mha"])
+@pytest.mark.parametrize("cuts", [(0, 70, 150), (0, 37, 101, 150)], ids=["two", "three"])
+def test_state_carries_a_causal_sequence_across_calls(decay, normalize, heads, cuts, rng):
+    """Two or three calls passing the state equal one call: outputs, the final state (also against
+    its definition) and gradients; pieces cut inside chunks and segments."""
+    H, Hk = heads
+    qf, kf, v = features(rng, H=H, Hk=Hk, Nq=150, dtype=torch.float64, requires_grad=True)
+    opts = dict(causal=True, decay=decay, normalize=normalize, chunk=16, segment=48)
+    full, full_state = linear_attention(qf, kf, v, **opts, return_state=True)
+    outs, state = [], None
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        out, state = linear_attention(qf[:, :, a:b], kf[:, :, a:b], v[:, :, a:b], **opts, initial_state=state, return_state=True)
+        outs.append(out)
+    state_heads = H if decay is not None else Hk
+    assert state.shape == (2, state_heads, 8, 6 + normalize)
+    assert rel_err(torch.cat(outs, dim=2), full) <= 1e-12, rng.initial_seed()
+    assert rel_err(state, full_state) <= 1e-12
+    assert rel_err(state, plain_state(kf, v, decay, normalize, state_heads)) <= 1e-12
+    w = torch.randn(full.shape, generator=rng, dtype=torch.float64)
+    w_state = torch.randn(state.shape, generator=rng, dtype=torch.float64)
+    got = torch.autograd.grad((torch.cat(outs, dim=2) * w).sum() + (state * w_state).sum(), (qf, kf, v))
+    want = torch.autograd.grad((full * w).sum() + (full_state * w_state).sum(), (qf, kf, v))
+    for g, wg in zip(got, want):
+        assert rel_err(g, wg) <= 1e-10
+
+
+@pytest.mark.parametrize("decay", DECAYS, ids=["no_decay", "decay"])
+def test_state_continues_into_a_call_with_fewer_queries_than_keys(decay, rng):
+    """A later call may have Nq < Nk (bottom-right aligned): its queries see the state and its keys."""
+    qf, kf, v = features(rng, Nq=120)
+    full = linear_attention(qf, kf, v, causal=True, decay=decay, chunk=16)
+    _, state = linear_attention(qf[:, :, :50], kf[:, :, :50], v[:, :, :50], causal=True, decay=decay, chunk=16, return_state=True)
+    tail = linear_attention(qf[:, :, 100:], kf[:, :, 50:], v[:, :, 50:], causal=True, decay=decay, chunk=16, initial_state=state)
+    assert rel_err(tail, full[:, :, 100:]) <= 1e-5, rng.initial_seed()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_non_causal_state_adds_the_earlier_keys(normalize, rng):
+    qf, kf, v = features(rng, Nq=40, Nk=90, dtype=torch.float64)
+    full = linear_attention(qf, kf, v, causal=False, normalize=normalize)
+    _, state = state_product(qf, kf[:, :, :60], v[:, :, :60], causal=False, append_ones=normalize, return_state=True)
+    out, state = linear_attention(qf, kf[:, :, 60:], v[:, :, 60:], causal=False, normalize=normalize, initial_state=state,
+                                  return_state=True)
+    assert rel_err(out, full) <= 1e-12
+    assert rel_err(state, plain_state(kf, v, None, normalize, 2)) <= 1e-12
+
+
+def test_bad_states_are_named(rng):
+    qf, kf, v = features(rng, Nq=30)
+    _, state = linear_attention(qf, kf, v, causal=True, return_state=True)
+    with pytest.raises(InvalidArgumentError, match=r"initial_state: expected a tensor of shape \(2, 4, 8, 7\)"):
+        linear_attention(qf, kf, v, causal=True, decay=DECAYS[1], initial_state=state)  # decay: one per query head
+    with pytest.raises(InvalidArgumentError, match=r"initial_state: expected a tensor of shape \(2, 2, 8, 6\)"):
+        linear_attention(qf, kf, v, causal=True, normalize=False, initial_state=state)
+    with pytest.raises(UnsupportedError, match="initial_state: expected Nq <= Nk"):
+        linear_attention(qf, kf[:, :, :20], v[:, :, :20], causal=True, initial_state=state)
+    with pytest.raises(InvalidArgumentError, match="decay: expected None with causal=False"):
+        linear_attention(qf, kf, v, causal=False, decay=DECAYS[1])
+
+
 TRITON_SCRIPT = textwrap.dedent("""
     import torch
     from attnzoo.kernels.linear import state_product
@@ -117,6 +189,15 @@ TRITON_SCRIPT = textwrap.dedent("""
         grads = torch.autograd.grad(out.sum(), (q, k, v))
         want = torch.autograd.grad(ref.sum(), (q, k, v))
         assert all(rel(g, w) <= 1e-5 for g, w in zip(grads, want)), "backward"
+        # continuing from a state and returning one (ragged last chunk: nq is no multiple of 16)
+        s0 = torch.rand(1, 2 if decay is None else 4, 16, 10, generator=gen, requires_grad=True)
+        kw = dict(causal=True, decay=decay, chunk=16, append_ones=True, initial_state=s0, return_state=True)
+        out, state = state_product(q, k, v, backend="triton", **kw)
+        ref, ref_state = state_product(q, k, v, backend="torch", **kw)
+        assert rel(out, ref) <= 1e-5 and rel(state, ref_state) <= 1e-5, ("state forward", nq)
+        grads = torch.autograd.grad(out.sum() + state.sum(), (q, k, v, s0))
+        want = torch.autograd.grad(ref.sum() + ref_state.sum(), (q, k, v, s0))
+        assert all(rel(g, w) <= 1e-5 for g, w in zip(grads, want)), "state backward"
     print("ok")
 """)
 

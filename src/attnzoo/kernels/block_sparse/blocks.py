@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..dense import attention_with_lse, merge_partials
+from ..dense import additive_attention_with_lse, additive_mask, merge_attention, work_dtype
 from .columns import column_attention
-from .layout import BlockLayout, additive_mask
+from .layout import BlockLayout
 
 _CHUNK_KEYS = 131072  # gathered keys per SDPA call (32 MB buffers at D = 64; fewer, larger calls)
 _EVAL_TILES = 256  # tiles whose token masks are evaluated at once while planning
@@ -48,9 +48,14 @@ class CausalMask:
         return kv_idx <= q_idx + self.offset
 
 
-def handles(layout: BlockLayout) -> bool:
-    """Whether this executor runs ``layout``: key blocks of more than one token, natural order."""
-    return layout.kv_block > 1 and layout.q_order is None and layout.kv_order is None and layout.boxes is None
+def can_run(q, k, v, layout: BlockLayout) -> str | None:
+    """None when this executor runs ``layout`` (key blocks of more than one token, natural order);
+    else why not."""
+    if layout.kv_block == 1:
+        return "key blocks of one token"
+    if layout.q_order is not None or layout.kv_order is not None:
+        return "a visiting order (q_order / kv_order)"
+    return None
 
 
 @dataclass
@@ -261,12 +266,13 @@ class _Buffers:
         return torch.index_select(src, 0, index, out=out)
 
 
-def block_attention(q, k, v, layout: BlockLayout, *, scale: float, static: bool = True) -> tuple[torch.Tensor, dict]:
+def block_attention(q, k, v, layout: BlockLayout, *, scale: float, static: bool = True, return_lse: bool = False):
     """Block-granular sparse attention through fused SDPA on gathered key blocks, plus the
     layout's single key columns.
 
-    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> (B, Hq, Nq, Dv), plus the counts of
-    allowed and computed (query, key) entries. Rows with no allowed key return zeros.
+    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> (B, Hq, Nq, Dv), each row's
+    log-sum-exp (B, Hq, Nq) with ``return_lse`` (else None), and the counts of allowed and computed
+    (query, key) entries. Rows with no allowed key return zeros (log-sum-exp -inf).
     """
     B, Hq, Nq, D = q.shape
     Hkv, Dv, dtype = k.shape[1], v.shape[3], q.dtype
@@ -278,7 +284,8 @@ def block_attention(q, k, v, layout: BlockLayout, *, scale: float, static: bool 
     nqb, nkb = layout.num_q_blocks, layout.num_kv_blocks
     out = torch.zeros(B * Hq * nqb, bq, Dv, dtype=work, device=q.device)
     columns = layout.columns is not None
-    lse = torch.full((B * Hq * nqb, bq), float("-inf"), dtype=work, device=q.device) if columns else None
+    with_lse = columns or return_lse
+    lse = torch.full((B * Hq * nqb, bq), float("-inf"), dtype=work_dtype(q), device=q.device) if with_lse else None
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     width = 0
     for g in plan.groups:
@@ -295,24 +302,26 @@ def block_attention(q, k, v, layout: BlockLayout, *, scale: float, static: bool 
             qs = buffers.select(0, qb, ids, width).view(c, 1, bq, D)
             ks = buffers.select(1, kb, keys, width).view(c, 1, n * bk, D)
             vs = buffers.select(2, vb, keys, width).view(c, 1, n * bk, Dv)
-            if columns:
-                o, rows = attention_with_lse(qs, ks, vs, g.mask, scale=scale)
+            if with_lse:
+                o, rows = additive_attention_with_lse(qs, ks, vs, g.mask, scale=scale)
             else:
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=g.mask, scale=scale)
             o = o.view(c, bq, Dv)
             if g.empty_rows is not None:
                 o = o.index_fill(1, g.empty_rows, 0.0)
             out.index_copy_(0, ids, o)
-            if columns:
+            if with_lse:
                 rows = rows.view(c, bq)
                 lse.index_copy_(0, ids, rows if g.empty_rows is None else rows.index_fill(1, g.empty_rows, float("-inf")))
     share = (B if Bl == 1 else 1) * (Hq if Hl == 1 else 1)
     allowed = sum(map(sum, plan.allowed)) * share
     computed = sum(map(sum, plan.computed)) * share
     out = out.view(B, Hq, -1, Dv)[:, :, :Nq]
+    if with_lse:
+        lse = lse.view(B, Hq, -1)[:, :, :Nq]
     if columns:
         col_out, col_lse, col_allowed = column_attention(q.to(work), k.to(work), v.to(work), layout, scale=scale)
-        out = merge_partials(out, lse.view(B, Hq, -1)[:, :, :Nq], col_out, col_lse)
+        out, lse = merge_attention([out, col_out], [lse, col_lse])
         allowed += col_allowed
         computed += Nq * layout.columns.shape[-1] * B * Hq
-    return out.to(dtype), {"allowed": allowed, "computed": computed}
+    return out.to(dtype), lse if return_lse else None, {"allowed": allowed, "computed": computed}

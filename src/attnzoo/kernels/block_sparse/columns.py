@@ -3,7 +3,7 @@
 MInference's vertical lines are single key tokens that every query block visits; a layout lists
 them in ``columns`` (:class:`~.layout.BlockLayout`). The block executor attends to the listed
 blocks, this module to the columns a query block does not already visit through a block, and
-:func:`~attnzoo.kernels.dense.merge_partials` joins the two by their log-sum-exp, as split-KV
+:func:`~attnzoo.kernels.dense.merge_attention` joins the two by their log-sum-exp, as split-KV
 attention kernels do. Plain torch on any device; gradients flow through both parts.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..dense import attention_with_lse
-from .layout import BlockLayout, additive_mask
+from ..dense import additive_attention_with_lse, additive_mask
+from .layout import BlockLayout
 
 _LOGITS = 1 << 22  # query x column logits formed at once (16 MB in float32)
 
@@ -40,7 +40,7 @@ def column_attention(q, k, v, layout: BlockLayout, *, scale: float):
         rows = torch.arange(a, min(a + step, Nq), device=q.device)
         keep = visits[:, :, rows // layout.q_block] & layout.token_mask(rows[:, None], layout.columns[:, :, None, :], lb, lh)
         allowed += int(torch.count_nonzero(keep)) * (B // Bl) * (Hq // Hl)
-        out, lse = attention_with_lse(q[:, :, rows], kc, vc, additive_mask(keep, q.dtype), scale=scale)
+        out, lse = additive_attention_with_lse(q[:, :, rows], kc, vc, additive_mask(keep, q.dtype), scale=scale)
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, 2), torch.cat(lses, 2), allowed

@@ -10,12 +10,18 @@ import torch
 from .layout import BlockLayout, present_ids
 
 
+@functools.cache
 def available() -> bool:
     try:
         from torch.nn.attention import flex_attention  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def can_run(q, k, v, layout: BlockLayout) -> str | None:
+    """None when FlexAttention is available (it runs every layout); else why not."""
+    return None if available() else "torch.nn.attention.flex_attention is not available in this torch"
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,8 +82,10 @@ def block_mask(layout: BlockLayout):
     return bm
 
 
-def flex_block_sparse(q, k, v, layout: BlockLayout, *, scale: float, compile: bool = True) -> torch.Tensor:
-    """Block-sparse attention through ``flex_attention``; q (B,Hq,Nq,D), k/v (B,Hkv,Nk,D|Dv)."""
+def flex_block_sparse(q, k, v, layout: BlockLayout, *, scale: float, compile: bool = True, return_lse: bool = False):
+    """Block-sparse attention through ``flex_attention``; q (B,Hq,Nq,D), k/v (B,Hkv,Nk,D|Dv) ->
+    (B,Hq,Nq,Dv) and, with ``return_lse``, each row's natural log-sum-exp (B,Hq,Nq) float32
+    (FlexAttention's own; -inf for rows with no key), else None."""
     from torch.nn.attention.flex_attention import flex_attention
 
     bm = block_mask(layout)
@@ -88,10 +96,31 @@ def flex_block_sparse(q, k, v, layout: BlockLayout, *, scale: float, compile: bo
         k, v = k[:, :, layout.kv_order], v[:, :, layout.kv_order]
     fn = _compiled() if compile else flex_attention
     gqa = q.shape[1] != k.shape[1]
-    out = fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa)
+    result = fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa, **_lse_request(return_lse))
+    out, lse = (result[0], _lse_of(result[1])) if return_lse else (result, None)
     if layout.q_order is not None:
         real = layout.q_order >= 0
         full = out.new_zeros(out.shape[0], out.shape[1], len_q, out.shape[3])
         full[:, :, layout.q_order[real]] = out[:, :, real]
         out = full
-    return out
+        if return_lse:
+            full_lse = lse.new_full((*lse.shape[:2], len_q), float("-inf"))
+            full_lse[:, :, layout.q_order[real]] = lse[:, :, real]
+            lse = full_lse
+    return out, lse
+
+
+def _lse_request(return_lse: bool) -> dict:
+    """flex_attention's keyword asking for the log-sum-exp (``return_aux`` where this torch has it)."""
+    if not return_lse:
+        return {}
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # torch before AuxRequest
+        return {"return_lse": True}
+    return {"return_aux": AuxRequest(lse=True)}
+
+
+def _lse_of(aux):
+    """The log-sum-exp from flex_attention's second output (an ``AuxOutput`` or the tensor itself)."""
+    return aux if isinstance(aux, torch.Tensor) else aux.lse

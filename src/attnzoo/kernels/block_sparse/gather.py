@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..dense import attention_with_lse, merge_partials
-from .layout import BlockLayout, additive_mask
+from ..dense import additive_attention_with_lse, additive_mask, fold_heads, merge_attention, work_dtype
+from .layout import BlockLayout
 
 _CHUNK_KEYS = 2048  # gathered keys per SDPA call: small enough to stay in cache on a CPU
 
@@ -187,24 +187,15 @@ def plans(layout: BlockLayout, dtype: torch.dtype, static: bool, split_prefix: b
     return result
 
 
-def _fold_groups(q: torch.Tensor, mask: torch.Tensor | None, groups: int):
-    """GQA without copying keys: (B, Hq, L, D) -> (B, Hkv, G * L, D), each key head's query heads
-    stacked as extra query rows, and the (L, K) mask repeated to match."""
-    if groups == 1:
-        return q, mask
-    B, Hq, L, D = q.shape
-    return q.reshape(B, Hq // groups, groups * L, D), None if mask is None else mask.repeat(groups, 1)
-
-
 def _sdpa_rows(q, k, v, mask, scale: float, groups: int, with_lse: bool):
-    """Fused SDPA over (B, Hq, L, D) queries and (B, Hkv, K, D) keys (any strides), mask (L, K) or
-    None; returns the output (B, Hq, L, Dv) and, with ``with_lse``, each row's log-sum-exp (float32,
-    CPU fused kernel)."""
+    """Fused SDPA over (B, Hq, L, D) queries and (B, Hkv, K, D) keys (any strides), mask
+    broadcastable to (B, Hq, L, K) or None, GQA folded into rows; returns the output (B, Hq, L, Dv)
+    and, with ``with_lse``, each row's log-sum-exp (B, Hq, L)."""
     B, Hq, L, _ = q.shape
-    q, mask = _fold_groups(q, mask, groups)
+    q, mask = fold_heads(q, mask, groups)
     if not with_lse:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).reshape(B, Hq, L, -1), None
-    out, lse = attention_with_lse(q, k, v, mask, scale=scale)
+    out, lse = additive_attention_with_lse(q, k, v, mask, scale=scale)
     return out.reshape(B, Hq, L, -1), lse.reshape(B, Hq, L)
 
 
@@ -276,11 +267,14 @@ def _merge_prefix(q, k, v, out, lse, prefix: _Prefix, scale: float, groups: int)
         mask = None if prefix.mask is None else prefix.mask[a : a + _PREFIX_ROWS]
         o_p, lse_p = _sdpa_rows(q[:, :, rows], kp, vp, mask, scale, groups, True)
         lse_p = lse_p.masked_fill(prefix.empty[a : a + _PREFIX_ROWS], float("-inf"))
-        out[:, :, rows] = merge_partials(out[:, :, rows], lse[:, :, rows], o_p, lse_p).to(out.dtype)
+        merged, merged_lse = merge_attention([out[:, :, rows], o_p], [lse[:, :, rows], lse_p])
+        out[:, :, rows] = merged.to(out.dtype)
+        lse[:, :, rows] = merged_lse.to(lse.dtype)
 
 
-def _run_gathered(q_t, k_t, v_t, out_t, plan: _Plan, g: _Group, scale: float, groups: int) -> None:
-    """Gathered blocks; q_t (B, Nq, Hq, D), k_t/v_t (B, Nk, Hkv, D) token-major, writes out_t (B, Nq, Hq, Dv)."""
+def _run_gathered(q_t, k_t, v_t, out_t, plan: _Plan, g: _Group, scale: float, groups: int, lse_t=None) -> None:
+    """Gathered blocks; q_t (B, Nq, Hq, D), k_t/v_t (B, Nk, Hkv, D) token-major, writes out_t
+    (B, Nq, Hq, Dv) and, when given, each row's log-sum-exp into ``lse_t`` (B, Nq, Hq)."""
     B, _, Hq, D = q_t.shape
     Hkv, Dv = k_t.shape[2], v_t.shape[3]
     bq = plan.q_pos.shape[1]
@@ -299,21 +293,37 @@ def _run_gathered(q_t, k_t, v_t, out_t, plan: _Plan, g: _Group, scale: float, gr
         mask = g.mask
         if per_block_mask:
             mask = mask[a : a + step].repeat(B, 1, 1).unsqueeze(1)
-        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, **gqa)
+        if lse_t is None:
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, **gqa)
+        else:
+            o, rows_lse = _sdpa_rows(qb, kb, vb, mask, scale, groups, True)
+            rows_lse = rows_lse.transpose(1, 2).reshape(B, c * bq, Hq)
         o = o.transpose(1, 2).reshape(B, c * bq, Hq, Dv)
         flat = qpos.flatten()
         keep = flat >= 0
         if bool(keep.all()):
             out_t[:, flat] = o
+            if lse_t is not None:
+                lse_t[:, flat] = rows_lse
         else:
             out_t[:, flat[keep]] = o[:, keep]
+            if lse_t is not None:
+                lse_t[:, flat[keep]] = rows_lse[:, keep]
 
 
-def gather_attention(q, k, v, layout: BlockLayout, *, scale: float, static: bool = True) -> tuple[torch.Tensor, dict]:
+def can_run(q, k, v, layout: BlockLayout) -> str | None:
+    """None when this executor runs ``layout`` (any layout without single key columns); else why not."""
+    if layout.columns is not None:
+        return "single key columns (they need key blocks of more than one token, the blocks executor)"
+    return None
+
+
+def gather_attention(q, k, v, layout: BlockLayout, *, scale: float, static: bool = True, return_lse: bool = False):
     """Block-sparse attention on CPU (or any device) through fused SDPA per block group.
 
-    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> (B, Hq, Nq, Dv), plus counts of
-    allowed and computed (query, key) entries.
+    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> (B, Hq, Nq, Dv), each row's
+    log-sum-exp (B, Hq, Nq) with ``return_lse`` (else None), and the counts of allowed and computed
+    (query, key) entries. Rows with no allowed key return zeros (log-sum-exp -inf).
     """
     B, Hq, Nq, _ = q.shape
     Hkv, dtype = k.shape[1], q.dtype
@@ -328,15 +338,20 @@ def gather_attention(q, k, v, layout: BlockLayout, *, scale: float, static: bool
     gathers = any(g.starts is None for row in all_plans for p in row for g in p.groups)
     sliced = layout.q_order is None and not gathers
     lse = None
+    lse_dtype = work_dtype(q)
     if sliced:
         out = torch.empty(B, Hq, Nq, v.shape[-1], dtype=work, device=q.device)
         tq, tk, tv, tout, head_axis = q, k, v, out, 1
-        if any(p.prefix is not None for row in all_plans for p in row):
-            lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
+        if return_lse:  # rows no block visits keep -inf
+            lse = torch.full((B, Hq, Nq), float("-inf"), dtype=lse_dtype, device=q.device)
+        elif any(p.prefix is not None for row in all_plans for p in row):
+            lse = torch.empty(B, Hq, Nq, dtype=lse_dtype, device=q.device)
     else:
         tq, tk, tv = (x.transpose(1, 2).contiguous() for x in (q, k, v))
         tout = (tq.new_zeros if layout.q_order is not None else tq.new_empty)(B, Nq, Hq, v.shape[-1])
         head_axis = 2
+        if return_lse:
+            lse = torch.full((B, Nq, Hq), float("-inf"), dtype=lse_dtype, device=q.device)
     allowed = computed = 0
     for bl in range(Bl):
         bsl = slice(bl, bl + 1) if Bl > 1 else slice(None)
@@ -346,7 +361,7 @@ def gather_attention(q, k, v, layout: BlockLayout, *, scale: float, static: bool
                 sel = [bsl] + [slice(None)] * (head_axis - 1)
                 qs, os = tq[(*sel, slice(hl, hl + 1))], tout[(*sel, slice(hl, hl + 1))]
                 ks, vs = tk[(*sel, slice(kvh, kvh + 1))], tv[(*sel, slice(kvh, kvh + 1))]
-                ls = None if lse is None else lse[bsl, hl : hl + 1]
+                ls = None if lse is None else lse[(*sel, slice(hl, hl + 1))]
                 groups = 1
             else:
                 qs, ks, vs, os, groups = tq[bsl], tk[bsl], tv[bsl], tout[bsl], Hq // Hkv
@@ -356,17 +371,19 @@ def gather_attention(q, k, v, layout: BlockLayout, *, scale: float, static: bool
                 if sliced:
                     _run_slices(qs, ks, vs, os, plan, grp, scale, groups, ls)
                 else:
-                    _run_gathered(qs, ks, vs, os, plan, grp, scale, groups)
+                    _run_gathered(qs, ks, vs, os, plan, grp, scale, groups, ls)
             if plan.prefix is not None:
                 _merge_prefix(qs, ks, vs, os, ls, plan.prefix, scale, groups)
             if plan.empty_rows is not None:
-                if sliced:
-                    os[:, :, plan.empty_rows] = 0
-                else:
-                    os[:, plan.empty_rows] = 0
+                rows = (slice(None), slice(None), plan.empty_rows) if sliced else (slice(None), plan.empty_rows)
+                os[rows] = 0
+                if return_lse:
+                    ls[rows] = float("-inf")
             heads = 1 if Hl > 1 else Hq
             nb = 1 if Bl > 1 else B
             allowed += plan.allowed * heads * nb
             computed += plan.computed * heads * nb
     out = tout if sliced else tout.transpose(1, 2)
-    return out.to(dtype), {"allowed": allowed, "computed": computed}
+    if return_lse and not sliced:
+        lse = lse.transpose(1, 2)
+    return out.to(dtype), lse if return_lse else None, {"allowed": allowed, "computed": computed}

@@ -40,12 +40,6 @@ def present_ids(present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[..., : max(int(counts.max()), 1) if counts.numel() else 1].contiguous(), counts
 
 
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Boolean mask -> the additive form SDPA takes: 0 where allowed, -inf elsewhere."""
-    zero = torch.zeros((), dtype=dtype, device=allowed.device)
-    return torch.where(allowed, zero, zero - float("inf"))
-
-
 @dataclass(eq=False)
 class BlockLayout:
     num_q: int

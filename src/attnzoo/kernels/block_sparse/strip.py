@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .layout import BlockLayout, additive_mask
+from ..dense import additive_attention_with_lse, additive_mask, work_dtype
+from .layout import BlockLayout
 
 
 @dataclass(frozen=True)
@@ -77,13 +78,29 @@ def _runs(layout: BlockLayout, boxes: Boxes2D, groups: int, dtype: torch.dtype) 
     return rows
 
 
-def strip_attention(q, k, v, layout: BlockLayout, boxes: Boxes2D, *, scale: float) -> tuple[torch.Tensor, dict]:
-    """q (B, Hq, N, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv) with N = R * C -> (B, Hq, N, Dv).
+def can_run(q, k, v, layout: BlockLayout) -> str | None:
+    """None when this executor runs ``layout`` (2-D boxes shared by every batch row and head, over
+    the whole grid); else why not."""
+    boxes = layout.boxes
+    if boxes is None:
+        return "the layout has no 2-D boxes"
+    if layout.kv_indices.shape[:2] != (1, 1):
+        return "the layout differs between batch rows or heads"
+    if not q.shape[2] == k.shape[2] == boxes.grid[0] * boxes.grid[1]:
+        return f"Nq = {q.shape[2]}, Nk = {k.shape[2]} are not the {boxes.grid} grid's tokens"
+    return None
+
+
+def strip_attention(q, k, v, layout: BlockLayout, *, scale: float, return_lse: bool = False):
+    """q (B, Hq, N, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv) with N = R * C -> (B, Hq, N, Dv), each
+    row's log-sum-exp (B, Hq, N) with ``return_lse`` (else None), and the counts of allowed and
+    computed (query, key) entries.
 
     Without autograd, the strip and query buffers are allocated once per call and refilled per tile
     row: a fresh allocation of this size is a fresh mmap on Linux, whose page faults cost more than
     the copy. With autograd each row gets its own buffers (the backward pass reads them).
     """
+    boxes = layout.boxes
     B, Hq, N, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     G = Hq // Hkv
@@ -92,6 +109,7 @@ def strip_attention(q, k, v, layout: BlockLayout, boxes: Boxes2D, *, scale: floa
     q6 = q.to(work).view(B, Hkv, G, R, C, D)
     k5, v5 = k.to(work).view(B, Hkv, R, C, D), v.to(work).view(B, Hkv, R, C, Dv)
     out = torch.empty(B, Hkv, G, R, C, Dv, dtype=work, device=q.device)
+    lse = torch.empty(B, Hkv, G, R, C, dtype=work_dtype(q), device=q.device) if return_lse else None
     nc = C // tc
     reuse = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
 
@@ -117,9 +135,15 @@ def strip_attention(q, k, v, layout: BlockLayout, boxes: Boxes2D, *, scale: floa
             n = run.stop - run.first
             kb = ks.as_strided((B * Hkv, n, bw * bh, D), (C * bh * D, tc * bh * D, D, 1), run.col0 * bh * D)
             vb = vs.as_strided((B * Hkv, n, bw * bh, Dv), (C * bh * Dv, tc * bh * Dv, Dv, 1), run.col0 * bh * Dv)
-            res = F.scaled_dot_product_attention(q_tiles[:, run.first : run.stop], kb, vb, attn_mask=run.mask, scale=scale)
+            if return_lse:
+                res, res_lse = additive_attention_with_lse(q_tiles[:, run.first : run.stop], kb, vb, run.mask, scale=scale)
+                lse_dest = lse[:, :, :, ti * tr : (ti + 1) * tr].view(B * Hkv, G, tr, nc, tc)
+                lse_dest[:, :, :, run.first : run.stop] = res_lse.view(B * Hkv, n, tc, G, tr).permute(0, 3, 4, 1, 2)
+            else:
+                res = F.scaled_dot_product_attention(q_tiles[:, run.first : run.stop], kb, vb, attn_mask=run.mask, scale=scale)
             dest[:, :, :, run.first : run.stop] = res.view(B * Hkv, n, tc, G, tr, Dv).permute(0, 3, 4, 1, 2, 5)
             allowed += n * run.allowed
     computed = R * C * bh * bw
     heads = B * Hq
-    return out.view(B, Hq, N, Dv).to(q.dtype), {"allowed": allowed * heads, "computed": computed * heads}
+    counts = {"allowed": allowed * heads, "computed": computed * heads}
+    return out.view(B, Hq, N, Dv).to(q.dtype), None if lse is None else lse.view(B, Hq, N), counts

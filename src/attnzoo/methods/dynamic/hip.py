@@ -49,7 +49,7 @@ class HiP(BlockSelectionMethod):
     ``candidates`` c > 1 (not in the paper) lets the search keep c ``top_k`` blocks as a shortlist;
     the ``top_k`` of them on which ``rerank_samples`` evenly spaced queries of the query block put
     the most attention mass are kept (the softmax over the shortlisted and always-visited keys,
-    :func:`~attnzoo.selection.listed_block_mass`), so exact logits, not one representative, make the
+    :func:`~attnzoo.methods.dynamic.scoring.listed_block_mass`), so exact logits, not one representative, make the
     final choice; a shortlisted block that is visited anyway is dropped first. On SmolLM2-135M at
     4K tokens and about 15% density, c = 8 takes the perplexity increase from +9.9% to +1.6%
     (``benchmarks/dynamic_quality.py``).

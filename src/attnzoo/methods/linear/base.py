@@ -9,9 +9,9 @@ import torch
 
 from ...errors import check_float, check_int
 from ...kernels.dense import repeat_kv
-from ...kernels.linear import BACKENDS, linear_attention, naive_linear_attention
+from ...kernels.linear import BACKENDS, linear_attention, linear_executor, naive_linear_attention
 from ...kernels.linear.feature_maps import fixed_map
-from ...method import Call, Method
+from ...method import Call, Method, dense_area
 
 
 @dataclass
@@ -51,7 +51,12 @@ class LinearMethod(Method):
         v = repeat_kv(v, kf.shape[1] // v.shape[1])  # feature maps may expand GQA keys
         out = linear_attention(qf, kf, v, causal=call.causal, decay=self.decay(call), normalize=self.normalize,
                                eps=self.config.eps, chunk=self.config.chunk, backend=self.backend)
-        return self.finish(out, q, k, v, call).to(q.dtype)
+        out = self.finish(out, q, k, v, call).to(q.dtype)
+        if not call.timed:
+            return out
+        ran = linear_executor(qf, kf, v, causal=call.causal, backend=self.backend)
+        every_pair = dense_area(call) * call.batch * call.heads_q  # linear forms weight every (query, key) pair
+        return out, self.call_stats(call, {"allowed": every_pair, "computed": every_pair, "executor": ran.name, "backend": ran.backend})
 
     def _reference(self, q, k, v, call: Call):
         qf, kf = self.features(q, k, call)

@@ -56,7 +56,7 @@ class PatternMethod(Method):
         raise NotImplementedError
 
     # ---- shared machinery -------------------------------------------------------------------
-    def layout(self, call: Call, backend: str = "gather") -> BlockLayout:
+    def layout(self, call: Call, backend: str = "torch") -> BlockLayout:
         """The (cached) layout for this call's shapes, at the block size ``backend`` runs."""
         key = (call.len_q, call.len_kv, call.causal, call.heads_q, call.heads_kv, call.device, backend)
         layout = self._layouts.pop(key, None)
