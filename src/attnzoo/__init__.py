@@ -9,7 +9,12 @@ q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> (B, Hq, Nq, Dv), the 
 from __future__ import annotations
 
 from .api import attention
-from .errors import AttnzooError, InvalidArgumentError, UnknownNameError, UnsupportedError
+from .errors import (
+    AttnzooError,
+    InvalidArgumentError,
+    UnknownNameError,
+    UnsupportedError,
+)
 from .integrations import patch, unpatch
 from .method import CallStats, Method, MethodInfo
 from .registry import get_method, list_methods, register

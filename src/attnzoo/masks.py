@@ -9,17 +9,33 @@ position i + Nk - Nq), the convention of every executor here.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .method import Call
+if TYPE_CHECKING:
+    from .method import Call
 
 MaskMod = Callable[[object, object, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class CausalMask:
+    """Bottom-right aligned causality as a ``mask_mod``: key j is allowed for query i iff
+    j <= i + offset (offset = Nk - Nq). The one definition of causality here: the block executor
+    recognises it and classifies tiles without evaluating it, and :func:`causal_allowed` and
+    :func:`attnzoo.kernels.dense.causal_mask` are built on it."""
+
+    offset: int
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + self.offset
+
+
 def causal_allowed(call: Call, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-    """Bottom-right aligned causality on original indices (query i sits at i + Nk - Nq)."""
-    return kv_idx <= q_idx + (call.len_kv - call.len_q)
+    """Causality of a call on original indices (query i sits at i + Nk - Nq)."""
+    return CausalMask(call.len_kv - call.len_q)(0, 0, q_idx, kv_idx)
 
 
 def and_masks(*mask_mods: MaskMod) -> MaskMod:

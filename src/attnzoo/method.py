@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from .errors import InvalidArgumentError, UnknownNameError, UnsupportedError
+from .kernels.dense import work_dtype
 
 FAMILIES = ("exact", "local", "dynamic", "linear", "learned", "decode", "head", "module", "analysis", "multimodal")
 
@@ -106,7 +107,7 @@ def _describe(t: object) -> str:
 def check_finite_tensor(name: str, t: torch.Tensor) -> None:
     """Raise if ``t`` holds NaN or inf. One reduction (a sum is finite iff every entry is, barring
     overflow); the exact count runs only when that sum is not finite."""
-    if bool(torch.isfinite(t.sum(dtype=torch.float32 if t.dtype != torch.float64 else t.dtype))):
+    if bool(torch.isfinite(t.sum(dtype=work_dtype(t)))):
         return
     n_nan = int(torch.isnan(t).sum())
     n_inf = int(torch.isinf(t).sum())

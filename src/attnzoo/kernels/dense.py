@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
+from ..masks import CausalMask
 
 
 def work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -26,10 +27,16 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
+def executor_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype fused SDPA calls run in: q's own, except half precision on CPU, which runs in
+    float32 (the CPU kernels are slow or inexact in float16 / bfloat16)."""
+    return q.dtype if q.device.type != "cpu" or q.dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def causal_mask(len_q: int, len_kv: int, device=None) -> torch.Tensor:
-    """Bottom-right aligned causal mask (Nq, Nk), True where attention is allowed."""
-    q = torch.arange(len_q, device=device)[:, None] + (len_kv - len_q)
-    return torch.arange(len_kv, device=device)[None, :] <= q
+    """Bottom-right aligned causal mask (Nq, Nk), True where attention is allowed
+    (:class:`attnzoo.masks.CausalMask` evaluated densely)."""
+    return CausalMask(len_kv - len_q)(0, 0, torch.arange(len_q, device=device)[:, None], torch.arange(len_kv, device=device)[None, :])
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:

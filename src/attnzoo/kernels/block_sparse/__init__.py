@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from ...masks import CausalMask
 from ..backends import Dispatcher, Executor
 from . import blocks, flex, gather, naive, strip
-from .blocks import CausalMask
 from .layout import BlockLayout, MaskMod, membership, present_ids
 from .strip import Boxes2D
 

@@ -28,24 +28,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..dense import additive_attention_with_lse, additive_mask, merge_attention, work_dtype
+from ...masks import CausalMask
+from ..dense import additive_attention_with_lse, additive_mask, executor_dtype, merge_attention, work_dtype
 from .columns import column_attention
 from .layout import BlockLayout
 
 _CHUNK_KEYS = 131072  # gathered keys per SDPA call (32 MB buffers at D = 64; fewer, larger calls)
 _EVAL_TILES = 256  # tiles whose token masks are evaluated at once while planning
-
-
-@dataclass(frozen=True)
-class CausalMask:
-    """Bottom-right aligned causality as a ``mask_mod``: key j is allowed for query i iff
-    j <= i + offset (offset = Nk - Nq). The executor recognises it and classifies tiles without
-    evaluating it."""
-
-    offset: int
-
-    def __call__(self, b, h, q_idx, kv_idx):
-        return kv_idx <= q_idx + self.offset
 
 
 def can_run(q, k, v, layout: BlockLayout) -> str | None:
@@ -276,7 +265,7 @@ def block_attention(q, k, v, layout: BlockLayout, *, scale: float, static: bool 
     """
     B, Hq, Nq, D = q.shape
     Hkv, Dv, dtype = k.shape[1], v.shape[3], q.dtype
-    work = q.dtype if (q.device.type != "cpu" or q.dtype in (torch.float32, torch.float64)) else torch.float32
+    work = executor_dtype(q)
     bq, bk = layout.q_block, layout.kv_block
     Bl, Hl = layout.kv_indices.shape[:2]
     plan = _cached_plan(layout, work, static)

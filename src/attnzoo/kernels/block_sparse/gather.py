@@ -21,7 +21,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..dense import additive_attention_with_lse, additive_mask, fold_heads, merge_attention, work_dtype
+from ..dense import (
+    additive_attention_with_lse,
+    additive_mask,
+    executor_dtype,
+    fold_heads,
+    merge_attention,
+    work_dtype,
+)
 from .layout import BlockLayout
 
 _CHUNK_KEYS = 2048  # gathered keys per SDPA call: small enough to stay in cache on a CPU
@@ -327,7 +334,7 @@ def gather_attention(q, k, v, layout: BlockLayout, *, scale: float, static: bool
     """
     B, Hq, Nq, _ = q.shape
     Hkv, dtype = k.shape[1], q.dtype
-    work = q.dtype if (q.device.type != "cpu" or q.dtype in (torch.float32, torch.float64)) else torch.float32
+    work = executor_dtype(q)
     q, k, v = q.to(work), k.to(work), v.to(work)
     Bl, Hl = layout.kv_indices.shape[:2]
     # attention sinks as a separate call merged by log-sum-exp: needs the CPU fused kernel (equal

@@ -15,7 +15,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..dense import additive_attention_with_lse, additive_mask, work_dtype
+from ..dense import (
+    additive_attention_with_lse,
+    additive_mask,
+    executor_dtype,
+    work_dtype,
+)
 from .layout import BlockLayout
 
 
@@ -105,7 +110,7 @@ def strip_attention(q, k, v, layout: BlockLayout, *, scale: float, return_lse: b
     Hkv, Dv = k.shape[1], v.shape[3]
     G = Hq // Hkv
     (R, C), (tr, tc), bh, bw = boxes.grid, boxes.tile, boxes.box_h, boxes.box_w
-    work = q.dtype if (q.device.type != "cpu" or q.dtype in (torch.float32, torch.float64)) else torch.float32
+    work = executor_dtype(q)
     q6 = q.to(work).view(B, Hkv, G, R, C, D)
     k5, v5 = k.to(work).view(B, Hkv, R, C, D), v.to(work).view(B, Hkv, R, C, Dv)
     out = torch.empty(B, Hkv, G, R, C, Dv, dtype=work, device=q.device)

@@ -9,7 +9,12 @@ import torch
 
 from ...errors import check_float, check_int
 from ...kernels.dense import repeat_kv
-from ...kernels.linear import BACKENDS, linear_attention, linear_executor, naive_linear_attention
+from ...kernels.linear import (
+    BACKENDS,
+    linear_attention,
+    linear_executor,
+    naive_linear_attention,
+)
 from ...kernels.linear.feature_maps import fixed_map
 from ...method import Call, Method, dense_area
 
