@@ -38,6 +38,24 @@ def causal_allowed(call: Call, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> tor
     return CausalMask(call.len_kv - call.len_q)(0, 0, q_idx, kv_idx)
 
 
+def band(left, right, offset: int = 0) -> MaskMod:
+    """Keys within ``left`` before and ``right`` after the query's position q + ``offset`` (both
+    inclusive); ``left`` / ``right`` may be per-head tensors (H,), indexed by the head index."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        lo = left[h] if isinstance(left, torch.Tensor) else left
+        hi = right[h] if isinstance(right, torch.Tensor) else right
+        p = q_idx + offset
+        return (kv_idx >= p - lo) & (kv_idx <= p + hi)
+
+    return mask_mod
+
+
+def sink_tokens(count: int) -> MaskMod:
+    """The first ``count`` keys, for every query (attention sinks, StreamingLLM)."""
+    return lambda b, h, q_idx, kv_idx: kv_idx < count
+
+
 def and_masks(*mask_mods: MaskMod) -> MaskMod:
     """A mask_mod allowing (q, kv) where every one of ``mask_mods`` allows it."""
     if not mask_mods:

@@ -29,7 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from ...masks import CausalMask
-from ..dense import additive_attention_with_lse, additive_mask, executor_dtype, merge_attention, work_dtype
+from ..dense import (
+    additive_attention_with_lse,
+    additive_mask,
+    executor_dtype,
+    merge_attention,
+    work_dtype,
+)
 from .columns import column_attention
 from .layout import BlockLayout
 

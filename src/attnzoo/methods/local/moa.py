@@ -9,7 +9,7 @@ import torch
 
 from ...errors import InvalidArgumentError, check_int
 from ...kernels.block_sparse.builders import range_layout
-from ...masks import causal_allowed
+from ...masks import CausalMask, and_masks, band, or_masks, sink_tokens
 from ...method import Call, MethodInfo
 from ...registry import register
 from .base import PatternMethod
@@ -70,13 +70,8 @@ class MoA(PatternMethod):
 
     def mask_mod(self, call: Call):
         spans = torch.tensor(self.config.head_spans(call.heads_q, call.len_kv), device=call.device)
-        sinks, off = self.config.sinks, call.len_kv - call.len_q
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            local = kv_idx > q_idx + off - spans[h]
-            return ((kv_idx < sinks) | local) & causal_allowed(call, q_idx, kv_idx)
-
-        return mask_mod
+        off = call.len_kv - call.len_q
+        return and_masks(or_masks(sink_tokens(self.config.sinks), band(spans - 1, 0, off)), CausalMask(off))
 
     def build_layout(self, call: Call):
         spans = torch.tensor(self.config.head_spans(call.heads_q, call.len_kv), device=call.device)[:, None]

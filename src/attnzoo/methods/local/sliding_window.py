@@ -8,7 +8,7 @@ import torch
 
 from ...errors import InvalidArgumentError, check_int
 from ...kernels.block_sparse.builders import range_layout
-from ...masks import causal_allowed
+from ...masks import CausalMask, and_masks, band
 from ...method import Call, MethodInfo
 from ...registry import register
 from .base import PatternMethod
@@ -65,13 +65,8 @@ class SlidingWindow(PatternMethod):
     def mask_mod(self, call: Call):
         left, right = self._extents(call)
         off = call.len_kv - call.len_q
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            p = q_idx + off
-            allowed = (kv_idx >= p - left) & (kv_idx <= p + right)
-            return allowed & causal_allowed(call, q_idx, kv_idx) if call.causal else allowed
-
-        return mask_mod
+        window = band(left, right, off)
+        return and_masks(window, CausalMask(off)) if call.causal else window
 
     def build_layout(self, call: Call):
         left, right = self._extents(call)

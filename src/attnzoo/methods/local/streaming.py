@@ -8,7 +8,7 @@ import torch
 
 from ...errors import check_int
 from ...kernels.block_sparse.builders import range_layout
-from ...masks import causal_allowed
+from ...masks import CausalMask, and_masks, band, or_masks, sink_tokens
 from ...method import Call, MethodInfo
 from ...registry import register
 from .base import PatternMethod
@@ -37,13 +37,9 @@ class Streaming(PatternMethod):
             self.window = check_int("window", self.window, minimum=1)
 
     def mask_mod(self, call: Call):
-        sinks, window, off = self.config.sinks, self.config.window, call.len_kv - call.len_q
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            local = kv_idx > q_idx + off - window
-            return ((kv_idx < sinks) | local) & causal_allowed(call, q_idx, kv_idx)
-
-        return mask_mod
+        off = call.len_kv - call.len_q
+        recent = band(self.config.window - 1, 0, off)
+        return and_masks(or_masks(sink_tokens(self.config.sinks), recent), CausalMask(off))
 
     def build_layout(self, call: Call):
         w = self.config.window
