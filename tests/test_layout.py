@@ -196,3 +196,59 @@ def test_pattern_mask_mod_and_layout_agree(rng):
     q, k, v = qkv(rng, B=1, Hq=2, Hkv=2, Nq=50, D=8)
     call = m._prepare(q, k, v, True, None)
     assert rel_err(m._masked_forward(q, k, v, call), m(q, k, v, causal=True)) < 1e-5
+
+
+# ---- log-sum-exp at the method level --------------------------------------------------------------
+LSE_CASES = [
+    ("dense", {}, True, None),
+    ("dense", {}, False, None),
+    ("sliding_window", dict(window=9), True, None),
+    ("streaming", dict(sinks=2, window=12), True, None),
+    ("s2", dict(block_size=8, local_blocks=1, vert_stride=3), True, None),
+    ("neighborhood", dict(kernel_size=3), False, (6, 8)),
+    ("neighborhood", dict(kernel_size=3, num_global=2), False, (6, 8)),
+    ("block_sparse", dict(top_k=2, block_size=8), True, None),
+    ("hip", dict(top_k=2, block_size=8), True, None),
+    ("biformer", dict(n_win=4, topk=2), False, None),
+    ("routing", dict(num_clusters=3, block_size=8), True, None),
+    ("sea", dict(top_k=8, q_block=8), True, None),
+]
+
+
+@pytest.mark.parametrize("name,cfg,causal,grid", LSE_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(LSE_CASES)])
+def test_forward_with_lse_is_the_log_normaliser_over_the_support(name, cfg, causal, grid, rng):
+    """lse equals logsumexp of the scaled logits over the method's support (written here plainly),
+    and the output equals the plain call."""
+    if grid is not None:
+        cfg = dict(cfg, grid=grid)
+    n = 64 if grid is None else cfg.get("num_global", 0) + grid[0] * grid[1]
+    m = attnzoo.get_method(name, **cfg)
+    q, k, v = qkv(rng, B=2, Hq=4, Hkv=2, Nq=n, D=8)
+    out, lse = m.forward_with_lse(q, k, v, causal=causal)
+    support = m.support(q, k, v, causal=causal).expand(2, 4, n, n)
+    if causal:
+        support = support & torch.ones(n, n, dtype=torch.bool).tril()
+    logits = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) * 8 ** -0.5
+    expected = torch.logsumexp(logits.masked_fill(~support, float("-inf")), -1)
+    assert lse.shape == (2, 4, n) and torch.allclose(lse.double(), expected, atol=1e-4), rng.initial_seed()
+    assert rel_err(out, m(q, k, v, causal=causal)) < 1e-5
+
+
+def test_lse_results_merge_over_disjoint_key_sets(rng):
+    """A causal call split into the last 16 keys (sliding window) and the rest (dense on the
+    earlier keys) merges back into dense attention through attnzoo.merge_attention."""
+    q, k, v = qkv(rng, B=1, Hq=2, Hkv=2, Nq=40, D=8)
+    near, lse_near = attnzoo.attention_with_lse(q, k, v, "sliding_window", causal=True, window=16)
+    early = torch.ones(40, 40, dtype=torch.bool).tril(-16)
+    far, lse_far = attnzoo.kernels.dense.attention_with_lse(q, k, v, mask=early)
+    merged, lse = attnzoo.merge_attention([near, far], [lse_near, lse_far])
+    dense, lse_dense = attnzoo.attention_with_lse(q, k, v, "dense", causal=True)
+    assert rel_err(merged, dense) < 1e-5 and torch.allclose(lse, lse_dense, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["linear", "sgformer", "hyper"])
+def test_methods_without_an_lse_form_say_so(name, rng):
+    q, k, v = qkv(rng, B=1, Hq=2, Hkv=2, Nq=64, D=8)
+    m = attnzoo.get_method(name, **({"grid": (8, 8), "n_win": 4} if name == "sgformer" else {}))
+    with pytest.raises(attnzoo.UnsupportedError, match="no log-sum-exp form"):
+        m.forward_with_lse(q, k, v, causal=m.info.causal)

@@ -8,7 +8,7 @@ q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> (B, Hq, Nq, Dv), the 
 
 from __future__ import annotations
 
-from .api import attention
+from .api import attention, attention_with_lse
 from .errors import (
     AttnzooError,
     InvalidArgumentError,
@@ -16,6 +16,7 @@ from .errors import (
     UnsupportedError,
 )
 from .integrations import patch, unpatch
+from .kernels.dense import merge_attention
 from .method import CallStats, Method, MethodInfo
 from .registry import get_method, list_methods, register
 
@@ -37,5 +38,5 @@ def __getattr__(name: str):
 
 __all__ = [
     "AttnzooError", "CallStats", "InvalidArgumentError", "Method", "MethodInfo", "UnknownNameError",
-    "UnsupportedError", "attention", "get_method", "list_methods", "patch", "register", "search_patterns", "unpatch",
+    "UnsupportedError", "attention", "attention_with_lse", "get_method", "merge_attention", "list_methods", "patch", "register", "search_patterns", "unpatch",
 ]

@@ -46,6 +46,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str = "
     options holding objects (a trained ``feature_map``, a tensor) build a new method on every call:
     keep the method from :func:`attnzoo.get_method` instead.
     """
+    return _configured(method, config)(q, k, v, causal=causal, scale=scale, check_finite=check_finite)
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str = "dense", *, causal: bool = False,
+                       scale: float | None = None, check_finite: bool = True, **config: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, Hq, Nq, Dv), lse (B, Hq, Nq)): attention ``method`` and each row's natural
+    log-sum-exp over the keys it attends to, for merging results over disjoint key sets with
+    :func:`attnzoo.merge_attention`; see :meth:`attnzoo.Method.forward_with_lse`."""
+    return _configured(method, config).forward_with_lse(q, k, v, causal=causal, scale=scale, check_finite=check_finite)
+
+
+def _configured(method: str, config: dict[str, Any]) -> Method:
     key = _key(method, config)
     m = _CACHE.get(key) if key is not None else None
     if m is None:
@@ -54,4 +66,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str = "
             if len(_CACHE) >= _CACHE_SIZE:
                 _CACHE.pop(next(iter(_CACHE)))
             _CACHE[key] = m
-    return m(q, k, v, causal=causal, scale=scale, check_finite=check_finite)
+    return m

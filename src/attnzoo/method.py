@@ -231,6 +231,16 @@ class Method(torch.nn.Module):
         stats.attention_ms = total_ms - stats.selection_ms
         return out, stats
 
+    def forward_with_lse(self, q, k, v, *, causal: bool = False, scale: float | None = None,
+                         check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out (B, Hq, Nq, Dv), lse (B, Hq, Nq)): the output and each row's natural log-sum-exp of
+        the scaled logits over the keys the method attends to (-inf where none), so results over
+        disjoint key sets merge exactly (:func:`attnzoo.merge_attention`; decode-time caches and
+        context parallelism build on it). Methods whose output is a softmax over a subset of keys
+        (exact, position patterns, block selections) have it; the others raise UnsupportedError."""
+        call = self._prepare(q, k, v, causal, scale, check_finite=check_finite)
+        return self._forward_with_lse(q, k, v, call)
+
     def reference(self, q, k, v, *, causal: bool = False, scale: float | None = None) -> torch.Tensor:
         """Dense PyTorch computation of the paper's equations (the oracle the fast path is tested against)."""
         call = self._prepare(q, k, v, causal, scale)
@@ -276,6 +286,10 @@ class Method(torch.nn.Module):
 
     def _reference(self, q, k, v, call: Call) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _forward_with_lse(self, q, k, v, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
+        raise UnsupportedError(f"method {self.info.name!r} has no log-sum-exp form (its output is not a softmax over a subset "
+                               "of the keys); forward_with_lse runs for dense, position-pattern and block-selection methods")
 
     def _support(self, q, k, v, call: Call) -> torch.Tensor | None:
         """See :meth:`support`; methods with a sparse support override this."""

@@ -124,19 +124,33 @@ class DynamicMethod(Method):
 
     def execute(self, q, k, v, call: Call, plan) -> tuple[torch.Tensor, dict]:
         """Run a :class:`Selection` on the block executor; returns the output and the counts."""
+        out, _, counts = self._run(q, k, v, call, plan, return_lse=False)
+        return out, counts
+
+    def _forward_with_lse(self, q, k, v, call: Call):
+        plan = self.plan(q, k, call)
+        if not isinstance(plan, Selection):
+            return super()._forward_with_lse(q, k, v, call)
+        out, lse, _ = self._run(q, k, v, call, plan, return_lse=True)
+        return out, lse
+
+    def _run(self, q, k, v, call: Call, plan: Selection, return_lse: bool):
+        """(out, lse or None, counts) of a :class:`Selection` on the block executor, in the original order."""
         backend = choose_backend(self.backend, call.device)
         if plan.q_order is not None:
             per_head = plan.q_order.dim() > 1
             k, v = (repeat_kv(k, call.groups), repeat_kv(v, call.groups)) if per_head else (k, v)
             q, k, v = _take(q, plan.q_order), _take(k, plan.kv_order), _take(v, plan.kv_order)
-        out, counts = block_sparse_attention(q, k, v, plan.layout, scale=call.scale, backend=backend, static=False)
+        result = block_sparse_attention(q, k, v, plan.layout, scale=call.scale, backend=backend, static=False, return_lse=return_lse)
+        out, lse, counts = result if return_lse else (result[0], None, result[1])
         if plan.q_order is not None:
             out = _put_back(out, plan.q_order)
+            lse = None if lse is None else _put_back(lse[..., None], plan.q_order)[..., 0]
         if counts["allowed"] is None:  # executors that do not count: the support's size
             counts["allowed"] = int(self._support_of(plan, call).expand(call.batch, call.heads_q, -1, -1).sum())
         counts = {"backend": backend, **counts}
         counts["blocks_per_query_block"] = float(plan.layout.kv_counts.float().mean())
-        return out, counts
+        return out, lse, counts
 
     def selection(self, q, k, v, *, causal: bool = False, scale: float | None = None):
         """What this call would attend to: the :class:`BlockLayout` of a :class:`Selection` (key

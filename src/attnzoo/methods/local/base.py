@@ -28,7 +28,7 @@ from ...kernels.block_sparse import (
     choose_backend,
 )
 from ...kernels.block_sparse.builders import FLEX_BLOCK, coarsen
-from ...kernels.dense import causal_mask, masked_attention, sdpa
+from ...kernels.dense import attention_with_lse, causal_mask, masked_attention, sdpa
 from ...masks import causal_allowed, evaluate
 from ...method import Call, CallStats, Method, dense_area
 
@@ -74,16 +74,29 @@ class PatternMethod(Method):
     def _forward(self, q, k, v, call: Call):
         if torch.compiler.is_compiling():
             return self._masked_forward(q, k, v, call)
+        out, _, counts = self._run(q, k, v, call, return_lse=False)
+        return out, self.call_stats(call, counts)
+
+    def _forward_with_lse(self, q, k, v, call: Call):
+        if torch.compiler.is_compiling():
+            return attention_with_lse(q, k, v, scale=call.scale, mask=self._evaluated_mask(call))
+        out, lse, _ = self._run(q, k, v, call, return_lse=True)
+        return out, lse
+
+    def _run(self, q, k, v, call: Call, return_lse: bool):
+        """(out, lse or None, counts) from the block executor on this call's layout."""
         backend = choose_backend(self.backend, call.device)
-        layout = self.layout(call, backend)
-        out, counts = block_sparse_attention(q, k, v, layout, scale=call.scale, backend=backend)
-        return out, self.call_stats(call, {"backend": backend, **counts})
+        result = block_sparse_attention(q, k, v, self.layout(call, backend), scale=call.scale, backend=backend, return_lse=return_lse)
+        out, lse, counts = result if return_lse else (result[0], None, result[1])
+        return out, lse, counts
+
+    def _evaluated_mask(self, call: Call) -> torch.Tensor:
+        return evaluate(self.mask_mod(call), call.heads_q, call.len_q, call.len_kv, call.device)
 
     def _masked_forward(self, q, k, v, call: Call) -> torch.Tensor:
         """One SDPA under the dense mask evaluated from ``mask_mod``: the path ``torch.compile`` traces
         (a full graph cannot hold the executors' data-dependent plans); O(Hq Nq Nk) memory."""
-        mask = evaluate(self.mask_mod(call), call.heads_q, call.len_q, call.len_kv, call.device)
-        return sdpa(q, k, v, causal=False, scale=call.scale, mask=mask)
+        return sdpa(q, k, v, causal=False, scale=call.scale, mask=self._evaluated_mask(call))
 
     def _reference(self, q, k, v, call: Call) -> torch.Tensor:
         return masked_attention(q, k, v, self._support(q, k, v, call), scale=call.scale)
@@ -188,13 +201,14 @@ class SpatialMethod(PatternMethod):
             mask = (mask[:, None, :, None] & axis[None, :, None, :]).reshape(mask.shape[0] * n, -1)
         return self.embed_grid_mask(call, mask)
 
-    def _forward(self, q, k, v, call: Call):
-        if torch.compiler.is_compiling():
-            return self._masked_forward(q, k, v, call)
-        out, stats = super()._forward(q, k, v, call)
+    def _run(self, q, k, v, call: Call, return_lse: bool):
+        out, lse, counts = super()._run(q, k, v, call, return_lse)
         G = self.config.num_global
-        if G:
-            out[:, :, :G] = sdpa(q[:, :, :G], k, v, causal=False, scale=call.scale).to(out.dtype)
-        return out, stats
+        if G:  # global queries attend to every key
+            if return_lse:
+                out[:, :, :G], lse[:, :, :G] = attention_with_lse(q[:, :, :G], k, v, scale=call.scale)
+            else:
+                out[:, :, :G] = sdpa(q[:, :, :G], k, v, causal=False, scale=call.scale).to(out.dtype)
+        return out, lse, counts
 
 
