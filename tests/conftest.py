@@ -41,9 +41,11 @@ def base_seed() -> int:
         raise pytest.UsageError(f"{SEED_ENV}: expected an integer, got {value!r}") from None
 
 
-def seed_of(nodeid: str) -> int:
-    """The seed of the test ``nodeid`` (31 bits, so numpy and torch accept it)."""
-    return zlib.crc32(f"{base_seed()}:{nodeid}".encode()) & 0x7FFFFFFF
+def seed_of(nodeid: str, base: int | None = None) -> int:
+    """The seed of the test ``nodeid`` under ``base`` (default :func:`base_seed`), 31 bits so that
+    numpy and torch accept it."""
+    base = base_seed() if base is None else base
+    return zlib.crc32(f"{base}:{nodeid}".encode()) & 0x7FFFFFFF
 
 
 @pytest.fixture(autouse=True)
