@@ -11,9 +11,10 @@ Tolerances are relative Frobenius errors (``helpers.rel_err``):
   agree to the same rounding.
 * float64 gradients vs the reference's, 1e-8 (worst measured 5e-10): float64 rounding is ~1e-16
   per operation; what is left is the conditioning of long chains (normalisers, decays).
-* bfloat16 / float16 vs the float32 reference on the same rounded inputs: 3e-2 / 5e-3, four to
-  six times the worst measured (7.9e-3 / 8.6e-4): bfloat16 keeps 8 significant bits (2^-8 =
-  4e-3 for the output alone), float16 11 (5e-4); intermediate roundings add a few of those.
+* bfloat16 / float16 vs the float32 reference on the same rounded inputs: 2e-2 / 5e-3, 2.5 and 6
+  times the worst measured (7.9e-3 / 8.6e-4, inline with the elu map): bfloat16 keeps 8
+  significant bits (2^-8 = 4e-3 for the output alone), float16 11 (5e-4); intermediate roundings
+  add a few of those.
 * exact equalities (GQA vs repeated heads, causal prefixes): 1e-5, float32 reassociation only.
 """
 
@@ -30,7 +31,7 @@ from attnzoo.method import CallStats
 
 F32_TOL = 1e-4
 F64_GRAD_TOL = 1e-8
-HALF_TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
+HALF_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
 EQUAL_TOL = 1e-5
 
 REGISTERED = {info.name for info in attnzoo.list_methods()}

@@ -1,19 +1,26 @@
-"""SG-Former beyond the contract suite (tests/contract): the token budget bounds the density,
-degenerate settings vs dense, salient regions kept finer."""
+"""SG-Former beyond the contract suite (tests/contract): the token budget bounds the density, no
+sparse support, degenerate settings vs dense, salient regions kept finer."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from contract.cases import CASES
 from helpers import qkv, rel_err
 
 import attnzoo
 from attnzoo.kernels.dense import sdpa
 
+SGFORMER = [case for case in CASES if case.method == "sgformer"]
 
-def test_density_is_at_most_the_token_budget(rng):
-    q, k, v = qkv(rng, B=2, Hq=4, Hkv=2, Nq=192, D=16, Dv=8)
-    _, stats = attnzoo.get_method("sgformer", n_win=4, num_tokens=20, grid=(16, 12))(q, k, v, return_stats=True)
-    assert stats.density <= 20 / 192
+
+@pytest.mark.parametrize("case", SGFORMER, ids=[c.id for c in SGFORMER])
+def test_density_is_at_most_the_token_budget_and_there_is_no_support(case, rng):
+    m = case.make()
+    q, k, v = case.inputs(rng)
+    _, stats = m(q, k, v, return_stats=True)
+    assert stats.density <= case.config["num_tokens"] / case.length
+    assert m.support(q, k, v) is None  # pooled keys: no sparse support
 
 
 def test_one_region_and_one_token_per_key_is_dense(rng):
