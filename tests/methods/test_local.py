@@ -1,13 +1,13 @@
-"""The local (position-pattern) family: fast path vs reference, degenerate settings vs dense,
-causal prefix invariance, GQA/cross, dtypes, gradients, backends, random shapes."""
+"""The local (position-pattern) family beyond the contract suite (tests/contract): the other
+backends, degenerate settings vs dense, random shapes, layouts, stats and supports."""
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
 import torch
+from contract.cases import CASES, Case
 from helpers import qkv, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,73 +15,15 @@ from hypothesis import strategies as st
 import attnzoo
 from attnzoo.method import check_qkv
 
-# (name, config, grid or None for 1-D sequences)
-CASES = [
-    ("sliding_window", dict(window=37), None),
-    ("sliding_window", dict(left=9, right=4), None),
-    ("streaming", dict(sinks=3, window=20), None),
-    ("s2", dict(block_size=16, local_blocks=2, vert_stride=4), None),
-    ("moa", dict(spans=[10, 50, 100, 7], sinks=4), None),
-    ("moa", dict(alpha=[5, 5, 10, 20], beta=[0.1, 0.0, 0.05, 0.2], sinks=0), None),
-    ("neighborhood", dict(kernel_size=7), (100,)),
-    ("neighborhood", dict(kernel_size=(5, 3), dilation=(1, 2)), (16, 12)),
-    ("neighborhood", dict(kernel_size=4, is_causal=True), (12, 10)),
-    ("neighborhood", dict(kernel_size=3, is_causal=(True, False, False)), (4, 5, 6)),
-    ("neighborhood", dict(kernel_size=5, num_global=3), (9, 11)),
-    ("clear", dict(radius=3.5), (16, 16)),
-    ("clear", dict(radius=2.0, num_global=5), (9, 11)),
-    ("halo", dict(block_size=4, halo=2), (16, 16)),
-    ("halo", dict(block_size=4, halo=1, num_global=2), (10, 13)),
-    ("maxvit_block", dict(block_size=4), (16, 16)),
-    ("maxvit_block", dict(block_size=(4, 7), num_global=3), (10, 14)),
-    ("maxvit_grid", dict(grid_size=4), (16, 16)),
-    ("maxvit_grid", dict(grid_size=(3, 5), num_global=2), (12, 10)),
-    ("hilo", dict(alpha=0.5, window=2), (8, 12)),
-]
-IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in c.items())}" for n, c, _ in CASES]
-
-
-def make(name, cfg, grid, **extra):
-    if grid is not None:
-        cfg = dict(cfg, grid=grid)
-    return attnzoo.get_method(name, **cfg, **extra)
-
-
-def length(cfg, grid, default=150):
-    return default if grid is None else cfg.get("num_global", 0) + math.prod(grid)
-
-
-def modes(method):
-    return [c for c in (True, False) if (method.info.causal if c else method.info.non_causal)]
-
-
-@pytest.mark.parametrize("name,cfg,grid", CASES, ids=IDS)
-def test_fast_path_equals_reference(name, cfg, grid, rng):
-    m = make(name, cfg, grid)
-    n = length(cfg, grid)
-    q, k, v = qkv(rng, B=2, Hq=4, Hkv=2, Nq=n, D=16, Dv=8)
-    for causal in modes(m):
-        if causal and cfg.get("num_global"):
-            continue
-        out = m(q, k, v, causal=causal)
-        assert out.shape == (2, 4, n, 8)
-        assert rel_err(out, m.reference(q, k, v, causal=causal)) <= 1e-4, (causal, rng.initial_seed())
-
-
-@pytest.mark.parametrize("name,cfg,grid", [c for c in CASES if not c[2]], ids=[i for c, i in zip(CASES, IDS) if not c[2]])
-def test_cross_attention_aligns_bottom_right(name, cfg, grid, rng):
-    m = make(name, cfg, grid)
-    q, k, v = qkv(rng, Nq=37, Nk=150)
-    for causal in modes(m):
-        assert rel_err(m(q, k, v, causal=causal), m.reference(q, k, v, causal=causal)) <= 1e-4
+LOCAL = [case for case in CASES if "local" in case.info.family]
 
 
 @pytest.mark.parametrize("backend", ["naive", "flex"])
-@pytest.mark.parametrize("name,cfg,grid", CASES[::3], ids=IDS[::3])
-def test_other_backends_equal_reference(name, cfg, grid, backend, rng):
-    m = make(name, cfg, grid, backend=backend)
-    q, k, v = qkv(rng, B=1, Hq=4, Hkv=2, Nq=length(cfg, grid), D=16)
-    causal = modes(m)[0] and not cfg.get("num_global")
+@pytest.mark.parametrize("case", LOCAL[::3], ids=[c.id for c in LOCAL[::3]])
+def test_other_backends_equal_reference(case, backend, rng):
+    m = case.make(backend=backend)
+    q, k, v = case.inputs(rng, B=1)
+    causal = case.causal_flags[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eager flex_attention warns that it is not compiled
         out = m(q, k, v, causal=causal)
@@ -108,55 +50,20 @@ DEGENERATE = [
 
 @pytest.mark.parametrize("name,cfg,grid,causals", DEGENERATE, ids=[f"{d[0]}-{i}" for i, d in enumerate(DEGENERATE)])
 def test_covering_everything_equals_dense(name, cfg, grid, causals, rng):
-    m = make(name, cfg, grid)
-    n = length(cfg, grid, default=99)
-    q, k, v = qkv(rng, Nq=n)
+    case = Case(name, cfg, grid=grid, tokens=99)
+    m = case.make()
+    q, k, v = qkv(rng, Nq=case.length)
     for causal in causals:
         dense = attnzoo.attention(q, k, v, "dense", causal=causal)
         assert rel_err(m(q, k, v, causal=causal), dense) <= 1e-4
 
 
-PREFIX = [c for c in CASES if c[0] in ("sliding_window", "streaming", "s2") or (c[0] == "moa" and "spans" in c[1])]
-
-
-@pytest.mark.parametrize("name,cfg,grid", PREFIX, ids=[c[0] + str(i) for i, c in enumerate(PREFIX)])
-def test_causal_prefix_invariance(name, cfg, grid, rng):
-    m = make(name, cfg, grid)
-    q, k, v = qkv(rng, Nq=150)
-    full = m(q, k, v, causal=True)
-    for cut in (1, 64, 97):
-        part = m(q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], causal=True)
-        assert rel_err(part, full[:, :, :cut]) <= 1e-5
-
-
 def test_causal_neighborhood_1d_is_prefix_invariant(rng):
+    """Without a grid (a 1-D sequence of any length) a causal prefix is a call of its own."""
     q, k, v = qkv(rng, Nq=120)
     full = attnzoo.attention(q, k, v, "neighborhood", causal=True, kernel_size=9)
     part = attnzoo.attention(q[:, :, :50], k[:, :, :50], v[:, :, :50], "neighborhood", causal=True, kernel_size=9)
     assert rel_err(part, full[:, :, :50]) <= 1e-5
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name,cfg,grid", CASES[::4], ids=IDS[::4])
-def test_half_precision(name, cfg, grid, dtype, rng):
-    m = make(name, cfg, grid)
-    q, k, v = qkv(rng, Nq=length(cfg, grid), dtype=dtype)
-    causal = modes(m)[0] and not cfg.get("num_global")
-    out = m(q, k, v, causal=causal)
-    assert out.dtype == dtype and torch.isfinite(out).all()
-    assert rel_err(out, m.reference(q, k, v, causal=causal)) <= 1e-2
-
-
-@pytest.mark.parametrize("name,cfg,grid", [CASES[0], CASES[7], CASES[11], CASES[17]], ids=[IDS[0], IDS[7], IDS[11], IDS[17]])
-def test_gradients_match_reference(name, cfg, grid, rng):
-    m = make(name, cfg, grid)
-    q, k, v = qkv(rng, B=1, Nq=length(cfg, grid), requires_grad=True)
-    causal = modes(m)[0] and not cfg.get("num_global")
-    w = torch.randn(q.shape[:3] + (v.shape[-1],), generator=rng)
-    fast = torch.autograd.grad((m(q, k, v, causal=causal) * w).sum(), (q, k, v))
-    ref = torch.autograd.grad((m.reference(q, k, v, causal=causal) * w).sum(), (q, k, v))
-    for a, b in zip(fast, ref):
-        assert rel_err(a, b) <= 1e-4
 
 
 @settings(max_examples=25, deadline=None)
