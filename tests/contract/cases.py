@@ -31,13 +31,11 @@ MODES = ("causal", "non_causal", "cross", "gqa")
 
 @dataclass(frozen=True)
 class Failure:
-    """A check a case fails: the exception it raises (AssertionError for a wrong value) and the
-    exact failure. ``strict``: a pass fails the suite (a fixed bug must lose its mark); False for
-    failures by design that some inputs may not show."""
+    """A check a case fails today: the exception it raises (AssertionError for a wrong value) and
+    the exact failure; marked strict, so a pass fails the suite (a fixed bug must lose its mark)."""
 
     raises: type[BaseException]
     reason: str
-    strict: bool = True
 
 
 @dataclass(frozen=True)
@@ -48,8 +46,8 @@ class Case:
     raise an InvalidArgumentError naming it (at construction or at the first call);
     ``unsupported``: mode -> regex of the UnsupportedError message, for modes the ``info`` allows
     but this config does not; ``prefix``: why causal outputs depend on later tokens ('' when they
-    do not; the prefix check is then expected to fail, a non-strict xfail, as some inputs may not
-    show it); ``length_dependent``: why a shorter call is not the prefix of a longer one;
+    do not; the prefix check is then skipped with that reason, as random inputs may or may not show
+    it); ``length_dependent``: why a shorter call is not the prefix of a longer one;
     ``xfail``: check (or check-variant, e.g. ``half-bfloat16``) -> its :class:`Failure`."""
 
     method: str
@@ -92,11 +90,6 @@ class Case:
     def make(self, **changes) -> Method:
         return attnzoo.get_method(self.method, **self.options(**changes))
 
-    @property
-    def prefix_failure(self) -> Failure | None:
-        """The expected failure of the causal prefix check, for a method that looks ahead by design."""
-        return Failure(AssertionError, f"not prefix invariant by design: {self.prefix}", strict=False) if self.prefix else None
-
     def supports(self, mode: str) -> bool:
         """Whether ``mode`` (one of MODES) runs: the info allows it and the config does not forbid it."""
         return getattr(self.info, mode) and mode not in self.unsupported
@@ -126,10 +119,6 @@ LINEAR = dict(qk_scale=0.5)
 DECAY_IS_CAUSAL = {"non_causal": "decay needs causal=True"}
 GLOBALS_ARE_NOT_CAUSAL = {"causal": "causal=True needs num_global=0"}
 SELECTED_BLOCKS = dict(prefix_cuts=BLOCK_CUTS)
-GLOBAL_ROWS_UNCOUNTED = {"density": Failure(AssertionError, "the stats' density leaves out the rows of the global "
-                                            "tokens (computed by a separate dense call), so it is below the support's "
-                                            "fraction (e.g. neighborhood num_global=3 on 9 x 11: 0.2664 vs 0.2958)")}
-
 CASES = [
     Case("dense", bad={"backend": "fast"}),
     # ---- local: position patterns ----------------------------------------------------------
@@ -145,18 +134,16 @@ CASES = [
     Case("neighborhood", dict(kernel_size=4, is_causal=True), grid=(12, 10), bad={"is_causal": "yes"}),
     Case("neighborhood", dict(kernel_size=3, is_causal=(True, False, False)), grid=(4, 5, 6), bad={"kernel_size": 7}),
     Case("neighborhood", dict(kernel_size=5, num_global=3), grid=(9, 11), unsupported=GLOBALS_ARE_NOT_CAUSAL,
-         bad={"num_global": -1, "grid": (9, 12)}, xfail=GLOBAL_ROWS_UNCOUNTED),
+         bad={"num_global": -1, "grid": (9, 12)}),
     Case("clear", dict(radius=3.5), grid=(16, 16), bad={"radius": 0}),
-    Case("clear", dict(radius=2.0, num_global=5), grid=(9, 11), bad={"radius": -1.0}, xfail=GLOBAL_ROWS_UNCOUNTED),
+    Case("clear", dict(radius=2.0, num_global=5), grid=(9, 11), bad={"radius": -1.0}),
     Case("halo", dict(block_size=4, halo=2), grid=(16, 16), bad={"halo": -1}),
-    Case("halo", dict(block_size=4, halo=1, num_global=2), grid=(10, 13), bad={"block_size": 0}, xfail=GLOBAL_ROWS_UNCOUNTED),
+    Case("halo", dict(block_size=4, halo=1, num_global=2), grid=(10, 13), bad={"block_size": 0}),
     Case("maxvit_block", dict(block_size=4), grid=(16, 16), bad={"block_size": 0}),
-    Case("maxvit_block", dict(block_size=(4, 7), num_global=3), grid=(10, 14), bad={"block_size": (4, 7, 1)}, xfail=GLOBAL_ROWS_UNCOUNTED),
+    Case("maxvit_block", dict(block_size=(4, 7), num_global=3), grid=(10, 14), bad={"block_size": (4, 7, 1)}),
     Case("maxvit_grid", dict(grid_size=4), grid=(16, 16), bad={"grid_size": 5}),
-    Case("maxvit_grid", dict(grid_size=(3, 5), num_global=2), grid=(12, 10), bad={"grid_size": 0}, xfail=GLOBAL_ROWS_UNCOUNTED),
-    Case("hilo", dict(alpha=0.5, window=2), grid=(8, 12), bad={"alpha": 1.5, "window": 5},
-         xfail={"check_finite": Failure(InvalidArgumentError, "check_finite=False is not passed on to the Hi-Fi heads' "
-                "maxvit_block call, which raises 'q: expected finite values, got 1 NaN and 0 infinite entries'")}),
+    Case("maxvit_grid", dict(grid_size=(3, 5), num_global=2), grid=(12, 10), bad={"grid_size": 0}),
+    Case("hilo", dict(alpha=0.5, window=2), grid=(8, 12), bad={"alpha": 1.5, "window": 5}),
     # ---- dynamic: content-selected blocks ---------------------------------------------------
     *[Case("vertical_slash", cfg, bad=bad, prefix="the vertical and slash masses are estimated from queries anywhere in the "
            "sequence (the last ones, or spread over it), so later tokens can change the blocks earlier queries visit",
@@ -180,13 +167,9 @@ CASES = [
          prefix="k-means centroids are fitted on every query and key of the call, later ones included"),
     *[Case("hyper", dict(block_size=16, sample_size=8, min_seq_len=40), tokens=n, bad={"sample_size": 0, "min_seq_len": 1},
            prefix="the off-diagonal blocks of the causal recursion are sorted by LSH over all of their queries and "
-           "sample keys uniformly, so a later query moves an earlier one's LSH block",
-           xfail={"gradients": Failure(RuntimeError, "not differentiable: the fast path merges its pieces into `out` in place "
-                  "(out[:, :, rows] = ...), so backward raises 'one of the variables needed for gradient computation has "
-                  "been modified by an inplace operation'")})
+           "sample keys uniformly, so a later query moves an earlier one's LSH block")
       for n in (256, 301)],
-    *[Case("sgformer", cfg, grid=grid, bad=bad, xfail={"check_finite": Failure(RuntimeError, "with check_finite=False a NaN "
-           "in q makes the new-token ids NaN cast to long, and pooling raises 'index -9223372036854775808 is out of bounds'")})
+    *[Case("sgformer", cfg, grid=grid, bad=bad)
       for cfg, grid, bad in ((dict(n_win=4, num_tokens=20), (16, 12), {"num_tokens": 0, "grid": (7, 7)}),
                              (dict(n_win=6, num_tokens=9), None, {"n_win": 7}))],
     # ---- linear -----------------------------------------------------------------------------
@@ -205,21 +188,14 @@ CASES = [
     Case("hedgehog", dict(width=8), bad={"feature_map": "spiky", "width": 0}, **LINEAR),
     Case("linfusion", dict(), bad={"width": 0, "feature_map": "elu"}, **LINEAR),
     Case("rala", dict(), bad={"eps": 2.0}, **LINEAR),
-    Case("inline", dict(), bad={"window": -1}, xfail={"check_finite": Failure(InvalidArgumentError, "check_finite=False is "
-         "not passed on to the local residual's sliding_window call, which raises 'q: expected finite values, got 1 NaN and "
-         "0 infinite entries'")}, **LINEAR),
+    Case("inline", dict(), bad={"window": -1}, **LINEAR),
     Case("inline", dict(feature_map="elu", window=0), bad={"chunk": 0}, **LINEAR),
-    Case("agent", dict(num_agents=10), bad={"num_agents": -1}, xfail={"gradients": Failure(AssertionError, "the reference's "
-         "pooling matrix is float32 whatever the input dtype (pooling_matrix: inside.float()), so float64 gradients differ "
-         "by 5.4e-8 > 1e-8")},
+    Case("agent", dict(num_agents=10), bad={"num_agents": -1},
          **LINEAR),
     Case("random_feature", dict(num_heads=6, query_block=32), bad={"activation": "tanh", "std": -1.0}, **LINEAR),
     Case("random_feature", dict(num_heads=4, activation="softmax", query_block=50), bad={"values": torch.zeros(3, 4, 4)}, **LINEAR),
     Case("scatterbrain", dict(num_features=16, bucket_chunk=16), bad={"num_buckets": 3},
          prefix="tokens are sorted by LSH bucket over the whole sequence and cut into chunks, so a later token moves "
          "an earlier one's chunk", **LINEAR),
-    Case("sea", dict(top_k=24, q_block=16), bad={"top_k": 0, "q_block": 0}, prefix_cuts=(16, 64, 96), **LINEAR,
-         xfail={"density": Failure(AssertionError, "the stats' density counts every kept key for all q_block queries: "
-                "for the causally hidden keys of the diagonal block too, and q_block queries in the short last block "
-                "(150 tokens, q_block 16: 0.2773 vs the support's 0.2640 non-causal)")}),
+    Case("sea", dict(top_k=24, q_block=16), bad={"top_k": 0, "q_block": 0}, prefix_cuts=(16, 64, 96), **LINEAR),
 ]

@@ -117,12 +117,13 @@ class HyperAttention(DynamicMethod):
 
     # ---- one sub-problem's entries as (scores, values) with log-weights ---------------------
     def _piece_bias(self, piece: _Piece, call: Call) -> torch.Tensor:
-        """(B|1, H|1, rows, cols) additive log-weight of the piece's entries, -inf where not attended."""
+        """(B|1, H|1, rows, cols) additive log-weight of the piece's entries, -inf where not attended
+        (float64, cast by the caller: log(n / m) must not round to float32 in a float64 reference)."""
         dev = call.device
         if piece.kind == "causal":
-            return torch.where(causal_mask(piece.rows, piece.cols, dev), 0.0, float("-inf"))[None, None]
+            return torch.where(causal_mask(piece.rows, piece.cols, dev), 0.0, float("-inf")).double()[None, None]
         if piece.kind == "exact":
-            return torch.zeros(1, 1, piece.rows, piece.cols, device=dev)
+            return torch.zeros(1, 1, piece.rows, piece.cols, dtype=torch.float64, device=dev)
         n, b, m = piece.rows, self.config.block_size, piece.samples.numel()
         q_block = torch.empty_like(piece.q_sorted)
         q_block.scatter_(-1, piece.q_sorted, torch.arange(n, device=dev).expand_as(piece.q_sorted) // b)
@@ -131,7 +132,7 @@ class HyperAttention(DynamicMethod):
         lsh = q_block[..., :, None] == k_block[..., None, :]
         sampled = torch.zeros(n, dtype=torch.bool, device=dev)
         sampled[piece.samples] = True
-        bias = torch.full(lsh.shape, float("-inf"), device=dev)
+        bias = torch.full(lsh.shape, float("-inf"), dtype=torch.float64, device=dev)
         bias = torch.where(sampled[None, None, None, :] & ~lsh, math.log(n / m), bias)
         return torch.where(lsh, 0.0, bias)
 
@@ -190,13 +191,14 @@ class HyperAttention(DynamicMethod):
         out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=work, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=work, device=q.device)
         entries = 0.0
-        for piece in pieces:
+        for piece in pieces:  # out of place (slice_scatter), so the merge is differentiable
             rows, _ = self._rows(piece)
             o, l_piece = self._piece_attention(qw, kw, vw, piece, call)
             merged = torch.logaddexp(lse[:, :, rows], l_piece)
-            out[:, :, rows] = out[:, :, rows] * torch.exp(lse[:, :, rows] - merged)[..., None].nan_to_num(0.0) \
+            rows_out = out[:, :, rows] * torch.exp(lse[:, :, rows] - merged)[..., None].nan_to_num(0.0) \
                 + o * torch.exp(l_piece - merged)[..., None]
-            lse[:, :, rows] = merged
+            out = out.slice_scatter(rows_out, dim=2, start=rows.start, end=rows.stop)
+            lse = lse.slice_scatter(merged, dim=2, start=rows.start, end=rows.stop)
             entries += self._entries(piece)
         total = entries * call.batch * call.heads_q
         return out.to(q.dtype), {"allowed": total, "computed": total, "backend": "torch", "executor": "lsh-blocks"}
@@ -204,7 +206,7 @@ class HyperAttention(DynamicMethod):
     # ---- reference: one dense softmax with the same log-weights -----------------------------
     def _bias(self, q, k, call: Call) -> torch.Tensor:
         n = call.len_q
-        bias = torch.full((call.batch, call.heads_q, n, n), float("-inf"), device=q.device)
+        bias = torch.full((call.batch, call.heads_q, n, n), float("-inf"), dtype=torch.float64, device=q.device)
         for piece in self.pieces(q, k, call):
             rows, cols = self._rows(piece)
             bias[:, :, rows, cols] = self._piece_bias(piece, call).expand(call.batch, call.heads_q, -1, -1)

@@ -56,7 +56,8 @@ class SGFormer(DynamicMethod):
         significance = torch.softmax(qr @ kr.transpose(-1, -2) * call.scale, dim=-1).mean(2)  # (B, Hq, R)
         weight = (significance / size).repeat_interleave(size, dim=-1).double()  # per token, region-major
         before = torch.cumsum(weight, dim=-1) - weight  # significance of the tokens before each token
-        ids_sorted = (before / weight.sum(-1, keepdim=True) * self.config.num_tokens).floor().long()
+        share = (before / weight.sum(-1, keepdim=True)).nan_to_num(0.0)  # NaN inputs (check_finite=False) pool to token 0
+        ids_sorted = (share * self.config.num_tokens).floor().long()
         ids = torch.empty_like(ids_sorted)
         ids[..., order] = ids_sorted.clamp(max=self.config.num_tokens - 1)
         return ids

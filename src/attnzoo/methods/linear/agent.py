@@ -31,7 +31,7 @@ def pooling_matrix(length: int, bins: int, device) -> torch.Tensor:
     j = torch.arange(length, device=device)[None, :]
     start, stop = (i * length) // bins, -((-(i + 1) * length) // bins)
     inside = (j >= start) & (j < stop)
-    return inside.float() / inside.sum(-1, keepdim=True)
+    return inside.double() / inside.sum(-1, keepdim=True)
 
 
 @register

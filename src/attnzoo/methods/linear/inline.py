@@ -73,8 +73,11 @@ class InLine(Linear):
 
     def _with_local(self, out, q, k, v, call: Call, reference: bool):
         if self._local is not None:
-            local = self._local.reference if reference else self._local
-            out = out + local(q, k, v, causal=call.causal, scale=call.scale).to(out.dtype)
+            if reference:
+                local = self._local.reference(q, k, v, causal=call.causal, scale=call.scale)
+            else:  # inputs were checked once by this call
+                local = self._local(q, k, v, causal=call.causal, scale=call.scale, check_finite=False)
+            out = out + local.to(out.dtype)
         return out.to(q.dtype)
 
     def _forward(self, q, k, v, call: Call):

@@ -204,7 +204,10 @@ class SpatialMethod(PatternMethod):
     def _run(self, q, k, v, call: Call, return_lse: bool):
         out, lse, counts = super()._run(q, k, v, call, return_lse)
         G = self.config.num_global
-        if G:  # global queries attend to every key
+        if G:  # global queries attend to every key, in a dense call of their own
+            rows = G * call.len_kv * call.batch * call.heads_q
+            counts = {**counts, "computed": counts["computed"] + rows,
+                      "allowed": None if counts.get("allowed") is None else counts["allowed"] + rows}
             if return_lse:
                 out[:, :, :G], lse[:, :, :G] = attention_with_lse(q[:, :, :G], k, v, scale=call.scale)
             else:
