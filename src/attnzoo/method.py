@@ -257,8 +257,9 @@ class Method(torch.nn.Module):
         optimiser is built (:class:`attnzoo.nn.Attention` calls this); a no-op for stateless methods."""
 
     def stats(self, call: Call) -> CallStats:
-        """Statistics of a call with these shapes; methods with content-dependent cost override this."""
-        return CallStats(self.info.name, self.backend, density=1.0)
+        """Statistics of a call with these shapes, for methods whose ``_forward`` returns no stats of
+        its own: every pair computed, by the method's own PyTorch code."""
+        return CallStats(self.info.name, "torch" if self.backend == "auto" else self.backend, density=1.0, executor="pytorch")
 
     def call_stats(self, call: Call, counts: dict[str, Any], *, selection_ms: float = 0.0) -> CallStats:
         """The :class:`CallStats` of a call from an executor's ``counts``: ``allowed`` (query-key
@@ -270,8 +271,9 @@ class Method(torch.nn.Module):
         allowed = counts.get("allowed")
         extra = {key: value for key, value in counts.items() if key not in ("allowed", "computed", "backend", "executor")}
         extra["computed_fraction"] = counts["computed"] / area
-        return CallStats(self.info.name, counts.get("backend", self.backend), density=min(1.0, (counts["computed"] if allowed is None else allowed) / area),
-                         selection_ms=selection_ms, extra=extra, executor=counts.get("executor", ""))
+        density = min(1.0, (counts["computed"] if allowed is None else allowed) / area)
+        return CallStats(self.info.name, counts.get("backend", self.backend), density=density, selection_ms=selection_ms,
+                         extra=extra, executor=counts.get("executor", ""))
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))

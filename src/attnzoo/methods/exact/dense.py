@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ...kernels.dense import attention_with_lse, causal_mask, masked_attention, sdpa
-from ...method import Call, Method, MethodInfo
+from ...method import Call, CallStats, Method, MethodInfo
 from ...registry import register
 
 
@@ -31,6 +31,9 @@ class Dense(Method):
 
     def _forward(self, q, k, v, call: Call):
         return sdpa(q, k, v, causal=call.causal, scale=call.scale)
+
+    def stats(self, call: Call) -> CallStats:
+        return CallStats(self.info.name, "torch", density=1.0, executor="sdpa")
 
     def _forward_with_lse(self, q, k, v, call: Call):
         return attention_with_lse(q, k, v, causal=call.causal, scale=call.scale)
