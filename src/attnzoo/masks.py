@@ -56,32 +56,27 @@ def sink_tokens(count: int) -> MaskMod:
     return lambda b, h, q_idx, kv_idx: kv_idx < count
 
 
-def and_masks(*mask_mods: MaskMod) -> MaskMod:
-    """A mask_mod allowing (q, kv) where every one of ``mask_mods`` allows it."""
+def _combine(mask_mods: tuple[MaskMod, ...], join, name: str) -> MaskMod:
     if not mask_mods:
-        raise ValueError("and_masks needs at least one mask_mod")
+        raise ValueError(f"{name} needs at least one mask_mod")
 
     def mask_mod(b, h, q_idx, kv_idx):
         allowed = mask_mods[0](b, h, q_idx, kv_idx)
         for other in mask_mods[1:]:
-            allowed = allowed & other(b, h, q_idx, kv_idx)
+            allowed = join(allowed, other(b, h, q_idx, kv_idx))
         return allowed
 
     return mask_mod
+
+
+def and_masks(*mask_mods: MaskMod) -> MaskMod:
+    """A mask_mod allowing (q, kv) where every one of ``mask_mods`` allows it."""
+    return _combine(mask_mods, torch.logical_and, "and_masks")
 
 
 def or_masks(*mask_mods: MaskMod) -> MaskMod:
     """A mask_mod allowing (q, kv) where any one of ``mask_mods`` allows it."""
-    if not mask_mods:
-        raise ValueError("or_masks needs at least one mask_mod")
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        allowed = mask_mods[0](b, h, q_idx, kv_idx)
-        for other in mask_mods[1:]:
-            allowed = allowed | other(b, h, q_idx, kv_idx)
-        return allowed
-
-    return mask_mod
+    return _combine(mask_mods, torch.logical_or, "or_masks")
 
 
 def evaluate(mask_mod: MaskMod, heads: int, len_q: int, len_kv: int, device=None) -> torch.Tensor:

@@ -76,6 +76,10 @@ class Registry:
             raise UnknownNameError(self.singular, str(name), self._classes)
         return self._classes[name]
 
+    def create(self, name: str, **config: Any):
+        """A new instance of the class registered as ``name``, built with ``config``."""
+        return self.get(name)(**config)
+
     def names(self) -> list[str]:
         self.load()
         return sorted(self._classes)
@@ -110,7 +114,7 @@ def method_class(name: str) -> type[Method]:
 
 def get_method(name: str, **config: Any) -> Method:
     """Return the method registered as ``name``, configured with ``config``."""
-    return method_class(name)(**config)
+    return METHODS.create(name, **config)
 
 
 def list_methods(family: str | None = None) -> list[MethodInfo]:

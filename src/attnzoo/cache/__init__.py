@@ -6,23 +6,13 @@ A policy is one file under ``attnzoo/cache/`` with one class registered by ``@re
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..registry import CACHES, ComponentInfo
 from .base import CachePolicy
 
 CACHES.base = CachePolicy
 register = CACHES.register
-
-
-def get_policy(name: str, **config: Any) -> CachePolicy:
-    """The cache policy registered as ``name``, configured with ``config``."""
-    return CACHES.get(name)(**config)
-
-
-def list_policies() -> list[ComponentInfo]:
-    """Every registered cache policy's :class:`~attnzoo.registry.ComponentInfo`, sorted by name."""
-    return CACHES.infos()
+get_policy = CACHES.create  # get_policy(name, **config): the policy registered as name, configured
+list_policies = CACHES.infos  # every registered policy's ComponentInfo, sorted by name
 
 
 __all__ = ["CachePolicy", "ComponentInfo", "get_policy", "list_policies", "register"]

@@ -5,7 +5,7 @@ recommendation, tagging, ...): one file under ``attnzoo/modules/`` per block, re
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import nn
 
@@ -21,16 +21,8 @@ class AttentionModule(nn.Module):
 
 MODULES.base = AttentionModule
 register = MODULES.register
-
-
-def create(name: str, **config: Any) -> AttentionModule:
-    """A new block registered as ``name``, built with ``config``."""
-    return MODULES.get(name)(**config)
-
-
-def list_modules() -> list[ComponentInfo]:
-    """Every registered block's :class:`~attnzoo.registry.ComponentInfo`, sorted by name."""
-    return MODULES.infos()
+create = MODULES.create  # create(name, **config): a new block registered as name
+list_modules = MODULES.infos  # every registered block's ComponentInfo, sorted by name
 
 
 __all__ = ["AttentionModule", "ComponentInfo", "create", "list_modules", "register"]
