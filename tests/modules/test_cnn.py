@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from attnzoo import modules
+from attnzoo import get_method, modules
 from attnzoo.cli import main as cli_main
 from attnzoo.errors import InvalidArgumentError
 from attnzoo.modules.ela import ELA
@@ -211,3 +211,241 @@ def test_ulsam_with_a_zero_pointwise_branch_is_uniform(normalization, rng, monke
 def _across_subspaces(m: ULSAM, x):
     logits = m.pointwise_norm(m.pointwise(m.pool(m.depthwise_norm(m.depthwise(x)))))
     return logits.softmax(1)
+
+
+# ---- ELA -----------------------------------------------------------------------------------------
+def ela_reference(m: ELA, x):
+    """Strip means, the grouped 1-D convolution as explicit shifted sums, GroupNorm by hand."""
+    conv, norm = m.conv, m.norm
+    C, k = x.shape[1], conv.kernel_size[0]
+    per_group = C // conv.groups
+
+    def attend(strip):  # (B, C, L)
+        padded = F.pad(strip, (k // 2, k // 2))
+        L = strip.shape[-1]
+        y = torch.zeros_like(strip)
+        for c in range(C):
+            g = c // per_group
+            for ci in range(per_group):
+                for t in range(k):
+                    y[:, c] += conv.weight[c, ci, t] * padded[:, g * per_group + ci, t : t + L]
+        groups = y.view(y.shape[0], norm.num_groups, -1)
+        mean, var = groups.mean(-1, keepdim=True), groups.var(-1, unbiased=False, keepdim=True)
+        y = ((groups - mean) / torch.sqrt(var + norm.eps)).view_as(y)
+        return torch.sigmoid(y * norm.weight[:, None] + norm.bias[:, None])
+
+    return x * attend(x.mean(3))[:, :, :, None] * attend(x.mean(2))[:, :, None, :]
+
+
+@pytest.mark.parametrize("variant", ["T", "S"])
+def test_ela_matches_a_loop_reference(variant, rng):
+    m = ELA(16, variant)
+    with torch.no_grad():
+        m.norm.weight.copy_(torch.randn(16, generator=rng)), m.norm.bias.copy_(torch.randn(16, generator=rng))
+    x = torch.randn(2, 16, 6, 9, generator=rng)
+    torch.testing.assert_close(m(x), ela_reference(m, x))
+
+
+def test_ela_variants_are_the_papers():
+    expected = {"T": (5, 64, 32), "B": (7, 64, 16), "S": (5, 8, 16), "L": (7, 8, 16)}  # kernel, conv groups, GN groups at C=64
+    for variant, (kernel, groups, norm_groups) in expected.items():
+        m = ELA(64, variant)
+        assert (m.conv.kernel_size[0], m.conv.groups, m.norm.num_groups) == (kernel, groups, norm_groups)
+
+
+def check_ela_zero_convolution_halves_twice(m: ELA, rng):
+    """A zero convolution: GroupNorm of zeros is its bias (0), the sigmoid 1/2 on each axis, so
+    y = x * 1/2 * 1/2."""
+    torch.nn.init.zeros_(m.conv.weight)
+    x = torch.randn(2, 16, 5, 6, generator=rng)
+    torch.testing.assert_close(m(x), x / 4)
+
+
+def test_ela_known_answer_and_a_one_axis_mutant(rng, monkeypatch):
+    check_ela_zero_convolution_halves_twice(ELA(16, "B"), rng)
+    monkeypatch.setattr(ELA, "forward", lambda self, x: x * self.axis_attention(x.mean(dim=3)).unsqueeze(3))
+    with pytest.raises(AssertionError):
+        check_ela_zero_convolution_halves_twice(ELA(16, "B"), rng)
+
+
+def test_ela_pools_strip_means(rng):
+    """The gates depend on the row and column means only: a pattern with zero row and column means
+    added to x leaves them unchanged, so y = (x + pattern) * the gates of x."""
+    m = ELA(16, "T")
+    x = torch.randn(1, 16, 4, 6, generator=rng)
+    pattern = torch.randn(1, 16, 4, 6, generator=rng)
+    pattern = pattern - pattern.mean(3, keepdim=True) - pattern.mean(2, keepdim=True) + pattern.mean((2, 3), keepdim=True)
+    gates = torch.sigmoid(m.norm(m.conv(x.mean(3))))[:, :, :, None] * torch.sigmoid(m.norm(m.conv(x.mean(2))))[:, :, None, :]
+    torch.testing.assert_close(m(x + pattern), (x + pattern) * gates)
+
+
+# ---- GnConv --------------------------------------------------------------------------------------
+def gnconv_reference(m: GnConv, x):
+    """The recursion p_{k+1} = g_k(p_k) * s * DW_k(q_k) with one depth-wise convolution per order,
+    its weights sliced out of the module's one convolution."""
+    widths, w_in, b_in = m.widths, m.project_in.weight, m.project_in.bias
+    p = F.conv2d(x, w_in[: widths[0]], b_in[: widths[0]])
+    start = widths[0]
+    gate_start = 0
+    for k, width in enumerate(widths):
+        q = F.conv2d(x, w_in[start : start + width], b_in[start : start + width])
+        dw_w = m.depthwise.weight[gate_start : gate_start + width]
+        dw_b = m.depthwise.bias[gate_start : gate_start + width]
+        gate = m.scale * F.conv2d(q, dw_w, dw_b, padding=dw_w.shape[-1] // 2, groups=width)
+        if k > 0:
+            p = F.conv2d(p, m.widen[k - 1].weight, m.widen[k - 1].bias)
+        p = p * gate
+        start, gate_start = start + width, gate_start + width
+    return F.conv2d(p, m.project_out.weight, m.project_out.bias)
+
+
+@pytest.mark.parametrize("order", [1, 2, 4])
+def test_gnconv_matches_the_recursion(order, rng):
+    m = GnConv(16, order, kernel_size=5)
+    x = torch.randn(2, 16, 6, 7, generator=rng)
+    torch.testing.assert_close(m(x), gnconv_reference(m, x))
+
+
+def check_gnconv_is_homogeneous_of_degree_order_plus_one(m: GnConv, rng):
+    """With every bias zero, g^n Conv multiplies n + 1 linear functions of x: f(t x) = t^(n+1) f(x)."""
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            torch.nn.init.zeros_(mod.bias)
+    x = torch.randn(1, 16, 5, 5, generator=rng)
+    t = 1.7
+    torch.testing.assert_close(m(t * x), t ** (m.order + 1) * m(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_gnconv_interaction_order_and_a_mutant_missing_one_gate(order, rng, monkeypatch):
+    check_gnconv_is_homogeneous_of_degree_order_plus_one(GnConv(16, order), rng)
+
+    def last_gate_skipped(self, x):  # mutant: the last order's gate is not applied
+        p, q = self.project_in(x).split([self.widths[0], sum(self.widths)], dim=1)
+        gates = (self.depthwise(q) * self.scale).split(self.widths, dim=1)
+        p = p * gates[0]
+        for widen, gate in zip(self.widen, gates[1:-1]):
+            p = widen(p) * gate
+        return self.project_out(self.widen[-1](p))
+
+    monkeypatch.setattr(GnConv, "forward", last_gate_skipped)
+    with pytest.raises(AssertionError):
+        check_gnconv_is_homogeneous_of_degree_order_plus_one(GnConv(16, order), rng)
+
+
+# ---- FocalModulation -----------------------------------------------------------------------------
+def focal_reference(m: FocalModulation, x):
+    """The paper's equations in channels-first convolutions and explicit gates."""
+    C, L = m.dim, m.focal_level
+    w, b = m.inputs.weight, m.inputs.bias
+    q = F.linear(x, w[:C], b[:C]).permute(0, 3, 1, 2)
+    z = F.linear(x, w[C : 2 * C], b[C : 2 * C]).permute(0, 3, 1, 2)
+    gates = F.linear(x, w[2 * C :], b[2 * C :]).permute(0, 3, 1, 2)
+    total = 0
+    for level in range(L):
+        conv = m.levels[level][0]
+        z = F.gelu(F.conv2d(z, conv.weight, padding=conv.weight.shape[-1] // 2, groups=C))
+        total = total + gates[:, level : level + 1] * z
+    total = total + gates[:, L : L + 1] * F.gelu(z.mean(dim=(2, 3), keepdim=True))
+    modulator = F.conv2d(total, m.modulator.weight, m.modulator.bias)
+    return F.linear((q * modulator).permute(0, 2, 3, 1), m.proj.weight, m.proj.bias)
+
+
+@pytest.mark.parametrize("level", [1, 3])
+def test_focal_modulation_matches_the_equations(level, rng):
+    m = FocalModulation(8, focal_level=level)
+    assert m.kernel_sizes == [3 + 2 * i for i in range(level)]
+    x = torch.randn(2, 7, 6, 8, generator=rng)
+    torch.testing.assert_close(m(x), focal_reference(m, x))
+
+
+def only_gate(m: FocalModulation, level: int) -> None:
+    """Fix the gates to 1 for ``level`` (0-based; focal_level is the global context) and 0 elsewhere."""
+    C = m.dim
+    with torch.no_grad():
+        m.inputs.weight[2 * C :] = 0
+        m.inputs.bias[2 * C :] = 0
+        m.inputs.bias[2 * C + level] = 1
+
+
+def check_focal_receptive_field(m: FocalModulation, rng):
+    """Gates on the first level only: the output at a position sees x within that level's 3x3
+    kernel and nothing beyond it; on the global level alone, everything."""
+    x = torch.randn(1, 9, 9, 8, generator=rng)
+    far = x.clone()
+    far[0, 0, 0] += 5.0  # 4 rows and 4 columns away from the centre (4, 4)
+    only_gate(m, 0)
+    torch.testing.assert_close(m(far)[0, 4, 4], m(x)[0, 4, 4], rtol=0, atol=0)
+    near = x.clone()
+    near[0, 3, 5] += 5.0
+    assert not torch.allclose(m(near)[0, 4, 4], m(x)[0, 4, 4])
+    only_gate(m, m.focal_level)
+    assert not torch.allclose(m(far)[0, 4, 4], m(x)[0, 4, 4])
+
+
+def test_focal_modulation_receptive_field_and_an_ungated_mutant(rng, monkeypatch):
+    check_focal_receptive_field(FocalModulation(8, focal_level=2), rng)
+
+    def ungated(self, x):  # mutant: every context level summed, the gates ignored
+        q, context, _ = self.inputs(x).permute(0, 3, 1, 2).split([self.dim, self.dim, self.focal_level + 1], dim=1)
+        total = 0
+        for layer in self.levels:
+            context = layer(context)
+            total = total + context
+        total = total + self.act(context.mean(dim=(2, 3), keepdim=True))
+        return self.proj((q * self.modulator(total)).permute(0, 2, 3, 1))
+
+    monkeypatch.setattr(FocalModulation, "forward", ungated)
+    with pytest.raises(AssertionError):
+        check_focal_receptive_field(FocalModulation(8, focal_level=2), rng)
+
+
+# ---- GuidedAttention -----------------------------------------------------------------------------
+def test_position_and_channel_attention_match_explicit_softmax(rng):
+    x = torch.randn(2, 16, 4, 5, generator=rng)
+    pam = PositionAttention(16, 8, get_method("dense"))
+    cam = ChannelAttention(get_method("dense"))
+    with torch.no_grad():
+        pam.gamma.fill_(0.7), cam.gamma.fill_(-0.4)
+    flat = x.flatten(2)  # (B, C, N)
+    q = torch.einsum("oc,bcn->bno", pam.query.weight[:, :, 0, 0], flat) + pam.query.bias
+    k = torch.einsum("oc,bcn->bno", pam.key.weight[:, :, 0, 0], flat)
+    v = torch.einsum("oc,bcn->bno", pam.value.weight[:, :, 0, 0], flat) + pam.value.bias
+    positions = torch.softmax(q @ k.transpose(1, 2), -1) @ v  # (B, N, C), logits unscaled
+    torch.testing.assert_close(pam(x), 0.7 * positions.transpose(1, 2).reshape(x.shape) + x)
+    channels = torch.softmax(flat @ flat.transpose(1, 2), -1) @ flat  # (B, C, N)
+    torch.testing.assert_close(cam(x), -0.4 * channels.reshape(x.shape) + x)
+
+
+def check_same_steps_on_zero_fused_agree(m: GuidedAttention, rng):
+    """With F_MS = 0 both steps take [F_s, 0] (step 2's is [F_s, A_1 * F_MS]); with step 2's
+    weights set to step 1's, both encodings agree: the guidance loss is 0."""
+    m.steps[1].load_state_dict(m.steps[0].state_dict())
+    m.eval()
+    features = torch.randn(2, 4, 8, 8, generator=rng)
+    with torch.no_grad():
+        assert m(features, torch.zeros_like(features), return_losses=True)[1]["guidance"].item() == 0.0
+        assert m(features, torch.randn(2, 4, 8, 8, generator=rng), return_losses=True)[1]["guidance"].item() > 0.0
+
+
+def test_guidance_known_answer_and_an_unguided_second_step(rng, monkeypatch):
+    check_same_steps_on_zero_fused_agree(GuidedAttention(4), rng)
+
+    def unguided(self, features, fused, *, return_losses=False):  # mutant: step 2 takes [F_s, A_1], not [F_s, A_1 * F_MS]
+        first, first_encoding, _ = self.steps[0](torch.cat([features, fused], 1))
+        _, second_encoding, _ = self.steps[1](torch.cat([features, first], 1))
+        return first, {"guidance": F.mse_loss(first_encoding, second_encoding)}
+
+    monkeypatch.setattr(GuidedAttention, "forward", unguided)
+    with pytest.raises(AssertionError):
+        check_same_steps_on_zero_fused_agree(GuidedAttention(4), rng)
+
+
+def test_guided_attention_swaps_its_attention_method(rng):
+    features, fused = torch.randn(2, 4, 8, 8, generator=rng), torch.randn(2, 4, 8, 8, generator=rng)
+    dense = built("GuidedAttention", rng)
+    linear = GuidedAttention(4, method="linear").eval()
+    linear.load_state_dict(dense.state_dict())
+    assert type(linear.steps[0].position[3].method).__name__ != type(dense.steps[0].position[3].method).__name__
+    out = linear(features, fused)
+    assert out.shape == features.shape and not torch.allclose(out, dense(features, fused))
