@@ -22,13 +22,13 @@ from attnzoo import modules
 HORNET_ORDERS = {64: 2, 128: 3, 256: 4, 512: 5}  # g^n Conv order per stage width
 # (module, config, input shape, where the paper uses it)
 ROWS = [
-    ("ULSAM", dict(channels=512, num_subspaces=4), (1, 512, 14, 14), "MobileNet-V1 14x14 stage, g=4"),
-    ("ULSAM", dict(channels=1024, num_subspaces=4), (1, 1024, 7, 7), "MobileNet-V1 7x7 stage, g=4"),
-    *[("ELA", dict(channels=256, variant=v), (1, 256, 56, 56), f"ELA-{v}, ResNet-50 stage 1 width") for v in "TBSL"],
-    ("GuidedAttention", dict(channels=64), (1, 64, 64, 64), "authors' code: 64 channels, 256x256 input / 4"),
-    *[("GnConv", dict(channels=c, order=HORNET_ORDERS[c]), (1, c, s, s), f"HorNet-T 7x7 stage {i + 1}")
+    ("ULSAM", {"channels": 512, "num_subspaces": 4}, (1, 512, 14, 14), "MobileNet-V1 14x14 stage, g=4"),
+    ("ULSAM", {"channels": 1024, "num_subspaces": 4}, (1, 1024, 7, 7), "MobileNet-V1 7x7 stage, g=4"),
+    *[("ELA", {"channels": 256, "variant": v}, (1, 256, 56, 56), f"ELA-{v}, ResNet-50 stage 1 width") for v in "TBSL"],
+    ("GuidedAttention", {"channels": 64}, (1, 64, 64, 64), "authors' code: 64 channels, 256x256 input / 4"),
+    *[("GnConv", {"channels": c, "order": HORNET_ORDERS[c]}, (1, c, s, s), f"HorNet-T 7x7 stage {i + 1}")
       for i, (c, s) in enumerate([(64, 56), (128, 28), (256, 14), (512, 7)])],
-    *[("FocalModulation", dict(dim=c, focal_level=level), (1, s, s, c), f"FocalNet-T ({rf}) stage {i + 1}")
+    *[("FocalModulation", {"dim": c, "focal_level": level}, (1, s, s, c), f"FocalNet-T ({rf}) stage {i + 1}")
       for level, rf in ((2, "SRF"), (3, "LRF")) for i, (c, s) in enumerate([(96, 56), (192, 28), (384, 14), (768, 7)])],
 ]
 
@@ -45,9 +45,9 @@ def measure(name: str, config: dict, shape: tuple[int, ...]) -> tuple[int, int]:
 
 # (network, block, config per stage, depths, widths, layer scale, paper's params in millions)
 NETWORKS = [
-    ("FocalNet-T (SRF)", "FocalModulation", lambda c: dict(dim=c, focal_level=2), (2, 2, 6, 2), (96, 192, 384, 768), False, 28.4),
-    ("FocalNet-T (LRF)", "FocalModulation", lambda c: dict(dim=c, focal_level=3), (2, 2, 6, 2), (96, 192, 384, 768), False, 28.6),
-    ("HorNet-T 7x7", "GnConv", lambda c: dict(channels=c, order=HORNET_ORDERS[c]), (2, 3, 18, 2),
+    ("FocalNet-T (SRF)", "FocalModulation", lambda c: {"dim": c, "focal_level": 2}, (2, 2, 6, 2), (96, 192, 384, 768), False, 28.4),
+    ("FocalNet-T (LRF)", "FocalModulation", lambda c: {"dim": c, "focal_level": 3}, (2, 2, 6, 2), (96, 192, 384, 768), False, 28.6),
+    ("HorNet-T 7x7", "GnConv", lambda c: {"channels": c, "order": HORNET_ORDERS[c]}, (2, 3, 18, 2),
      (64, 128, 256, 512), True, 22.0),
 ]
 

@@ -18,16 +18,20 @@ from attnzoo.errors import InvalidArgumentError
 from attnzoo.modules.ela import ELA
 from attnzoo.modules.focal_modulation import FocalModulation
 from attnzoo.modules.gnconv import GnConv
-from attnzoo.modules.guided_attention import ChannelAttention, GuidedAttention, PositionAttention
+from attnzoo.modules.guided_attention import (
+    ChannelAttention,
+    GuidedAttention,
+    PositionAttention,
+)
 from attnzoo.modules.ulsam import ULSAM
 
 # name -> (tiny config, input shapes); GuidedAttention takes (features, fused), FocalModulation channels-last.
 CASES = {
-    "ULSAM": (dict(channels=8, num_subspaces=4), [(2, 8, 5, 6)]),
-    "ELA": (dict(channels=16, variant="S"), [(2, 16, 5, 6)]),
-    "GnConv": (dict(channels=8, order=3, kernel_size=3), [(2, 8, 5, 6)]),
-    "FocalModulation": (dict(dim=8, focal_level=2), [(2, 5, 6, 8)]),
-    "GuidedAttention": (dict(channels=4), [(2, 4, 8, 8), (2, 4, 8, 8)]),
+    "ULSAM": ({"channels": 8, "num_subspaces": 4}, [(2, 8, 5, 6)]),
+    "ELA": ({"channels": 16, "variant": "S"}, [(2, 16, 5, 6)]),
+    "GnConv": ({"channels": 8, "order": 3, "kernel_size": 3}, [(2, 8, 5, 6)]),
+    "FocalModulation": ({"dim": 8, "focal_level": 2}, [(2, 5, 6, 8)]),
+    "GuidedAttention": ({"channels": 4}, [(2, 4, 8, 8), (2, 4, 8, 8)]),
 }
 NAMES = sorted(CASES)
 
@@ -124,15 +128,15 @@ def test_bad_input_names_the_argument(name, shapes, message, rng):
 
 
 @pytest.mark.parametrize("name, config, message", [
-    ("ULSAM", dict(channels=8, num_subspaces=3), "num_subspaces: expected a divisor of channels=8"),
-    ("ULSAM", dict(channels=8, pool_size=2), "pool_size: expected an odd integer"),
-    ("ELA", dict(channels=16, variant="XL"), "variant: expected one of"),
-    ("ELA", dict(channels=24), "norm_groups: expected a divisor of channels=24"),
-    ("GnConv", dict(channels=12, order=4), r"channels: expected a multiple of 2\^\(order-1\) = 8"),
-    ("GnConv", dict(channels=8, scale=0.0), "scale: expected a number in"),
-    ("FocalModulation", dict(dim=8, focal_window=4), "focal_window, focal_factor: expected an odd window"),
-    ("FocalModulation", dict(dim=0), "dim: expected an integer >= 1"),
-    ("GuidedAttention", dict(channels=4, method_options=3), "method_options: expected None or a dict"),
+    ("ULSAM", {"channels": 8, "num_subspaces": 3}, "num_subspaces: expected a divisor of channels=8"),
+    ("ULSAM", {"channels": 8, "pool_size": 2}, "pool_size: expected an odd integer"),
+    ("ELA", {"channels": 16, "variant": "XL"}, "variant: expected one of"),
+    ("ELA", {"channels": 24}, "norm_groups: expected a divisor of channels=24"),
+    ("GnConv", {"channels": 12, "order": 4}, r"channels: expected a multiple of 2\^\(order-1\) = 8"),
+    ("GnConv", {"channels": 8, "scale": 0.0}, "scale: expected a number in"),
+    ("FocalModulation", {"dim": 8, "focal_window": 4}, "focal_window, focal_factor: expected an odd window"),
+    ("FocalModulation", {"dim": 0}, "dim: expected an integer >= 1"),
+    ("GuidedAttention", {"channels": 4, "method_options": 3}, "method_options: expected None or a dict"),
 ])
 def test_bad_config_names_the_argument(name, config, message):
     with pytest.raises(InvalidArgumentError, match=message):
@@ -143,8 +147,7 @@ def test_bad_config_names_the_argument(name, config, message):
 def ulsam_reference(m: ULSAM, x):
     """Each subspace on its own: its slice of the depth-wise scale, max-pool, point-wise sum, an
     explicit softmax over the positions (normalization=False)."""
-    B, C, H, W = x.shape
-    n = C // m.num_subspaces
+    n = x.shape[1] // m.num_subspaces
     out = []
     for s in range(m.num_subspaces):
         f = x[:, s * n : (s + 1) * n]
