@@ -15,12 +15,12 @@ from attnzoo import modules
 
 ROWS = [
     # (module, configuration, the paper's parameter count for the block)
-    ("CrossScaleAttention", dict(dim=256, num_heads=4), "not stated (CFANet: ResNet50 backbone + heads)"),
-    ("SelectiveDenseAttention", dict(channels=256, num_levels=5, refine_level=0), "not stated"),
-    ("ClassSemanticsAttention", dict(semantic_channels=400, channels=256), "not stated"),
-    ("SentenceAttentionBlock", dict(channels=2048, sentence_dim=768), "not stated"),
-    ("TagQueryDecoder", dict(num_tags=4585, num_descriptions=51, concept_dim=512, hidden_dim=768, num_heads=4,
-                             num_layers=2, mlp_dim=3072), "not stated"),
+    ("CrossScaleAttention", {"dim": 256, "num_heads": 4}, "not stated (CFANet: ResNet50 backbone + heads)"),
+    ("SelectiveDenseAttention", {"channels": 256, "num_levels": 5, "refine_level": 0}, "not stated"),
+    ("ClassSemanticsAttention", {"semantic_channels": 400, "channels": 256}, "not stated"),
+    ("SentenceAttentionBlock", {"channels": 2048, "sentence_dim": 768}, "not stated"),
+    ("TagQueryDecoder", {"num_tags": 4585, "num_descriptions": 51, "concept_dim": 512, "hidden_dim": 768, "num_heads": 4,
+                             "num_layers": 2, "mlp_dim": 3072}, "not stated"),
 ]
 
 

@@ -206,7 +206,7 @@ class _ChannelSoftmaxSDA(SelectiveDenseAttention):
 
 
 def test_selective_dense_attention_of_identical_levels_is_three_times_the_input(rng):
-    config = dict(channels=8, num_levels=3, refine_level=1, hidden_dim=4, kernel_size=3, context_ratio=0.25)
+    config = {"channels": 8, "num_levels": 3, "refine_level": 1, "hidden_dim": 4, "kernel_size": 3, "context_ratio": 0.25}
     for cls, holds in ((SelectiveDenseAttention, True), (_ChannelSoftmaxSDA, False)):
         torch.manual_seed(rng.initial_seed())
         module = cls(**config)
@@ -317,7 +317,7 @@ def _planted_description_error(module: TagQueryDecoder, gen: torch.Generator) ->
 
 
 def test_tag_query_decoder_picks_the_planted_description(rng):
-    config = dict(num_descriptions=3, concept_dim=8, hidden_dim=16, num_heads=2, mlp_dim=32)
+    config = {"num_descriptions": 3, "concept_dim": 8, "hidden_dim": 16, "num_heads": 2, "mlp_dim": 32}
     assert _planted_description_error(_perturb(TagQueryDecoder(4, **config), rng), rng) <= 1e-6, rng.initial_seed()
     assert _planted_description_error(_perturb(_TagSoftmaxDecoder(4, **config), rng), rng) > 0.1, rng.initial_seed()
 
@@ -335,7 +335,7 @@ def test_tag_queries_do_not_see_each_other(rng, monkeypatch):
 
 def test_tag_query_decoder_runs_another_attention_method(rng):
     """method= swaps the attention inside; the dense method's output is the reference."""
-    config = dict(num_descriptions=2, concept_dim=8, hidden_dim=16, num_heads=2, mlp_dim=32)
+    config = {"num_descriptions": 2, "concept_dim": 8, "hidden_dim": 16, "num_heads": 2, "mlp_dim": 32}
     dense = _perturb(TagQueryDecoder(5, **config), rng)
     other = TagQueryDecoder(5, method="sliding_window", window=1000, **config)
     other.load_state_dict(dense.state_dict())
