@@ -11,7 +11,7 @@ from ..errors import check_int
 from ..nn import Attention
 from ..registry import ComponentInfo
 from . import AttentionModule, register
-from ._vision import check_tensor
+from ._checks import check_tensor
 
 
 class _CrossScaleLayer(nn.Module):

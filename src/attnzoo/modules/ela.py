@@ -8,7 +8,7 @@ from torch import nn
 from ..errors import InvalidArgumentError, check_int
 from ..registry import ComponentInfo
 from . import AttentionModule, register
-from ._cnn import check_image
+from ._checks import check_image
 
 # The paper's variants: (kernel size, channels per convolution group, GroupNorm groups).
 # T and B convolve each channel alone; S and L share a kernel across 8 channels.

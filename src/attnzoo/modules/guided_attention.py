@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from ..errors import InvalidArgumentError, check_int
 from ..registry import ComponentInfo, get_method
 from . import AttentionModule, register
-from ._cnn import check_image
+from ._checks import check_image
 
 
 def _conv_bn(c_in: int, c_out: int, act: type[nn.Module] = nn.PReLU) -> list[nn.Module]:

@@ -14,7 +14,7 @@ from ..method import Method
 from ..nn import Attention
 from ..registry import ComponentInfo
 from . import AttentionModule, register
-from ._vision import check_tensor
+from ._checks import check_tensor
 
 
 @register

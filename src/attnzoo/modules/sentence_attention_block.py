@@ -8,7 +8,7 @@ from torch import nn
 from ..errors import InvalidArgumentError, check_int
 from ..registry import ComponentInfo
 from . import AttentionModule, register
-from ._vision import check_tensor
+from ._checks import check_tensor
 
 
 @register
