@@ -85,7 +85,8 @@ class AttentionExperts(AttentionModule):
     BAM's KV-sharing variant). A linear router scores the experts per token; its softmax g (B, N, E)
     weighs the experts' outputs, y_t = sum_e g_te O_e(attention_e(x))_t. BAM routes attention
     softly (every expert, every token), the default; ``top_k`` keeps each token's k best experts,
-    renormalised (every expert is still computed). :meth:`from_dense` builds the mixture from dense
+    renormalised (every expert is still computed; with ``top_k=1`` the kept weight is 1 and the
+    router gets no gradient). :meth:`from_dense` builds the mixture from dense
     attention layers (the expert models), averaging their k and v projections when KV is shared;
     the router starts random, as in the paper.
 
