@@ -42,14 +42,14 @@ def rows():
     rcmha = create("RCMHA", dim=128, num_heads=8, qkv_bias=False)
     yield ("RCMHA", "dim 128, 8 heads, kernel 3, pos_dim 128", rcmha, 128,
            f"not stated (authors' code: {rcmha_authors_code_params(128, 8):,} with its per-offset tables)")
-    smol = dict(dim=576, num_heads=9, num_kv_heads=3, head_dim=64, causal=True, out_bias=False, rope=100000.0)
+    smol = {"dim": 576, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64, "causal": True, "out_bias": False, "rope": 100000.0}
     for experts in (2, 4):
         for share_kv in (False, True):
             module = create("AttentionExperts", num_experts=experts, share_kv=share_kv, **smol)
             dense = 2 * 576 * 576 + 2 * 576 * 192  # SmolLM2's q, o (576 x 576) and k, v (576 x 192)
             yield ("AttentionExperts", f"SmolLM2-135M attention, {experts} experts, share_kv={share_kv}", module, 576,
-                   f"not stated (dense layer {dense:,}; {experts} x dense + router = "
-                   f"{experts * dense + 576 * experts:,} without KV sharing)")
+                   (f"not stated (dense layer {dense:,}; {experts} x dense + router = "
+                   f"{experts * dense + 576 * experts:,} without KV sharing)"))
 
 
 def main() -> None:

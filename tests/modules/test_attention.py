@@ -307,10 +307,15 @@ def _llama_reference(layers, x, rotary):
 def test_experts_from_tiny_llama_layers(rng):
     """from_dense reads Llama attention layers (GQA, rotary embeddings, causal): the mixture is the
     gate-weighted sum of the layers' own forwards; Qwen3-style q/k norms are refused."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
-    config = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, attn_implementation="sdpa")
+    config = {"vocab_size": 32, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "attn_implementation": "sdpa"}
     model = LlamaForCausalLM(LlamaConfig(**config, rope_theta=1000.0)).eval()
     layers = [layer.self_attn for layer in model.model.layers]
     x = tokens(rng, dim=32)

@@ -39,8 +39,8 @@ class DenseLayer:
 
     def shape(self) -> dict[str, Any]:
         """Everything the experts of one mixture must share."""
-        return dict(dim=self.dim, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                    causal=self.causal, rope=self.rope, qkv_bias=self.q.bias is not None, out_bias=self.out.bias is not None)
+        return {"dim": self.dim, "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+                    "causal": self.causal, "rope": self.rope, "qkv_bias": self.q.bias is not None, "out_bias": self.out.bias is not None}
 
 
 def read_dense_layer(layer: nn.Module, argument: str) -> DenseLayer:
