@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import InvalidArgumentError, check_int
 from .method import Method
-from .registry import get_method
+from .registry import as_method
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
@@ -76,7 +76,7 @@ class Attention(nn.Module):
                 raise InvalidArgumentError(name, "a bool", repr(flag))
         self.causal = causal
         self.rope = self._check_rope(rope)
-        self.method = self._build_method(method, config)
+        self.method = as_method(method, **config)
 
         inner_q, inner_kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(self.dim, inner_q, bias=qkv_bias)
@@ -93,17 +93,6 @@ class Attention(nn.Module):
         if self.head_dim % 2:
             raise InvalidArgumentError("head_dim", "an even number with rope (channels rotate in pairs)", self.head_dim)
         return float(rope)
-
-    @staticmethod
-    def _build_method(method: object, config: dict[str, Any]) -> Method:
-        if isinstance(method, str):
-            return get_method(method, **config)
-        if isinstance(method, Method):
-            if config:
-                raise InvalidArgumentError("config", "no method options with a configured Method (configure it with "
-                                           "attnzoo.get_method)", sorted(config))
-            return method
-        raise InvalidArgumentError("method", "a registered method name or an attnzoo.Method", type(method).__name__)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, dim) -> (B, N, dim); ``context`` (B, M, dim) gives the keys and values (cross-attention)."""

@@ -117,6 +117,19 @@ def get_method(name: str, **config: Any) -> Method:
     return METHODS.create(name, **config)
 
 
+def as_method(method: str | Method, **config: Any) -> Method:
+    """``method`` as a configured :class:`Method`: a registered name configured with ``config``, or a
+    Method instance as it is (then no ``config``: it is configured already)."""
+    if isinstance(method, str):
+        return get_method(method, **config)
+    if isinstance(method, Method):
+        if config:
+            raise InvalidArgumentError("config", "no method options with a configured Method (configure it with "
+                                       "attnzoo.get_method)", sorted(config))
+        return method
+    raise InvalidArgumentError("method", "a registered method name or an attnzoo.Method", type(method).__name__)
+
+
 def list_methods(family: str | None = None) -> list[MethodInfo]:
     """Every registered method's :class:`MethodInfo`, sorted by name (optionally one family)."""
     infos = METHODS.infos()

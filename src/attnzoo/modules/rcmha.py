@@ -15,8 +15,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, check_int
 from ..method import Method
-from ..nn import Attention
-from ..registry import ComponentInfo
+from ..registry import ComponentInfo, as_method
 from . import AttentionModule, register
 
 
@@ -82,7 +81,7 @@ class RCMHA(AttentionModule):
             if not isinstance(flag, bool):
                 raise InvalidArgumentError(name, "a bool", repr(flag))
         self.causal = causal
-        self.method = Attention._build_method(method, config)
+        self.method = as_method(method, **config)
 
         inner = self.num_heads * self.head_dim
         self.q_proj = nn.Linear(self.dim, inner, bias=qkv_bias)

@@ -11,8 +11,7 @@ from torch.nn import functional as F
 
 from ..errors import InvalidArgumentError, check_float, check_int
 from ..method import Method
-from ..nn import Attention
-from ..registry import ComponentInfo
+from ..registry import ComponentInfo, as_method
 from . import AttentionModule, register
 from ._checks import check_tensor
 
@@ -64,7 +63,7 @@ class SelectiveDenseAttention(AttentionModule):
                                                nn.ReLU(), nn.Conv2d(context_dim, self.channels, 1))
         nn.init.zeros_(self.context_transform[-1].weight)
         nn.init.zeros_(self.context_transform[-1].bias)
-        self.method = Attention._build_method(method, config)
+        self.method = as_method(method, **config)
         self.method.materialize(1, 1, 1, self.channels)
 
     def gather(self, features: Sequence[torch.Tensor]) -> torch.Tensor:

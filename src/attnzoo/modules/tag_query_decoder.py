@@ -10,8 +10,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, check_int
 from ..method import Method
-from ..nn import Attention
-from ..registry import ComponentInfo
+from ..registry import ComponentInfo, as_method
 from . import AttentionModule, register
 from ._checks import check_tensor
 
@@ -32,7 +31,7 @@ class _TagLayer(nn.Module):
         self.norm_attention = nn.LayerNorm(hidden_dim, eps=1e-12)
         self.mlp = nn.Sequential(nn.Linear(hidden_dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, hidden_dim))
         self.norm_mlp = nn.LayerNorm(hidden_dim, eps=1e-12)
-        self.method = Attention._build_method(method, config)
+        self.method = as_method(method, **config)
         self.method.materialize(num_heads, num_heads, self.head_dim, self.head_dim)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
