@@ -156,7 +156,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor) -> float:
 
 def rcmha_row(sources) -> tuple:
     docs_train, docs_test = sources["docs"]
-    batches = lambda g: sample_windows(docs_train, BATCH, g)  # noqa: E731
+    batches = lambda g: sample_windows(docs_train, BATCH, g)
     start = time.perf_counter()
     torch.manual_seed(SEED)
     model = CharLM(lambda: create("RCMHA", dim=DIM, num_heads=HEADS, kernel_size=3, pos_dim=CONTEXT, causal=True),
@@ -212,7 +212,7 @@ def router_separation(model: CharLM, docs: torch.Tensor, code: torch.Tensor) -> 
 
 def attention_experts_row(sources) -> tuple:
     (docs_train, docs_test), (code_train, code_test) = sources["docs"], sources["code"]
-    mix = lambda g: torch.cat((sample_windows(docs_train, BATCH // 2, g), sample_windows(code_train, BATCH // 2, g)))  # noqa: E731
+    mix = lambda g: torch.cat((sample_windows(docs_train, BATCH // 2, g), sample_windows(code_train, BATCH // 2, g)))
     only = {name: (lambda g, ids=ids: sample_windows(ids, BATCH, g)) for name, ids in (("docs", docs_train), ("code", code_train))}
     docs, code = test_windows(docs_test), test_windows(code_test)
     start = time.perf_counter()
