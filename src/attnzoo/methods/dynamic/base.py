@@ -3,7 +3,7 @@
 A :class:`BlockSelectionMethod` chooses, from q and k, which key blocks each query block attends to
 (``_select`` returns per (batch, query head, query block) key block ids with -1 holes), and the
 block executor then computes exact softmax attention on exactly those blocks. The reference is dense
-attention under the same selection (:meth:`BlockSelectionMethod.selection` exposes it), so the
+attention under the same selection (:meth:`DynamicMethod.selection` exposes it), so the
 fast path and the oracle never disagree about where to look.
 
 Budgets are counts of key blocks. A budget larger than the number of key blocks is clamped to all of
@@ -148,7 +148,6 @@ class DynamicMethod(Method):
             lse = None if lse is None else _put_back(lse[..., None], plan.q_order)[..., 0]
         if counts["allowed"] is None:  # executors that do not count: the support's size
             counts["allowed"] = int(self._support_of(plan, call).expand(call.batch, call.heads_q, -1, -1).sum())
-        counts = {"backend": backend, **counts}
         counts["blocks_per_query_block"] = float(plan.layout.kv_counts.float().mean())
         return out, lse, counts
 

@@ -30,7 +30,7 @@ from ...kernels.block_sparse import (
 from ...kernels.block_sparse.builders import FLEX_BLOCK, coarsen
 from ...kernels.dense import attention_with_lse, causal_mask, masked_attention, sdpa
 from ...masks import causal_allowed, evaluate
-from ...method import Call, CallStats, Method, dense_area
+from ...method import Call, Method
 
 
 class PatternMethod(Method):
@@ -87,8 +87,7 @@ class PatternMethod(Method):
         """(out, lse or None, counts) from the block executor on this call's layout."""
         backend = choose_backend(self.backend, call.device)
         result = block_sparse_attention(q, k, v, self.layout(call, backend), scale=call.scale, backend=backend, return_lse=return_lse)
-        out, lse, counts = result if return_lse else (result[0], None, result[1])
-        return out, lse, counts
+        return result if return_lse else (result[0], None, result[1])
 
     def _evaluated_mask(self, call: Call) -> torch.Tensor:
         return evaluate(self.mask_mod(call), call.heads_q, call.len_q, call.len_kv, call.device)
@@ -104,13 +103,6 @@ class PatternMethod(Method):
     def _support(self, q, k, v, call: Call) -> torch.Tensor:
         mask = self.reference_mask(call)
         return mask & causal_mask(call.len_q, call.len_kv, mask.device) if call.causal else mask
-
-    def stats(self, call: Call) -> CallStats:
-        backend = choose_backend(self.backend, call.device)
-        layout = self.layout(call, backend)
-        area = dense_area(call)
-        visited = float(layout.kv_counts.float().sum(-1).mean()) * layout.q_block * layout.kv_block
-        return CallStats(self.info.name, backend, density=min(1.0, visited / area))
 
 
 @dataclass
