@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidArgumentError, check_int
+from .kernels.dense import work_dtype
 from .method import Method
 from .registry import as_method
 
@@ -32,7 +33,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.T
         raise InvalidArgumentError("x", "a tensor (..., N, D) with an even D (channels rotate in pairs)", f"shape {tuple(x.shape)}")
     if positions.shape != (x.shape[-2],):
         raise InvalidArgumentError("positions", f"shape ({x.shape[-2]},) (one per token of x)", f"shape {tuple(positions.shape)}")
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    work = work_dtype(x)
     half = x.shape[-1] // 2
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=work) / half)
     angle = positions.to(work)[:, None] * inv_freq  # (N, D/2)

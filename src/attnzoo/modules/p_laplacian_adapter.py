@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError, check_float, check_int
+from ..kernels.dense import work_dtype
 from ..registry import ComponentInfo
 from . import AttentionModule, register
 
@@ -73,7 +74,7 @@ class PLaplacianAdapter(AttentionModule):
 
     def message(self, q: torch.Tensor, v: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """One p-Laplacian step: q (B, H, Nq, d), v (B, H, Nk, d), attention (B, H, Nq, Nk) -> (B, H, Nq, d)."""
-        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        work = work_dtype(q)
         q, v, a = q.to(work), v.to(work), attention.to(work)
         sq_dist = ((q * q).sum(-1, keepdim=True) + (v * v).sum(-1)[..., None, :] - 2 * q @ v.transpose(-1, -2)).clamp_min(0)
         p = self.p.to(work)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidArgumentError, check_int
+from ..kernels.dense import work_dtype
 from ..method import Method
 from ..registry import ComponentInfo, as_method
 from . import AttentionModule, register
@@ -108,7 +109,7 @@ class RCMHA(AttentionModule):
         """q, k (B, H, N, head_dim) -> q', k' (B, H, N, head_dim + pos_dim) whose dot products are the
         content plus relative position scores (unscaled). Positions are computed in float32 (float64
         stays float64) and returned in q's dtype."""
-        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        work = work_dtype(q)
         positions = torch.arange(q.shape[2], device=q.device, dtype=work)
         angle = positions[:, None] * relative_frequencies(self.pos_dim, q.device, work)  # (N, pos_dim / 2)
         sin, cos = angle.sin(), angle.cos()
