@@ -71,8 +71,8 @@ def lrpe(x: torch.Tensor, theta: torch.Tensor, positions: torch.Tensor) -> torch
     return torch.cat([x * torch.cos(angle).to(x.dtype), x * torch.sin(angle).to(x.dtype)], dim=-1)
 
 
-def lrpe_theta(dim: int, base: float = 10000.0) -> torch.Tensor:
-    """TransNormerLLM's initial LRPE angles ``base^(-2i/d)``."""
-    return base ** (-2 * torch.arange(dim, dtype=torch.float32) / dim)
-
-
+def lrpe_theta(dim: int, base: float = 10000.0, heads: int = 1) -> torch.Tensor:
+    """TransNormerLLM's initial LRPE angles, split across heads: (heads, dim) with head h taking
+    ``base^(-2 (h dim + i) / (heads dim))``, i < dim (one head: ``base^(-2i/dim)``)."""
+    index = torch.arange(heads * dim, dtype=torch.float64).view(heads, dim)
+    return (base ** (-2 * index / (heads * dim))).float()

@@ -15,7 +15,8 @@ from .base import SpatialConfig, SpatialMethod
 
 @dataclass
 class ClearConfig(SpatialConfig):
-    """``radius``: keys within this Euclidean distance (in grid cells) of the query are visible."""
+    """``radius``: keys at Euclidean distance strictly below it (in grid cells) of the query are
+    visible (the official mask ``dist^2 < r^2``: 193 keys at r = 8)."""
 
     radius: float = 8.0
 
@@ -26,14 +27,14 @@ class ClearConfig(SpatialConfig):
 
 @register
 class Clear(SpatialMethod):
-    """Each grid token attends to the keys inside a circle of ``radius`` around it (truncated at the
-    borders), and the ``num_global`` leading tokens (a DiT's text tokens) attend to and are attended
+    """Each grid token attends to the keys strictly inside a circle of ``radius`` around it
+    (truncated at the borders), and the ``num_global`` leading tokens (a DiT's text tokens) attend to and are attended
     by everything ("CLEAR: Conv-Like Linearization Revs Pre-Trained Diffusion Transformers Up",
     arXiv 2412.16112). q, k, v (B, H, N, D), N = num_global + prod(grid)."""
 
     info = MethodInfo(
         name="clear", title="CLEAR: Conv-Like Linearization Revs Pre-Trained Diffusion Transformers Up", arxiv="2412.16112",
-        family=("local", "learned"), causal=False, non_causal=True, cross=False, gqa=True, training_free=True,
+        family=("local", "learned"), causal=False, non_causal=True, cross=False, gqa=True, training_free=False,
         time="O(N r^2 D)", memory="O(N r^2) bools of cached mask", spatial=True,
         summary="circular local window on the 2-D grid, global (text) tokens kept",
     )
@@ -45,7 +46,7 @@ class Clear(SpatialMethod):
 
         def inner(h, qc, kc):
             dist2 = sum((a - b) ** 2 for a, b in zip(qc, kc))
-            return dist2 <= r2
+            return dist2 < r2
 
         return self.with_globals(call, inner)
 
@@ -57,4 +58,5 @@ class Clear(SpatialMethod):
     def reference_mask(self, call: Call) -> torch.Tensor:
         grid = self.grid(call)
         coords = torch.cartesian_prod(*[torch.arange(n, dtype=torch.float64) for n in grid]).view(-1, len(grid))
-        return self.embed_grid_mask(call, torch.cdist(coords, coords) <= self.config.radius + 1e-9)
+        dist2 = ((coords[:, None, :] - coords[None, :, :]) ** 2).sum(-1)  # exact on integer cells
+        return self.embed_grid_mask(call, dist2 < self.config.radius ** 2)
