@@ -12,9 +12,9 @@ from ...method import Call
 
 def alibi_decay(heads: int, layer_scale: float = 1.0) -> torch.Tensor:
     """TransNormerLLM / Lightning per-head decay ``lambda_h = exp(-2^(-8 (h+1) / H) * layer_scale)``
-    (``layer_scale``: see :func:`layer_scale`)."""
+    in float64 (``layer_scale``: see :func:`layer_scale`)."""
     slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1, dtype=torch.float64) / heads)
-    return torch.exp(-slopes * layer_scale).float()
+    return torch.exp(-slopes * layer_scale)
 
 
 def layer_scale(layer: int | None, num_layers: int | None) -> float:
@@ -52,7 +52,7 @@ def check_decay(value):
 
 
 def decay_for(value, call: Call, scale: float = 1.0) -> torch.Tensor | None:
-    """The (Hq,) decay tensor of a checked ``decay`` setting (None: no decay); ``scale``
+    """The (Hq,) float64 decay tensor of a checked ``decay`` setting (None: no decay); ``scale``
     multiplies the ALiBi slopes (:func:`layer_scale`)."""
     if value is None:
         return None
@@ -63,5 +63,5 @@ def decay_for(value, call: Call, scale: float = 1.0) -> torch.Tensor | None:
     if isinstance(value, tuple):
         if len(value) != call.heads_q:
             raise InvalidArgumentError("decay", f"one factor per query head ({call.heads_q})", f"{len(value)} factors")
-        return torch.tensor(value)
-    return torch.full((call.heads_q,), value)
+        return torch.tensor(value, dtype=torch.float64)
+    return torch.full((call.heads_q,), value, dtype=torch.float64)
