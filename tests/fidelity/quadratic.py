@@ -1,11 +1,11 @@
 """Quadratic references of the linear methods, written from the papers' formulas.
 
-Each fidelity test builds the (B, Hq, Nq, Nk) weight matrix ``W`` of its method directly from the
-paper (feature maps, masks and normalisers written out here, in float64), takes ``W v`` and
-compares the method's fast path with it, forward and gradients (:func:`assert_matches`). Nothing
-here calls a method's ``features()``, ``reference`` or the linear executors; the only thing read
-from a method is its random draw or its parameters (a projection, a rotation, a learned map), which
-are state rather than rule.
+Each fidelity test file builds the (B, Hq, Nq, Nk) weight matrix ``W`` of its method directly
+from the paper (feature maps, masks and normalisers written out in float64, from the pieces here),
+takes ``W v`` and compares the method's fast path with it, forward and gradients
+(:func:`assert_matches`). No reference calls a method's ``features()``, ``reference`` or the
+linear executors; the only thing read from a method is its random draw or its parameters (a
+projection, a rotation, a learned map), which are state rather than rule.
 """
 
 from __future__ import annotations

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import torch
 from fidelity.mutation import Mutant
-from fidelity.quadratic import assert_matches, distance, elu_plus_one, expand_heads, fidelity_tests, visible
+from fidelity.quadratic import (
+    assert_matches,
+    distance,
+    elu_plus_one,
+    expand_heads,
+    fidelity_tests,
+    visible,
+)
 
 import attnzoo
 from attnzoo.methods.linear import inline as inline_module

@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import torch
 from fidelity.mutation import Mutant
-from fidelity.quadratic import assert_matches, distance, expand_heads, fidelity_tests, visible
+from fidelity.quadratic import (
+    assert_matches,
+    distance,
+    expand_heads,
+    fidelity_tests,
+    visible,
+)
 
 import attnzoo
 from attnzoo.methods.linear import lightning as lightning_module

@@ -6,7 +6,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from fidelity.mutation import Mutant
-from fidelity.quadratic import assert_matches, elu_plus_one, expand_heads, fidelity_tests, row_normalized, visible
+from fidelity.quadratic import (
+    assert_matches,
+    elu_plus_one,
+    expand_heads,
+    fidelity_tests,
+    row_normalized,
+    visible,
+)
 
 import attnzoo
 from attnzoo.kernels.linear.feature_maps import fixed_map

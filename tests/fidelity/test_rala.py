@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import torch
 from fidelity.mutation import Mutant
-from fidelity.quadratic import assert_matches, elu_plus_one, expand_heads, fidelity_tests, row_normalized
+from fidelity.quadratic import (
+    assert_matches,
+    elu_plus_one,
+    expand_heads,
+    fidelity_tests,
+    row_normalized,
+)
 
 import attnzoo
 from attnzoo.methods.linear import rala as rala_module

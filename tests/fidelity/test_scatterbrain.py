@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import torch
 from fidelity.mutation import Mutant
-from fidelity.quadratic import assert_matches, expand_heads, fidelity_tests, row_normalized, visible
+from fidelity.quadratic import (
+    assert_matches,
+    expand_heads,
+    fidelity_tests,
+    row_normalized,
+    visible,
+)
 
 import attnzoo
 from attnzoo.methods.linear import scatterbrain as scatterbrain_module

@@ -11,7 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from fidelity.mutation import Mutant
-from fidelity.quadratic import SCALE, assert_matches, distance, expand_heads, fidelity_tests, visible
+from fidelity.quadratic import (
+    assert_matches,
+    distance,
+    expand_heads,
+    fidelity_tests,
+    visible,
+)
 
 import attnzoo
 from attnzoo.methods.linear import transnormer as transnormer_module
@@ -57,7 +63,7 @@ def check(gen):
     diag = attnzoo.get_method("transnormer", mode="diag", block_size=16)
     for causal in (False, True):
         assert_matches(diag, lambda q, k, v, **kw: diag_attention(q, k, v, block=16, **kw), gen, causal=causal,
-                       label="transnormer diag", scale=SCALE)
+                       label="transnormer diag")
 
 
 def norm_per_head(x, eps):
