@@ -93,7 +93,7 @@ class HiLo(Method):
         hi, hi_kv = self._split(call)
         parts = []
         if hi:
-            parts.append(self._hifi(q[:, :hi], k[:, :hi_kv], v[:, :hi_kv], check_finite=False))  # checked once, above
+            parts.append(self._hifi(q[:, :hi], k[:, :hi_kv], v[:, :hi_kv], scale=call.scale, check_finite=False))  # checked once, above
         if hi < call.heads_q:
             kp, vp = self._pool(k[:, hi_kv:], call), self._pool(v[:, hi_kv:], call)
             parts.append(sdpa(q[:, hi:], kp, vp, causal=False, scale=call.scale))
