@@ -48,9 +48,9 @@ class Agent(Method):
     2312.08873): n agent tokens ``A = pool(Q)`` first aggregate the values, ``V_A = softmax(A K^T *
     scale) V``, then broadcast them, ``O = softmax(Q A^T * scale) V_A``; a generalised linear
     attention of cost O(N n D). With ``grid`` the agents pool p x p patches of the image grid as in
-    the paper; without, the sequence is pooled in 1-D. The paper's agent bias and depth-wise convolution on V belong to
-    the block and are not part of this operator. Non-causal. q (B, Hq, Nq, D), k/v (B, Hkv, Nk,
-    D|Dv) -> (B, Hq, Nq, Dv)."""
+    the paper; without, the sequence is pooled in 1-D. The paper's agent bias and depth-wise
+    convolution on V belong to the block and are not part of this operator. Non-causal. q (B, Hq,
+    Nq, D), k/v (B, Hkv, Nk, D|Dv) -> (B, Hq, Nq, Dv)."""
 
     info = MethodInfo(
         name="agent", title="Agent Attention: On the Integration of Softmax and Linear Attention", arxiv="2312.08873",

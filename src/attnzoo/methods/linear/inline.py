@@ -37,8 +37,9 @@ class InLine(Linear):
     phi(q_i) phi(k_s)) + 1/n_i`` (n_i visible keys: subtract the mean instead of dividing by the
     sum, so rows still sum to one but queries of different norm stay distinguishable; the factor
     scale / n_i is the official code's, which Eq. 5 omits "for simplicity"), ``O_inline = sum_j
-    w_ij v_j``, plus a local residual. The paper predicts the 9 local weights with an MLP on the block input;
-    attnzoo uses softmax attention over a ``window`` of nearby keys (the ``sliding_window`` method).
+    w_ij v_j``, plus a local residual. The paper predicts the 9 local weights with an MLP on the
+    block input; attnzoo uses softmax attention over a ``window`` of nearby keys (the
+    ``sliding_window`` method).
     Causal sums run over j <= i. q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv) -> (B, Hq, Nq, Dv)."""
 
     info = MethodInfo(

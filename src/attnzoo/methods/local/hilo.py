@@ -18,7 +18,8 @@ from .base import SpatialConfig
 @dataclass
 class HiLoConfig(SpatialConfig):
     """``alpha``: fraction of query heads in the Lo-Fi group (attending to s x s average-pooled keys
-    and values); the other (Hi-Fi) heads attend inside non-overlapping s x s windows; ``window`` = s."""
+    and values); the other (Hi-Fi) heads attend inside non-overlapping s x s windows; ``window`` = s
+    (1: every head attends globally, as in LITv2)."""
 
     alpha: float = 0.5
     window: int = 2
