@@ -83,8 +83,7 @@ class Clear(SpatialMethod):
         """(B, H, N, D) -> (B, H, prod(grid) / f^2, D): the grid tokens average-pooled over f x f cells."""
         (rows, cols), f, g = self.grid(call), self.config.down_factor, self.config.num_global
         img = x[:, :, g:].transpose(2, 3).reshape(x.shape[0] * x.shape[1], x.shape[3], rows, cols)
-        # contiguous: torch's fused CPU kernel behind attention_with_lse misreads transposed keys
-        return F.avg_pool2d(img, f).reshape(x.shape[0], x.shape[1], x.shape[3], -1).transpose(2, 3).contiguous()
+        return F.avg_pool2d(img, f).reshape(x.shape[0], x.shape[1], x.shape[3], -1).transpose(2, 3)
 
     def _with_pooled(self, out, lse, q, k, v, call: Call):
         """Merge the grid queries' window attention (out, lse) with their attention to the pooled keys."""
