@@ -1,0 +1,154 @@
+"""Slow, literal selections of the content-selected methods, written from the papers (and the
+library's documented additions: always-visited blocks, block granularity), sharing no code with the
+fast paths: plain loops over batches, heads, query blocks, tree levels, regions and clusters. Each
+``*_support`` returns the (B, Hq, Nq, Nk) boolean support in the original token order, which
+:func:`attend` turns into exact attention for comparison with the method's output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def expand_heads(x: torch.Tensor, heads_q: int) -> torch.Tensor:
+    """Key heads (B, Hkv, N, D) repeated for grouped queries: query head h reads key head h // (Hq / Hkv)."""
+    group = heads_q // x.shape[1]
+    return torch.stack([x[:, h // group] for h in range(heads_q)], 1)
+
+
+def attend(q, k, v, support: torch.Tensor, scale: float) -> torch.Tensor:
+    """Exact softmax attention of q (B, Hq, Nq, D) over the keys ``support`` allows (float64);
+    a query with no allowed key gets zeros."""
+    k, v = expand_heads(k.double(), q.shape[1]), expand_heads(v.double(), q.shape[1])
+    logits = (q.double() @ k.transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~support, float("-inf"))
+    weights = torch.softmax(logits, -1).nan_to_num(0.0)
+    return weights @ v
+
+
+def sees(p: int, j: int, nq: int, nk: int, causal: bool) -> bool:
+    """Query p may see key j: always, or when causal with queries aligned bottom-right."""
+    return not causal or j <= p + nk - nq
+
+
+def block_support(blocks: dict, shape, block: int, causal: bool, kv_block: int | None = None) -> torch.Tensor:
+    """Support from ``blocks[(b, h, query block)]`` = key block ids, each block ``block`` (queries)
+    by ``kv_block`` (keys) tokens, causal pairs only."""
+    B, H, nq, nk = shape
+    kv_block = kv_block or block
+    out = torch.zeros(shape, dtype=torch.bool)
+    keys = torch.arange(nk)
+    for (b, h, i), chosen in blocks.items():
+        for p in range(i * block, min(nq, (i + 1) * block)):
+            seen = keys <= p + nk - nq if causal else torch.ones(nk, dtype=torch.bool)
+            for kb in chosen:
+                lo, hi = kb * kv_block, min(nk, (kb + 1) * kv_block)
+                out[b, h, p, lo:hi] = seen[lo:hi]
+    return out
+
+
+def diagonal_block(i: int, block: int, nq: int, nk: int, causal: bool, kv_block: int | None = None) -> int:
+    """The last key block query block i may visit (-1: none): the one holding the key its last query
+    reaches when causal, the last key block otherwise."""
+    kv_block = kv_block or block
+    if not causal:
+        return math.ceil(nk / kv_block) - 1
+    reach = min(nq, (i + 1) * block) - 1 + nk - nq
+    return reach // kv_block if reach >= 0 else -1
+
+
+def always_visited(diag: int, causal: bool, local_blocks: int) -> list[int]:
+    """The diagonal block, the first block and the ``local_blocks`` before the diagonal when causal
+    (in that order, each once, only those in [0, diag]); the first block otherwise."""
+    wanted = [diag, 0, *range(diag - 1, diag - 1 - local_blocks, -1)] if causal else [0]
+    out = []
+    for x in wanted:
+        if 0 <= x <= diag and x not in out:
+            out.append(x)
+    return out
+
+
+def mean_of(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Mean of the rows [lo, min(hi, len)) of x (N, D)."""
+    return x[lo : min(hi, x.shape[0])].double().mean(0)
+
+
+# ---- MInference block-sparse ------------------------------------------------------------------
+def block_sparse_support(q, k, *, top_k: int, block_size: int, local_blocks: int, causal: bool, scale: float):
+    """Each query block's mean query scores every visible key block's mean key; the always-visited
+    blocks count toward ``top_k`` and the rest are filled with the best scored."""
+    B, H, nq, _ = q.shape
+    k = expand_heads(k, H)
+    nk, b = k.shape[2], block_size
+    nkb = math.ceil(nk / b)
+    blocks = {}
+    for bi in range(B):
+        for h in range(H):
+            for i in range(math.ceil(nq / b)):
+                diag = diagonal_block(i, b, nq, nk, causal)
+                qm = mean_of(q[bi, h], i * b, (i + 1) * b)
+                score = {j: float(qm @ mean_of(k[bi, h], j * b, (j + 1) * b)) * scale for j in range(diag + 1)}
+                chosen = always_visited(diag, causal, local_blocks)[: min(top_k, nkb)]
+                rest = sorted((j for j in score if j not in chosen), key=lambda j: -score[j])
+                blocks[bi, h, i] = chosen + rest[: min(top_k, nkb) - len(chosen)]
+    return block_support(blocks, (B, H, nq, nk), b, causal)
+
+
+# ---- HiP ---------------------------------------------------------------------------------------
+def hip_branch_score(kind: str, queries, positions, keys, lo: int, hi: int, bk: int, nq: int, nk: int, causal: bool):
+    """Score of the branch of key blocks [lo, hi) for one query block: ``"paper"`` the largest logit
+    between its queries (at ``positions``) and the tokens of the centre block lo + (hi - lo) // 2
+    (causal pairs only); ``"pooled"`` the mean query against the centre block's mean key;
+    ``"bound"`` Quest's bound sum_d max(q_d max_j k_jd, q_d min_j k_jd) over every key of the range,
+    the mean query's."""
+    centre = lo + (hi - lo) // 2
+    if kind == "pooled":
+        return float(queries.double().mean(0) @ mean_of(keys, centre * bk, (centre + 1) * bk))
+    if kind == "bound":
+        span = keys[lo * bk : min(nk, hi * bk)].double()
+        qm = queries.double().mean(0)
+        return float(torch.maximum(qm * span.max(0).values, qm * span.min(0).values).sum())
+    lo_key, hi_key = centre * bk, min(nk, (centre + 1) * bk)
+    logits = queries.double() @ keys[lo_key:hi_key].double().T  # (queries, keys of the centre block)
+    for row, p in enumerate(positions):
+        for col, j in enumerate(range(lo_key, hi_key)):
+            if not sees(p, j, nq, nk, causal):
+                logits[row, col] = -math.inf
+    return float(logits.max())
+
+
+def hip_support(q, k, *, top_k: int, block_size: int, local_blocks: int, causal: bool, branch_score: str,
+                key_block_size: int | None = None, scale: float = 1.0):
+    """HiP's tree search per query block: the visible key blocks in ``top_k`` equal ranges; at every
+    level each range splits into two halves, every half is scored (:func:`hip_branch_score`) and
+    the ``top_k`` best halves survive, until each range is one block; the always-visited blocks are
+    added."""
+    B, H, nq, _ = q.shape
+    k = expand_heads(k, H)
+    nk, bq = k.shape[2], block_size
+    bk = key_block_size or block_size
+    width = min(top_k, math.ceil(nk / bk))
+    blocks = {}
+    for bi in range(B):
+        for h in range(H):
+            for i in range(math.ceil(nq / bq)):
+                diag = diagonal_block(i, bq, nq, nk, causal, bk)
+                visible = max(diag + 1, 0)
+                positions = list(range(i * bq, min(nq, (i + 1) * bq)))
+                queries = q[bi, h, positions]
+                ranges = [(t * visible // width, (t + 1) * visible // width) for t in range(width)]
+                ranges = [r for r in ranges if r[1] > r[0]]
+                while any(hi - lo > 1 for lo, hi in ranges):
+                    halves = []
+                    for lo, hi in ranges:
+                        mid = (lo + hi + 1) // 2
+                        halves += [r for r in ((lo, mid), (mid, hi)) if r[1] > r[0]]
+                    scored = [(hip_branch_score(branch_score, queries, positions, k[bi, h], lo, hi, bk, nq, nk, causal), (lo, hi))
+                              for lo, hi in halves]
+                    scored.sort(key=lambda s: -s[0])
+                    ranges = [r for _, r in scored[:width]]
+                found = [lo for lo, _ in ranges]
+                blocks[bi, h, i] = sorted(set(found) | set(always_visited(diag, causal, local_blocks)))
+    return block_support(blocks, (B, H, nq, nk), bq, causal, bk)
