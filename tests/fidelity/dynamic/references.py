@@ -152,3 +152,103 @@ def hip_support(q, k, *, top_k: int, block_size: int, local_blocks: int, causal:
                 found = [lo for lo, _ in ranges]
                 blocks[bi, h, i] = sorted(set(found) | set(always_visited(diag, causal, local_blocks)))
     return block_support(blocks, (B, H, nq, nk), bq, causal, bk)
+
+
+# ---- MInference vertical-slash -----------------------------------------------------------------
+def top_ids(scores: dict, count: int) -> list:
+    """The ``count`` keys of ``scores`` with the highest values."""
+    return sorted(scores, key=lambda x: -scores[x])[:count]
+
+
+def vertical_slash_support(q, k, *, vertical_blocks: int, slash_blocks: int, block_size: int, local_blocks: int,
+                           last_q: int, vertical_columns: int, causal: bool, scale: float):
+    """MInference's estimate: the last ``last_q`` queries attend densely (causal); their attention
+    summed per key is the vertical score, summed per diagonal (query position - key position) the
+    slash score. At block granularity a key block's vertical score sums its keys, a block
+    diagonal d sums the token diagonals in [(d - 1) b, (d + 1) b); block 0 and diagonals 0 ..
+    ``local_blocks`` always win. Every query block visits the chosen vertical blocks, the key block
+    at each chosen block distance from its diagonal block, and the ``vertical_columns`` single keys
+    with the most vertical score outside the vertical blocks."""
+    assert causal, "vertical_slash is causal only"
+    B, H, nq, _ = q.shape
+    k = expand_heads(k, H)
+    nk, b = k.shape[2], block_size
+    nkb, off = math.ceil(nk / b), nk - nq
+    support = torch.zeros(B, H, nq, nk, dtype=torch.bool)
+    for bi in range(B):
+        for h in range(H):
+            vertical, slash = [0.0] * nk, [0.0] * nk
+            for p in range(nq - min(last_q, nq), nq):
+                reach = p + off
+                if reach < 0:
+                    continue
+                weights = torch.softmax((k[bi, h, : reach + 1].double() @ q[bi, h, p].double()) * scale, 0)
+                for j in range(reach + 1):
+                    vertical[j] += float(weights[j])
+                    slash[reach - j] += float(weights[j])
+            v_score = {kb: sum(vertical[kb * b : (kb + 1) * b]) for kb in range(nkb)}
+            s_score = {d: sum(slash[max(0, (d - 1) * b) : (d + 1) * b]) for d in range(nkb)}
+            v_score[0] = math.inf
+            for d in range(min(local_blocks + 1, nkb)):
+                s_score[d] = math.inf
+            verticals = top_ids(v_score, min(vertical_blocks, nkb))
+            distances = top_ids(s_score, min(slash_blocks, nkb))
+            outside = {j: vertical[j] for j in range(nk) if j // b not in verticals}
+            columns = top_ids(outside, min(vertical_columns, nk)) if vertical_columns else []
+            for i in range(math.ceil(nq / b)):
+                diag = diagonal_block(i, b, nq, nk, True)
+                chosen = {v for v in verticals if v <= diag} | {diag - d for d in distances if diag - d >= 0}
+                for p in range(i * b, min(nq, (i + 1) * b)):
+                    for j in [j for kb in chosen for j in range(kb * b, min(nk, (kb + 1) * b))] + columns:
+                        support[bi, h, p, j] = j <= p + off
+    return support
+
+
+# ---- BiFormer ----------------------------------------------------------------------------------
+def region_of(token: int, grid: tuple[int, ...], n_win: int) -> int:
+    """The region (row-major over the n_win x n_win windows; a chunk in 1-D) holding ``token``."""
+    if len(grid) == 1:
+        return token // (grid[0] // n_win)
+    row, col = divmod(token, grid[1])
+    return (row // (grid[0] // n_win)) * n_win + col // (grid[1] // n_win)
+
+
+def biformer_support(q, k, *, n_win: int, topk: int, grid: tuple[int, ...] | None, causal: bool, scale: float):
+    """BiFormer's bi-level routing: region queries and keys are the means of their tokens' q and k
+    (all heads concatenated), the region affinity is their dot product, each region keeps its
+    ``topk`` regions of highest affinity and its tokens attend to every token of those."""
+    B, H, n, _ = q.shape
+    k = expand_heads(k, H)
+    grid = grid or (n,)
+    regions = n_win ** len(grid)
+    members = [[t for t in range(n) if region_of(t, grid, n_win) == r] for r in range(regions)]
+    support = torch.zeros(B, H, n, n, dtype=torch.bool)
+    for bi in range(B):
+        qr = [torch.cat([q[bi, h, m].double().mean(0) for h in range(H)]) for m in members]
+        kr = [torch.cat([k[bi, h, m].double().mean(0) for h in range(H)]) for m in members]
+        for r in range(regions):
+            routed = top_ids({s: float(qr[r] @ kr[s]) for s in range(regions)}, min(topk, regions))
+            keys = [t for s in routed for t in members[s]]
+            for t in members[r]:
+                support[bi, :, t, keys] = True
+    return support
+
+
+# ---- S2-Attention ------------------------------------------------------------------------------
+def s2_support(q, k, *, block_size: int, local_blocks: int, vert_stride: int, causal: bool, scale: float):
+    """DKernel's local-stride pattern as S2-Attention shards it: head h sees the ``local_blocks``
+    key blocks nearest its query's block and every key block kb with
+    (kb + h * max(1, vert_stride // H) + 1) % vert_stride == 0, so the heads hold different strided
+    shards of the context."""
+    B, H, nq, _ = q.shape
+    nk, b = k.shape[2], block_size
+    support = torch.zeros(B, H, nq, nk, dtype=torch.bool)
+    step = max(1, vert_stride // H)
+    for h in range(H):
+        for p in range(nq):
+            pos = p + nk - nq
+            for j in range(nk):
+                near = 0 <= pos // b - j // b < local_blocks if causal else abs(pos // b - j // b) < local_blocks
+                shard = (j // b + h * step + 1) % vert_stride == 0
+                support[:, h, p, j] = (near or shard) and sees(p, j, nq, nk, causal)
+    return support
