@@ -252,3 +252,36 @@ def s2_support(q, k, *, block_size: int, local_blocks: int, vert_stride: int, ca
                 shard = (j // b + h * step + 1) % vert_stride == 0
                 support[:, h, p, j] = (near or shard) and sees(p, j, nq, nk, causal)
     return support
+
+
+# ---- Routing Transformer -----------------------------------------------------------------------
+def routing_support(q, k, *, num_clusters: int, iterations: int, seed: int, window: int | None, causal: bool, scale: float):
+    """Routing attention with balanced clusters: unit queries and keys; spherical k-means (each
+    token to its most similar centroid, each centroid the normalised sum of its tokens, kept when
+    empty) from the tokens that ``randperm(seed)`` picks first; then each centroid takes its
+    ``window`` (default ceil(N / C)) most similar queries and keys, and a query attends to every
+    key that shares a cluster with it. In float32, as the method routes."""
+    B, H, nq, _ = q.shape
+    k = expand_heads(k, H)
+    nk = k.shape[2]
+    support = torch.zeros(B, H, nq, nk, dtype=torch.bool)
+    for bi in range(B):
+        for h in range(H):
+            qn = [x / x.norm() for x in q[bi, h].float()]
+            kn = [x / x.norm() for x in k[bi, h].float()]
+            tokens = qn + kn
+            count = min(num_clusters, len(tokens))
+            start = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed))[:count]
+            centroids = [tokens[int(t)] for t in start]
+            for _ in range(iterations):
+                sums = [torch.zeros_like(c) for c in centroids]
+                for t in tokens:
+                    sums[max(range(count), key=lambda c: float(t @ centroids[c]))] += t
+                centroids = [s / s.norm() if float(s.norm()) > 0 else c for s, c in zip(sums, centroids)]
+            wq, wk = min(window or math.ceil(nq / count), nq), min(window or math.ceil(nk / count), nk)
+            for c in centroids:
+                queries = top_ids({i: float(qn[i] @ c) for i in range(nq)}, wq)
+                keys = top_ids({j: float(kn[j] @ c) for j in range(nk)}, wk)
+                for i in queries:
+                    support[bi, h, i, keys] = torch.tensor([sees(i, j, nq, nk, causal) for j in keys])
+    return support
