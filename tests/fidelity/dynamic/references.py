@@ -285,3 +285,77 @@ def routing_support(q, k, *, num_clusters: int, iterations: int, seed: int, wind
                 for i in queries:
                     support[bi, h, i, keys] = torch.tensor([sees(i, j, nq, nk, causal) for j in keys])
     return support
+
+
+# ---- HyperAttention -----------------------------------------------------------------------------
+def gray_position(code: int) -> int:
+    """Position of ``code`` in the reflected Gray sequence (g -> g ^ g >> 1 inverted)."""
+    position = 0
+    while code:
+        position ^= code
+        code >>= 1
+    return position
+
+
+def lsh_order(x: torch.Tensor, planes: torch.Tensor) -> list[int]:
+    """Tokens of x (N, D) sorted (stably) by the Gray position of their angular hash: bit i is
+    whether the token lies on the positive side of hyperplane i."""
+    codes = [sum(1 << i for i in range(planes.shape[1]) if float(t.float() @ planes[:, i]) > 0) for t in x]
+    return sorted(range(len(codes)), key=lambda t: gray_position(codes[t]))
+
+
+def hyper_weights(q, k, *, block_size: int, sample_size: int, num_projections: int, min_seq_len: int, seed: int,
+                  causal: bool, scale: float) -> torch.Tensor:
+    """(B, Hq, N, N) float64 log-weights of HyperAttention (arXiv 2310.05868), -inf off the
+    support. Non-causal: sortLSH pairs a query with the keys of its block in the hash order
+    (log-weight 0) and with ``sample_size`` uniformly sampled other keys (log(n / m)). Causal: the
+    recursion splits a causal square into two causal halves and the off-diagonal rectangle (the
+    non-causal case; an odd square's last row of it exactly), down to ``min_seq_len`` (exact).
+    Random draws in the method's order: the hyperplanes, then one key sample per rectangle."""
+    B, H, n, D = q.shape
+    k = expand_heads(k, H)
+    gen = torch.Generator().manual_seed(seed)
+    planes = torch.randn(D, num_projections, generator=gen)
+    weights = torch.full((B, H, n, n), -math.inf, dtype=torch.float64)
+
+    def rectangle(q0: int, k0: int, size: int) -> None:
+        if size <= min_seq_len or size <= block_size + sample_size:
+            weights[:, :, q0 : q0 + size, k0 : k0 + size] = 0.0
+            return
+        samples = torch.randperm(size, generator=gen)[:sample_size].tolist()
+        for bi in range(B):
+            for h in range(H):
+                q_sorted = lsh_order(q[bi, h, q0 : q0 + size], planes)
+                k_sorted = lsh_order(k[bi, h, k0 : k0 + size], planes)
+                block_of_key = {key: rank // block_size for rank, key in enumerate(k_sorted)}
+                for rank, query in enumerate(q_sorted):
+                    row = weights[bi, h, q0 + query]
+                    for key in samples:
+                        if block_of_key[key] != rank // block_size:
+                            row[k0 + key] = math.log(size / len(samples))
+                    for key in k_sorted[(rank // block_size) * block_size : (rank // block_size + 1) * block_size]:
+                        row[k0 + key] = 0.0
+
+    def square(a: int, size: int) -> None:
+        if size <= min_seq_len:
+            for p in range(a, a + size):
+                weights[:, :, p, a : p + 1] = 0.0
+            return
+        half = size // 2
+        square(a, half)
+        rectangle(a + half, a, half)
+        if size % 2:
+            weights[:, :, a + size - 1, a : a + half] = 0.0
+        square(a + half, size - half)
+
+    if causal:
+        square(0, n)
+    else:
+        rectangle(0, 0, n)
+    return weights
+
+
+def weighted_attention(q, k, v, log_weights: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T scale + log_weights) v in float64."""
+    k, v = expand_heads(k.double(), q.shape[1]), expand_heads(v.double(), q.shape[1])
+    return torch.softmax((q.double() @ k.transpose(-1, -2)) * scale + log_weights, -1) @ v
