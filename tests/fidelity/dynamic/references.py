@@ -359,3 +359,72 @@ def weighted_attention(q, k, v, log_weights: torch.Tensor, scale: float) -> torc
     """softmax(q k^T scale + log_weights) v in float64."""
     k, v = expand_heads(k.double(), q.shape[1]), expand_heads(v.double(), q.shape[1])
     return torch.softmax((q.double() @ k.transpose(-1, -2)) * scale + log_weights, -1) @ v
+
+
+# ---- SEA ---------------------------------------------------------------------------------------
+def performer_features(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """FAVOR+ positive features exp(w . x - |x|^2 / 2) / sqrt(M) of x (N, D), proj (M, D), float64."""
+    x = x.double()
+    return torch.exp(x @ proj.double().T - 0.5 * (x * x).sum(-1, keepdim=True)) / math.sqrt(proj.shape[0])
+
+
+def sea_support(q, k, *, top_k: int, q_block: int, proj: torch.Tensor, causal: bool, scale: float):
+    """SEA's estimate, training-free: each query's row of Performer attention (features of
+    q scale^0.5 and k scale^0.5, normalised over the keys it sees), averaged over a query block;
+    the block keeps its own diagonal keys (positions first .. first + q_block - 1 shifted by
+    Nk - Nq) and the ``top_k`` keys of highest estimate among the others (earlier ones when causal)."""
+    B, H, nq, _ = q.shape
+    k = expand_heads(k, H)
+    nk, off = k.shape[2], k.shape[2] - nq
+    support = torch.zeros(B, H, nq, nk, dtype=torch.bool)
+    for bi in range(B):
+        for h in range(H):
+            qf, kf = performer_features(q[bi, h] * scale ** 0.5, proj), performer_features(k[bi, h] * scale ** 0.5, proj)
+            for i in range(math.ceil(nq / q_block)):
+                rows = range(i * q_block, min(nq, (i + 1) * q_block))
+                estimate = torch.zeros(nk, dtype=torch.float64)
+                for p in rows:
+                    seen = [j for j in range(nk) if sees(p, j, nq, nk, causal)]
+                    if seen:
+                        row = kf @ qf[p]
+                        estimate += row / row[seen].sum()
+                first, last = rows[0] + off, rows[-1] + off
+                others = {j: float(estimate[j]) for j in range(nk) if not first <= j <= last and (not causal or j < first)}
+                keys = top_ids(others, top_k) + [j for j in range(first, first + q_block) if 0 <= j < nk and j - off < nq]
+                for p in rows:
+                    for j in keys:
+                        support[bi, h, p, j] = sees(p, j, nq, nk, causal)
+    return support
+
+
+# ---- SG-Former (the library's training-free reallocation) ---------------------------------------
+def sgformer_attention(q, k, v, *, n_win: int, num_tokens: int, grid: tuple[int, ...] | None, causal: bool, scale: float):
+    """The reallocation SGFormer documents, literally: region queries and keys are the means of
+    their tokens; a region's significance is the attention mass the region queries put on it (a
+    softmax per region query, averaged); walking the tokens region by region (row-major inside a
+    region), each token carries its region's significance shared equally among the region's
+    tokens, and joins new token floor(M x significance carried before it / total). Every query
+    attends (exact softmax, float64) to the mean keys and values of the non-empty new tokens."""
+    assert not causal
+    B, H, n, _ = q.shape
+    k, v = expand_heads(k, H), expand_heads(v, H)
+    grid = grid or (n,)
+    regions = n_win ** len(grid)
+    members = [[t for t in range(n) if region_of(t, grid, n_win) == r] for r in range(regions)]
+    out = torch.zeros(B, H, n, v.shape[-1], dtype=torch.float64)
+    for bi in range(B):
+        for h in range(H):
+            qr = torch.stack([q[bi, h, m].double().mean(0) for m in members])
+            kr = torch.stack([k[bi, h, m].double().mean(0) for m in members])
+            significance = torch.softmax(qr @ kr.T * scale, -1).mean(0)
+            total, carried, new_of = float(significance.sum()), 0.0, {}
+            for r, m in enumerate(members):
+                for t in m:
+                    new_of[t] = min(int(math.floor(num_tokens * carried / total)), num_tokens - 1)
+                    carried += float(significance[r]) / len(m)
+            groups = [[t for t in range(n) if new_of[t] == g] for g in range(num_tokens)]
+            groups = [g for g in groups if g]
+            kp = torch.stack([k[bi, h, g].double().mean(0) for g in groups])
+            vp = torch.stack([v[bi, h, g].double().mean(0) for g in groups])
+            out[bi, h] = torch.softmax(q[bi, h].double() @ kp.T * scale, -1) @ vp
+    return out
