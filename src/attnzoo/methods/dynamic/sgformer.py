@@ -17,15 +17,28 @@ from .scoring import block_means, region_order
 @register
 class SGFormer(DynamicMethod):
     """Significance-guided attention ("SG-Former: Self-guided Transformer with Evolving Token
-    Reallocation", arXiv 2308.12216). A coarse attention between region means (``n_win`` regions
-    per grid axis) gives each region's significance, the attention mass it receives. The keys and
-    values are then reallocated into ``num_tokens`` new tokens: walking the tokens in region-major
-    order, every new token averages a run of tokens carrying an equal share of significance, so
-    salient regions keep many fine tokens and background regions merge into few coarse ones. Every
-    query attends to the reallocated tokens (dense SDPA over ``num_tokens`` keys). Computed per
-    head; the paper's local-window heads (its hybrid scale) are the ``sliding_window`` or
-    ``neighborhood`` methods. Non-causal self-attention; no sparse support (pooled keys).
-    q (B, Hq, N, D), k/v (B, Hkv, N, D|Dv). Cost O(R^2 D + N M D), M = ``num_tokens``."""
+    Reallocation", arXiv 2308.12216), training-free. A coarse attention between region means
+    (``n_win`` regions per grid axis) gives each region's significance, the attention mass it
+    receives. The keys and values are then reallocated into ``num_tokens`` new tokens: walking the
+    tokens in region-major order, every new token averages a run of tokens carrying an equal share
+    of significance, so salient regions keep many fine tokens and background regions merge into
+    few coarse ones. Every query attends to the reallocated tokens (dense SDPA over ``num_tokens``
+    keys). Computed per head. Non-causal self-attention; no sparse support (pooled keys).
+    q (B, Hq, N, D), k/v (B, Hkv, N, D|Dv). Cost O(R^2 D + N M D), M = ``num_tokens``.
+
+    What differs from the paper and its code (OliverRensu/SG-Former): (1) significance: the paper
+    scores every token by the previous hybrid-scale layer's attention maps (the mean over heads
+    and queries of the global attention onto the down-sampled keys, interpolated to tokens, plus
+    the mean of the 7 x 7 window attention onto each token), so it evolves with training; here it
+    comes from the current call's q and k, per region (region means attending region means), the
+    same for every token of a region. (2) reallocation: the paper sorts the tokens by significance
+    and merges runs of the sorted order in three tiers (the least significant quarter in groups of
+    49, the middle half in groups of 14, the top quarter in groups of 7 at reduction ratio 4:
+    new tokens in proportion 1 : 7 : 7), so merged tokens need not be neighbours; here runs of
+    the region-major order carry equal significance, so a new token is a spatially contiguous run.
+    (3) merging: the paper merges with a learned linear map per tier, here the mean. (4) the paper
+    computes two key sequences (row- and column-major ties) for two halves of the heads, and its
+    local-window heads (hybrid scale) are here the ``sliding_window`` or ``neighborhood`` methods."""
 
     info = MethodInfo(
         name="sgformer", title="SG-Former: Self-guided Transformer with Evolving Token Reallocation", arxiv="2308.12216",
