@@ -258,7 +258,7 @@ def s2_support(q, k, *, block_size: int, local_blocks: int, vert_stride: int, ca
 def routing_support(q, k, *, num_clusters: int, iterations: int, seed: int, window: int | None, causal: bool, scale: float):
     """Routing attention with balanced clusters: unit queries and keys; spherical k-means (each
     token to its most similar centroid, each centroid the normalised sum of its tokens, kept when
-    empty) from the tokens that ``randperm(seed)`` picks first; then each centroid takes its
+    empty) started farthest-first from the token ``randint(seed)`` draws; then each centroid takes its
     ``window`` (default ceil(N / C)) most similar queries and keys, and a query attends to every
     key that shares a cluster with it. In float32, as the method routes."""
     B, H, nq, _ = q.shape
@@ -271,8 +271,9 @@ def routing_support(q, k, *, num_clusters: int, iterations: int, seed: int, wind
             kn = [x / x.norm() for x in k[bi, h].float()]
             tokens = qn + kn
             count = min(num_clusters, len(tokens))
-            start = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed))[:count]
-            centroids = [tokens[int(t)] for t in start]
+            centroids = [tokens[int(torch.randint(len(tokens), (1,), generator=torch.Generator().manual_seed(seed)))]]
+            while len(centroids) < count:  # farthest-first: the token least similar to its nearest centroid
+                centroids.append(tokens[min(range(len(tokens)), key=lambda t: max(float(tokens[t] @ c) for c in centroids))])
             for _ in range(iterations):
                 sums = [torch.zeros_like(c) for c in centroids]
                 for t in tokens:

@@ -41,16 +41,15 @@ def _random_centroids(self, qn, kn):
     return torch.nn.functional.normalize(torch.randn(shape, generator=gen), dim=-1)
 
 
-def _initial_centroids(self, qn, kn):
-    """The seeded tokens themselves: no k-means step."""
-    tokens = torch.cat([qn, kn], dim=2)
+def _random_seeds(self, tokens):
+    """Starts at seeded random tokens instead of farthest-first."""
     start = torch.randperm(tokens.shape[2], generator=torch.Generator().manual_seed(self.config.seed))
     return tokens[:, :, start[: self.config.num_clusters]]
 
 
 MUTANTS = [
     Mutant("routing-random-clusters", routing.Routing, "centroids", _random_centroids),
-    Mutant("routing-no-kmeans-step", routing.Routing, "centroids", _initial_centroids),
+    Mutant("routing-random-starts", routing.Routing, "seeds", _random_seeds),
 ]
 
 

@@ -32,8 +32,10 @@ class Routing(DynamicMethod):
     in none, or whose clusters hold no visible key, gets zeros (in the paper routing heads sit
     beside local heads). ``balanced=False`` (not the paper's): each token joins its nearest
     centroid only, so clusters can be very uneven. Training-free: the centroids are fitted per call
-    and head by ``iterations`` steps of spherical k-means over the queries and keys, started from
-    ``seed``-chosen tokens (the paper's online k-means updates them during training).
+    and head by ``iterations`` steps of spherical k-means over the queries and keys (the paper's
+    online k-means updates them during training instead), started farthest-first (not in the
+    paper: a ``seed``-drawn token, then each next the token least similar to those chosen), so
+    that clusters which random starts would merge each get a centroid.
     Execution: per head, the cluster members (copies, when balanced) are laid out cluster by
     cluster, so a cluster is a contiguous range and each query block visits the key blocks of its
     clusters on the block executor; copies of a query merge by log-sum-exp.
@@ -71,15 +73,27 @@ class Routing(DynamicMethod):
     def centroids(self, qn, kn) -> torch.Tensor:
         """(B, Hq, C, D) unit centroids: spherical k-means over the unit queries and keys."""
         tokens = torch.cat([qn, kn], dim=2)
-        gen = torch.Generator().manual_seed(self.config.seed)
-        count = min(self.config.num_clusters, tokens.shape[2])
-        start = torch.randperm(tokens.shape[2], generator=gen)[:count].to(qn.device)
-        centroids = tokens[:, :, start]
+        centroids = self.seeds(tokens)
         for _ in range(self.config.iterations):
             assign = (tokens @ centroids.transpose(-1, -2)).argmax(-1)
             sums = torch.zeros_like(centroids).scatter_add_(2, assign[..., None].expand_as(tokens), tokens)
             centroids = torch.where(sums.norm(dim=-1, keepdim=True) > 0, F.normalize(sums, dim=-1), centroids)
         return centroids
+
+    def seeds(self, tokens) -> torch.Tensor:
+        """(B, Hq, C, D) starting centroids among the unit ``tokens`` (B, Hq, T, D): the token that
+        ``seed`` draws, then, one at a time, the token least similar to every centroid so far
+        (farthest-first), so that well-separated clusters each get a centroid."""
+        gen = torch.Generator().manual_seed(self.config.seed)
+        first = int(torch.randint(tokens.shape[2], (1,), generator=gen))
+        chosen = tokens[:, :, first : first + 1]
+        closest = (tokens @ chosen.transpose(-1, -2))[..., 0]  # (B, Hq, T): similarity to the nearest centroid
+        for _ in range(min(self.config.num_clusters, tokens.shape[2]) - 1):
+            far = closest.argmin(-1)
+            picked = torch.gather(tokens, 2, far[..., None, None].expand(-1, -1, 1, tokens.shape[-1]))
+            chosen = torch.cat([chosen, picked], 2)
+            closest = torch.maximum(closest, (tokens @ picked.transpose(-1, -2))[..., 0])
+        return chosen
 
     def _unit(self, q, k, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
         return F.normalize(q.float(), dim=-1), F.normalize(repeat_kv(k, call.groups).float(), dim=-1)
