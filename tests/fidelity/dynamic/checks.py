@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import torch
 from fidelity.dynamic.references import attend
+from fidelity.mutation import Mutant, assert_caught
 from helpers import rel_err
 
 import attnzoo
+from attnzoo.methods.dynamic.scoring import top_blocks
 
 # (B, Hq, Hkv, Nq, Nk, D, causal)
 SHAPES = [(1, 2, 2, 96, 96, 8, True), (2, 4, 2, 96, 96, 8, False), (1, 2, 1, 64, 96, 8, True)]
@@ -30,3 +33,24 @@ def assert_matches_reference(name: str, config: dict, support: Callable, seed: i
         ref = attend(q, k, v, support(q, k, causal=causal, scale=scale), scale)
         err = rel_err(out, ref)
         assert err <= tol, f"{name} {config} shape {(B, Hq, Hkv, nq, nk, D)} causal={causal} seed={seed}: error {err:.2e}"
+
+
+def lowest_scored(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """A wrong top-k for mutants: the ``count`` lowest finite scores (where -inf stays excluded)."""
+    return top_blocks(torch.where(torch.isfinite(scores), -scores, scores), count)
+
+
+def row_strips(grid, n_win, device) -> torch.Tensor:
+    """A wrong region order for mutants: runs of the row-major order instead of 2-D windows."""
+    return torch.arange(torch.Size(grid).numel(), device=device)
+
+
+def mutant_test(mutants: list[Mutant], check: Callable[[int], None]):
+    """The test a fidelity file exports as ``test_mutant_is_caught``: for every mutant, ``check(seed)``
+    passes unmutated and fails with the mutant applied (:func:`fidelity.mutation.assert_caught`)."""
+
+    @pytest.mark.parametrize("mutant", mutants, ids=lambda m: m.name)
+    def test_mutant_is_caught(mutant, monkeypatch, rng):
+        assert_caught(monkeypatch, mutant, lambda: check(rng.initial_seed()))
+
+    return test_mutant_is_caught

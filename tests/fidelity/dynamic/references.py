@@ -36,7 +36,7 @@ def sees(p: int, j: int, nq: int, nk: int, causal: bool) -> bool:
 def block_support(blocks: dict, shape, block: int, causal: bool, kv_block: int | None = None) -> torch.Tensor:
     """Support from ``blocks[(b, h, query block)]`` = key block ids, each block ``block`` (queries)
     by ``kv_block`` (keys) tokens, causal pairs only."""
-    B, H, nq, nk = shape
+    nq, nk = shape[2:]
     kv_block = kv_block or block
     out = torch.zeros(shape, dtype=torch.bool)
     keys = torch.arange(nk)
@@ -385,16 +385,15 @@ def sea_support(q, k, *, top_k: int, q_block: int, proj: torch.Tensor, causal: b
                 rows = range(i * q_block, min(nq, (i + 1) * q_block))
                 estimate = torch.zeros(nk, dtype=torch.float64)
                 for p in rows:
-                    seen = [j for j in range(nk) if sees(p, j, nq, nk, causal)]
-                    if seen:
+                    seen = torch.arange(nk) <= p + off if causal else torch.ones(nk, dtype=torch.bool)
+                    if seen.any():
                         row = kf @ qf[p]
                         estimate += row / row[seen].sum()
                 first, last = rows[0] + off, rows[-1] + off
                 others = {j: float(estimate[j]) for j in range(nk) if not first <= j <= last and (not causal or j < first)}
                 keys = top_ids(others, top_k) + [j for j in range(first, first + q_block) if 0 <= j < nk and j - off < nq]
                 for p in rows:
-                    for j in keys:
-                        support[bi, h, p, j] = sees(p, j, nq, nk, causal)
+                    support[bi, h, p, keys] = torch.tensor([sees(p, j, nq, nk, causal) for j in keys])
     return support
 
 
@@ -421,7 +420,7 @@ def sgformer_attention(q, k, v, *, n_win: int, num_tokens: int, grid: tuple[int,
             total, carried, new_of = float(significance.sum()), 0.0, {}
             for r, m in enumerate(members):
                 for t in m:
-                    new_of[t] = min(int(math.floor(num_tokens * carried / total)), num_tokens - 1)
+                    new_of[t] = min(math.floor(num_tokens * carried / total), num_tokens - 1)
                     carried += float(significance[r]) / len(m)
             groups = [[t for t in range(n) if new_of[t] == g] for g in range(num_tokens)]
             groups = [g for g in groups if g]

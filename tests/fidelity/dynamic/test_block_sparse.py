@@ -5,13 +5,12 @@ from __future__ import annotations
 import functools
 
 import pytest
-import torch
-from fidelity.dynamic.checks import assert_matches_reference
+from fidelity.dynamic.checks import assert_matches_reference, lowest_scored, mutant_test
 from fidelity.dynamic.references import block_sparse_support
-from fidelity.mutation import Mutant, assert_caught
+from fidelity.mutation import Mutant
 
 from attnzoo.methods.dynamic import block_sparse
-from attnzoo.methods.dynamic.scoring import pooled_scores, top_blocks
+from attnzoo.methods.dynamic.scoring import pooled_scores
 
 CONFIGS = [dict(top_k=3, block_size=16, local_blocks=1), dict(top_k=2, block_size=16, local_blocks=0)]
 
@@ -26,20 +25,13 @@ def test_selection_is_the_papers(config, rng):
     check(config, rng.initial_seed())
 
 
-def _lowest_scored(scores, k):
-    return top_blocks(torch.where(torch.isfinite(scores), -scores, scores), k)
-
-
 def _scores_of_the_next_block(q, k, call, q_block, kv_block):
     return pooled_scores(q, k, call, q_block, kv_block).roll(1, -1)
 
 
 MUTANTS = [
-    Mutant("block_sparse-lowest-scored", block_sparse, "top_blocks", _lowest_scored),
+    Mutant("block_sparse-lowest-scored", block_sparse, "top_blocks", lowest_scored),
     Mutant("block_sparse-scores-shifted-one-block", block_sparse, "pooled_scores", _scores_of_the_next_block),
 ]
 
-
-@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name)
-def test_mutant_is_caught(mutant, monkeypatch, rng):
-    assert_caught(monkeypatch, mutant, lambda: check(CONFIGS[0], rng.initial_seed()))
+test_mutant_is_caught = mutant_test(MUTANTS, lambda seed: check(CONFIGS[0], seed))

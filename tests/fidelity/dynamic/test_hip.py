@@ -5,9 +5,9 @@ from __future__ import annotations
 import functools
 
 import pytest
-from fidelity.dynamic.checks import assert_matches_reference
+from fidelity.dynamic.checks import assert_matches_reference, mutant_test
 from fidelity.dynamic.references import hip_support
-from fidelity.mutation import Mutant, assert_caught
+from fidelity.mutation import Mutant
 
 from attnzoo.methods.dynamic import hip
 
@@ -45,7 +45,4 @@ MUTANTS = [
     Mutant("hip-first-block-represents", hip, "representative_block", lambda starts, ends: starts),
 ]
 
-
-@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name)
-def test_mutant_is_caught(mutant, monkeypatch, rng):
-    assert_caught(monkeypatch, mutant, lambda: [check(config, rng.initial_seed()) for config in CONFIGS[:2]])
+test_mutant_is_caught = mutant_test(MUTANTS, lambda seed: [check(config, seed) for config in CONFIGS[:2]])

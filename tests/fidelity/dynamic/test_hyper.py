@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fidelity.dynamic.checks import mutant_test
 from fidelity.dynamic.references import hyper_weights, weighted_attention
-from fidelity.mutation import Mutant, assert_caught
+from fidelity.mutation import Mutant
 from helpers import rel_err
 
 import attnzoo
@@ -44,7 +45,4 @@ MUTANTS = [
     Mutant("hyper-binary-not-gray-order", hyper, "_gray_rank", lambda code, bits: code),
 ]
 
-
-@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name)
-def test_mutant_is_caught(mutant, monkeypatch, rng):
-    assert_caught(monkeypatch, mutant, lambda: check(CONFIGS[0], rng.initial_seed()))
+test_mutant_is_caught = mutant_test(MUTANTS, lambda seed: check(CONFIGS[0], seed))

@@ -6,9 +6,9 @@ import functools
 
 import pytest
 import torch
-from fidelity.dynamic.checks import SHAPES, assert_matches_reference
+from fidelity.dynamic.checks import SHAPES, assert_matches_reference, mutant_test
 from fidelity.dynamic.references import routing_support
-from fidelity.mutation import Mutant, assert_caught
+from fidelity.mutation import Mutant
 
 import attnzoo
 from attnzoo.methods.dynamic import routing
@@ -52,7 +52,4 @@ MUTANTS = [
     Mutant("routing-random-starts", routing.Routing, "seeds", _random_seeds),
 ]
 
-
-@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name)
-def test_mutant_is_caught(mutant, monkeypatch, rng):
-    assert_caught(monkeypatch, mutant, lambda: check(CONFIGS[0], rng.initial_seed()))
+test_mutant_is_caught = mutant_test(MUTANTS, lambda seed: check(CONFIGS[0], seed))

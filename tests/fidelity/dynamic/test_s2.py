@@ -6,9 +6,9 @@ import functools
 
 import pytest
 import torch
-from fidelity.dynamic.checks import SHAPES, assert_matches_reference
+from fidelity.dynamic.checks import assert_matches_reference, mutant_test
 from fidelity.dynamic.references import s2_support
-from fidelity.mutation import Mutant, assert_caught
+from fidelity.mutation import Mutant
 
 from attnzoo.methods.local import s2
 
@@ -42,7 +42,4 @@ MUTANTS = [
     Mutant("s2-stride-off-by-one", s2.S2, "_offsets", lambda self, call: torch.arange(call.heads_q, device=call.device) + 1),
 ]
 
-
-@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name)
-def test_mutant_is_caught(mutant, monkeypatch, rng):
-    assert_caught(monkeypatch, mutant, lambda: check(CONFIGS[0], rng.initial_seed()))
+test_mutant_is_caught = mutant_test(MUTANTS, lambda seed: check(CONFIGS[0], seed))

@@ -6,9 +6,9 @@ import functools
 
 import pytest
 import torch
-from fidelity.dynamic.checks import SHAPES, assert_matches_reference
+from fidelity.dynamic.checks import SHAPES, assert_matches_reference, mutant_test
 from fidelity.dynamic.references import sea_support
-from fidelity.mutation import Mutant, assert_caught
+from fidelity.mutation import Mutant
 
 from attnzoo.kernels.linear.feature_maps import favor_exponent, orthogonal_gaussian
 from attnzoo.methods.dynamic import sea
@@ -37,7 +37,4 @@ MUTANTS = [
     Mutant("sea-rows-not-normalised", sea, "_row_normaliser", lambda qf, kf, call: torch.ones(qf.shape[:3], dtype=qf.dtype)),
 ]
 
-
-@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name)
-def test_mutant_is_caught(mutant, monkeypatch, rng):
-    assert_caught(monkeypatch, mutant, lambda: check(CONFIGS[0], rng.initial_seed()))
+test_mutant_is_caught = mutant_test(MUTANTS, lambda seed: check(CONFIGS[0], seed))

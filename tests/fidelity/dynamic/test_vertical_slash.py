@@ -5,13 +5,11 @@ from __future__ import annotations
 import functools
 
 import pytest
-import torch
-from fidelity.dynamic.checks import assert_matches_reference
+from fidelity.dynamic.checks import assert_matches_reference, lowest_scored, mutant_test
 from fidelity.dynamic.references import vertical_slash_support
-from fidelity.mutation import Mutant, assert_caught
+from fidelity.mutation import Mutant
 
 from attnzoo.methods.dynamic import vertical_slash
-from attnzoo.methods.dynamic.scoring import top_blocks
 
 SHAPES = [(1, 2, 2, 96, 96, 8, True), (2, 4, 2, 96, 96, 8, True), (1, 2, 1, 64, 96, 8, True)]
 CONFIGS = [
@@ -38,16 +36,9 @@ def _slash_scores_replaced(self, q, k, call):
     return vertical, vertical.clone()
 
 
-def _lowest_scored(scores, count):
-    return top_blocks(torch.where(torch.isfinite(scores), -scores, scores), count)
-
-
 MUTANTS = [
     Mutant("vertical_slash-slash-scores-replaced", vertical_slash.VerticalSlash, "estimate", _slash_scores_replaced),
-    Mutant("vertical_slash-lowest-scored", vertical_slash, "top_blocks", _lowest_scored),
+    Mutant("vertical_slash-lowest-scored", vertical_slash, "top_blocks", lowest_scored),
 ]
 
-
-@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name)
-def test_mutant_is_caught(mutant, monkeypatch, rng):
-    assert_caught(monkeypatch, mutant, lambda: check(CONFIGS[0], rng.initial_seed()))
+test_mutant_is_caught = mutant_test(MUTANTS, lambda seed: check(CONFIGS[0], seed))
