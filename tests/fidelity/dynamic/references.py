@@ -398,13 +398,53 @@ def sea_support(q, k, *, top_k: int, q_block: int, proj: torch.Tensor, causal: b
 
 
 # ---- SG-Former (the library's training-free reallocation) ---------------------------------------
-def sgformer_attention(q, k, v, *, n_win: int, num_tokens: int, grid: tuple[int, ...] | None, causal: bool, scale: float):
-    """The reallocation SGFormer documents, literally: region queries and keys are the means of
-    their tokens; a region's significance is the attention mass the region queries put on it (a
-    softmax per region query, averaged); walking the tokens region by region (row-major inside a
-    region), each token carries its region's significance shared equally among the region's
-    tokens, and joins new token floor(M x significance carried before it / total). Every query
-    attends (exact softmax, float64) to the mean keys and values of the non-empty new tokens."""
+def sgformer_runs(q, k, members: list[list[int]], num_tokens: int, scale: float) -> dict:
+    """The library's default reallocation for one head: region means attend region means, a
+    region's significance is the mass it receives; walking the tokens region by region, each
+    carries its region's significance shared equally among the region's tokens and joins new token
+    floor(M x significance carried before it / total). Returns {token: new token}."""
+    qr = torch.stack([q[m].double().mean(0) for m in members])
+    kr = torch.stack([k[m].double().mean(0) for m in members])
+    significance = torch.softmax(qr @ kr.T * scale, -1).mean(0)
+    total, carried, new_of = float(significance.sum()), 0.0, {}
+    for r, m in enumerate(members):
+        for t in m:
+            new_of[t] = min(math.floor(num_tokens * carried / total), num_tokens - 1)
+            carried += float(significance[r]) / len(m)
+    return new_of
+
+
+def sgformer_tiers(q, k, members: list[list[int]], num_tokens: int, scale: float) -> dict:
+    """SG-Former's reallocation for one head, q/k (N, D): a token's significance is the mass every
+    query puts on its region's mean key (global map over down-sampled keys) plus the mass its own
+    region's queries put on it (local window map); tokens sorted by significance (stably, in
+    region-major order) and the least significant quarter, middle half and top quarter cut into
+    1 : 7 : 7 of the new tokens in equal runs. Returns {token: new token}."""
+    kr = torch.stack([k[m].double().mean(0) for m in members])
+    global_mass = torch.softmax(q.double() @ kr.T * scale, -1).mean(0)
+    significance = {}
+    for r, m in enumerate(members):
+        local = torch.softmax(q[m].double() @ k[m].double().T * scale, -1).mean(0)
+        for t, mass in zip(m, local):
+            significance[t] = float(global_mass[r]) + float(mass)
+    ranked = sorted((t for m in members for t in m), key=lambda t: significance[t])
+    n = len(ranked)
+    sizes = [n // 4, n - 2 * (n // 4), n // 4]
+    low = max(1, num_tokens // 15)
+    counts = [min(c, s) for c, s in zip([low, (num_tokens - low) // 2, num_tokens - low - (num_tokens - low) // 2], sizes)]
+    new_of, start, first = {}, 0, 0
+    for size, count in zip(sizes, counts):
+        for rank in range(size):
+            new_of[ranked[start + rank]] = first + rank * count // size
+        start, first = start + size, first + count
+    return new_of
+
+
+def sgformer_attention(q, k, v, *, n_win: int, num_tokens: int, grid: tuple[int, ...] | None, causal: bool, scale: float,
+                       reallocation: str = "runs"):
+    """SG-Former's attention: the tokens reallocated (:func:`sgformer_runs` or, the paper's,
+    :func:`sgformer_tiers`), every query attends (exact softmax, float64) to the mean keys and
+    values of the non-empty new tokens."""
     assert not causal
     B, H, n, _ = q.shape
     k, v = expand_heads(k, H), expand_heads(v, H)
@@ -414,14 +454,10 @@ def sgformer_attention(q, k, v, *, n_win: int, num_tokens: int, grid: tuple[int,
     out = torch.zeros(B, H, n, v.shape[-1], dtype=torch.float64)
     for bi in range(B):
         for h in range(H):
-            qr = torch.stack([q[bi, h, m].double().mean(0) for m in members])
-            kr = torch.stack([k[bi, h, m].double().mean(0) for m in members])
-            significance = torch.softmax(qr @ kr.T * scale, -1).mean(0)
-            total, carried, new_of = float(significance.sum()), 0.0, {}
-            for r, m in enumerate(members):
-                for t in m:
-                    new_of[t] = min(math.floor(num_tokens * carried / total), num_tokens - 1)
-                    carried += float(significance[r]) / len(m)
+            if reallocation == "tiers":
+                new_of = sgformer_tiers(q[bi, h], k[bi, h], members, num_tokens, scale)
+            else:
+                new_of = sgformer_runs(q[bi, h], k[bi, h], members, num_tokens, scale)
             groups = [[t for t in range(n) if new_of[t] == g] for g in range(num_tokens)]
             groups = [g for g in groups if g]
             kp = torch.stack([k[bi, h, g].double().mean(0) for g in groups])

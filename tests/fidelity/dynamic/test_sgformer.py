@@ -14,7 +14,14 @@ import attnzoo
 from attnzoo.methods.dynamic import sgformer
 from attnzoo.methods.dynamic.scoring import block_means
 
-CONFIGS = [dict(n_win=4, num_tokens=12, grid=(8, 8)), dict(n_win=6, num_tokens=20, grid=None)]
+_token_significance = sgformer._token_significance
+
+CONFIGS = [
+    dict(n_win=4, num_tokens=12, grid=(8, 8)),
+    dict(n_win=6, num_tokens=20, grid=None),
+    dict(n_win=4, num_tokens=16, grid=(8, 8), reallocation="tiers"),
+    dict(n_win=6, num_tokens=30, grid=None, reallocation="tiers"),
+]
 
 
 def check(config: dict, seed: int) -> None:
@@ -34,9 +41,19 @@ def test_reallocation_follows_its_definition(config, rng):
     check(config, rng.initial_seed())
 
 
+def _local_mass(q_regions, k_regions, size, scale):
+    qw, kw = q_regions.unflatten(2, (-1, size)), k_regions.unflatten(2, (-1, size))
+    return torch.softmax(qw @ kw.transpose(-1, -2) * scale, dim=-1).mean(3).flatten(2)
+
+
 MUTANTS = [
     Mutant("sgformer-uniform-significance", sgformer, "block_means", lambda x, block: block_means(x, block) * 0),
     Mutant("sgformer-row-strip-regions", sgformer, "region_order", row_strips),
+    Mutant("sgformer-tiers-least-significant-finest", sgformer, "_token_significance",
+           lambda *args: -_token_significance(*args)),
+    Mutant("sgformer-tiers-without-the-local-map", sgformer, "_token_significance",
+           lambda q_regions, k_regions, size, scale: _token_significance(q_regions, k_regions, size, scale)
+           - _local_mass(q_regions, k_regions, size, scale)),
 ]
 
-test_mutant_is_caught = mutant_test(MUTANTS, lambda seed: check(CONFIGS[0], seed))
+test_mutant_is_caught = mutant_test(MUTANTS, lambda seed: [check(config, seed) for config in CONFIGS[::2]])
