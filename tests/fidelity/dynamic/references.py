@@ -75,10 +75,21 @@ def mean_of(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return x[lo : min(hi, x.shape[0])].double().mean(0)
 
 
+def spread_rows(i: int, block: int, nq: int, samples: int) -> list[int]:
+    """``samples`` (at most the block's size) evenly spaced queries of query block i, ending at its
+    last one: last - floor(j length / r) for j < r (a short block repeats queries)."""
+    first, last = i * block, min(nq, (i + 1) * block) - 1
+    r = min(samples, block)
+    return [last - (j * (last - first + 1)) // r for j in range(r)]
+
+
 # ---- MInference block-sparse ------------------------------------------------------------------
-def block_sparse_support(q, k, *, top_k: int, block_size: int, local_blocks: int, causal: bool, scale: float):
-    """Each query block's mean query scores every visible key block's mean key; the always-visited
-    blocks count toward ``top_k`` and the rest are filled with the best scored."""
+def block_sparse_support(q, k, *, top_k: int, block_size: int, local_blocks: int, causal: bool, scale: float,
+                         estimator: str = "pooled_qk", samples: int = 4):
+    """Each query block scores every visible key block: ``"pooled_qk"`` (the paper's) by its mean
+    query . the block's mean key, ``"sampled_q"`` by the exact attention mass that ``samples``
+    evenly spaced queries of the block put on the block's keys; the always-visited blocks count
+    toward ``top_k`` and the rest are filled with the best scored."""
     B, H, nq, _ = q.shape
     k = expand_heads(k, H)
     nk, b = k.shape[2], block_size
@@ -88,8 +99,16 @@ def block_sparse_support(q, k, *, top_k: int, block_size: int, local_blocks: int
         for h in range(H):
             for i in range(math.ceil(nq / b)):
                 diag = diagonal_block(i, b, nq, nk, causal)
-                qm = mean_of(q[bi, h], i * b, (i + 1) * b)
-                score = {j: float(qm @ mean_of(k[bi, h], j * b, (j + 1) * b)) * scale for j in range(diag + 1)}
+                if estimator == "sampled_q":
+                    mass = torch.zeros(nk, dtype=torch.float64)
+                    for p in spread_rows(i, b, nq, samples):
+                        seen = p + nk - nq + 1 if causal else nk
+                        if seen > 0:
+                            mass[:seen] += torch.softmax((k[bi, h, :seen].double() @ q[bi, h, p].double()) * scale, 0)
+                    score = {j: float(mass[j * b : (j + 1) * b].sum()) for j in range(diag + 1)}
+                else:
+                    qm = mean_of(q[bi, h], i * b, (i + 1) * b)
+                    score = {j: float(qm @ mean_of(k[bi, h], j * b, (j + 1) * b)) * scale for j in range(diag + 1)}
                 chosen = always_visited(diag, causal, local_blocks)[: min(top_k, nkb)]
                 rest = sorted((j for j in score if j not in chosen), key=lambda j: -score[j])
                 blocks[bi, h, i] = chosen + rest[: min(top_k, nkb) - len(chosen)]
@@ -97,19 +116,20 @@ def block_sparse_support(q, k, *, top_k: int, block_size: int, local_blocks: int
 
 
 # ---- HiP ---------------------------------------------------------------------------------------
-def hip_branch_score(kind: str, queries, positions, keys, lo: int, hi: int, bk: int, nq: int, nk: int, causal: bool):
+def hip_branch_score(kind: str, queries, positions, keys, lo: int, hi: int, bk: int, nq: int, nk: int, causal: bool,
+                     sampled: bool):
     """Score of the branch of key blocks [lo, hi) for one query block: ``"paper"`` the largest logit
     between its queries (at ``positions``) and the tokens of the centre block lo + (hi - lo) // 2
     (causal pairs only); ``"pooled"`` the mean query against the centre block's mean key;
     ``"bound"`` Quest's bound sum_d max(q_d max_j k_jd, q_d min_j k_jd) over every key of the range,
-    the mean query's."""
+    the mean query's (the largest over the queries when they are ``sampled``)."""
     centre = lo + (hi - lo) // 2
     if kind == "pooled":
         return float(queries.double().mean(0) @ mean_of(keys, centre * bk, (centre + 1) * bk))
     if kind == "bound":
         span = keys[lo * bk : min(nk, hi * bk)].double()
-        qm = queries.double().mean(0)
-        return float(torch.maximum(qm * span.max(0).values, qm * span.min(0).values).sum())
+        scoring = queries.double() if sampled else queries.double().mean(0, keepdim=True)
+        return max(float(torch.maximum(x * span.max(0).values, x * span.min(0).values).sum()) for x in scoring)
     lo_key, hi_key = centre * bk, min(nk, (centre + 1) * bk)
     logits = queries.double() @ keys[lo_key:hi_key].double().T  # (queries, keys of the centre block)
     for row, p in enumerate(positions):
@@ -120,11 +140,11 @@ def hip_branch_score(kind: str, queries, positions, keys, lo: int, hi: int, bk: 
 
 
 def hip_support(q, k, *, top_k: int, block_size: int, local_blocks: int, causal: bool, branch_score: str,
-                key_block_size: int | None = None, scale: float = 1.0):
+                key_block_size: int | None = None, query_samples: int = 0, scale: float = 1.0):
     """HiP's tree search per query block: the visible key blocks in ``top_k`` equal ranges; at every
     level each range splits into two halves, every half is scored (:func:`hip_branch_score`) and
     the ``top_k`` best halves survive, until each range is one block; the always-visited blocks are
-    added."""
+    added. ``query_samples`` r > 0: r evenly spaced queries of the block score instead of all."""
     B, H, nq, _ = q.shape
     k = expand_heads(k, H)
     nk, bq = k.shape[2], block_size
@@ -136,7 +156,7 @@ def hip_support(q, k, *, top_k: int, block_size: int, local_blocks: int, causal:
             for i in range(math.ceil(nq / bq)):
                 diag = diagonal_block(i, bq, nq, nk, causal, bk)
                 visible = max(diag + 1, 0)
-                positions = list(range(i * bq, min(nq, (i + 1) * bq)))
+                positions = spread_rows(i, bq, nq, query_samples) if query_samples else list(range(i * bq, min(nq, (i + 1) * bq)))
                 queries = q[bi, h, positions]
                 ranges = [(t * visible // width, (t + 1) * visible // width) for t in range(width)]
                 ranges = [r for r in ranges if r[1] > r[0]]
@@ -145,7 +165,8 @@ def hip_support(q, k, *, top_k: int, block_size: int, local_blocks: int, causal:
                     for lo, hi in ranges:
                         mid = (lo + hi + 1) // 2
                         halves += [r for r in ((lo, mid), (mid, hi)) if r[1] > r[0]]
-                    scored = [(hip_branch_score(branch_score, queries, positions, k[bi, h], lo, hi, bk, nq, nk, causal), (lo, hi))
+                    scored = [(hip_branch_score(branch_score, queries, positions, k[bi, h], lo, hi, bk, nq, nk, causal,
+                                                sampled=query_samples > 0), (lo, hi))
                               for lo, hi in halves]
                     scored.sort(key=lambda s: -s[0])
                     ranges = [r for _, r in scored[:width]]
@@ -161,8 +182,9 @@ def top_ids(scores: dict, count: int) -> list:
 
 
 def vertical_slash_support(q, k, *, vertical_blocks: int, slash_blocks: int, block_size: int, local_blocks: int,
-                           last_q: int, vertical_columns: int, causal: bool, scale: float):
-    """MInference's estimate: the last ``last_q`` queries attend densely (causal); their attention
+                           last_q: int, vertical_columns: int, causal: bool, scale: float, estimate_queries: str = "last"):
+    """MInference's estimate: the last ``last_q`` queries (``estimate_queries="spread"``, not the
+    paper's: ``last_q`` queries evenly spread over the sequence) attend densely (causal); their attention
     summed per key is the vertical score, summed per diagonal (query position - key position) the
     slash score. At block granularity a key block's vertical score sums its keys, a block
     diagonal d sums the token diagonals in [(d - 1) b, (d + 1) b); block 0 and diagonals 0 ..
@@ -178,7 +200,9 @@ def vertical_slash_support(q, k, *, vertical_blocks: int, slash_blocks: int, blo
     for bi in range(B):
         for h in range(H):
             vertical, slash = [0.0] * nk, [0.0] * nk
-            for p in range(nq - min(last_q, nq), nq):
+            n = min(last_q, nq)
+            estimating = range(nq - n, nq) if estimate_queries == "last" else [round(j * (nq - 1) / max(n - 1, 1)) for j in range(n)]
+            for p in estimating:
                 reach = p + off
                 if reach < 0:
                     continue

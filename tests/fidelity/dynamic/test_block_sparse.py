@@ -12,11 +12,15 @@ from fidelity.mutation import Mutant
 from attnzoo.methods.dynamic import block_sparse
 from attnzoo.methods.dynamic.scoring import pooled_scores
 
-CONFIGS = [dict(top_k=3, block_size=16, local_blocks=1), dict(top_k=2, block_size=16, local_blocks=0)]
+CONFIGS = [
+    dict(top_k=3, block_size=16, local_blocks=1),
+    dict(top_k=2, block_size=16, local_blocks=0),
+    dict(top_k=3, block_size=16, local_blocks=1, estimator="sampled_q", samples=3),
+]
 
 
 def check(config: dict, seed: int) -> None:
-    support = functools.partial(block_sparse_support, **{k: config[k] for k in ("top_k", "block_size", "local_blocks")})
+    support = functools.partial(block_sparse_support, **config)
     assert_matches_reference("block_sparse", config, support, seed)
 
 

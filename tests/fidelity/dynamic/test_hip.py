@@ -16,11 +16,14 @@ CONFIGS = [
     dict(top_k=2, block_size=16, branch_score="paper", key_block_size=8, local_blocks=0),
     dict(top_k=3, block_size=16, branch_score="pooled"),
     dict(top_k=3, block_size=16, branch_score="bound"),
+    dict(top_k=3, block_size=16, query_samples=3),
+    dict(top_k=3, block_size=16, branch_score="bound", query_samples=2),
 ]
 
 
 def check(config: dict, seed: int) -> None:
-    options = dict(local_blocks=1, key_block_size=None) | {k: config[k] for k in config if k != "top_k"}
+    default_score = "paper" if config.get("query_samples") else "pooled"  # the documented default
+    options = dict(local_blocks=1, key_block_size=None, branch_score=default_score) | {k: config[k] for k in config if k != "top_k"}
     support = functools.partial(hip_support, top_k=config["top_k"], **options)
     assert_matches_reference("hip", config, support, seed)
 

@@ -15,6 +15,7 @@ SHAPES = [(1, 2, 2, 96, 96, 8, True), (2, 4, 2, 96, 96, 8, True), (1, 2, 1, 64, 
 CONFIGS = [
     dict(vertical_blocks=2, slash_blocks=3, block_size=16, local_blocks=1, last_q=16, vertical_columns=0),
     dict(vertical_blocks=1, slash_blocks=2, block_size=8, local_blocks=0, last_q=24, vertical_columns=5),
+    dict(vertical_blocks=2, slash_blocks=3, block_size=16, local_blocks=1, last_q=7, vertical_columns=0, estimate_queries="spread"),
 ]
 
 
