@@ -15,7 +15,6 @@ from ...kernels.dense import causal_mask, repeat_kv
 from ...method import Call, MethodInfo
 from ...registry import register
 
-
 MAX_BALANCED_CLUSTERS = 62
 
 
