@@ -111,11 +111,11 @@ class _Interrupting(SeerRecipe):
     def __init__(self, at):
         self.calls, self.at = 0, at
 
-    def layer_losses(self, method, qkv):
+    def layer_losses(self, method, teacher, layer):
         self.calls += 1
         if self.calls == self.at:
             raise KeyboardInterrupt
-        return super().layer_losses(method, qkv)
+        return super().layer_losses(method, teacher, layer)
 
 
 def test_ctrl_c_saves_and_resume_loses_nothing(llama, tmp_path, rng):

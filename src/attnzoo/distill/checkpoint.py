@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, UnsupportedError
 from ..method import Method
 from ..registry import get_method
 from ..models import ModelUnavailableError
@@ -38,7 +38,7 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save(folder: Path, config: Mapping[str, Any], methods: Mapping[int, Method], optimizer: torch.optim.Optimizer | None) -> None:
+def save(folder: Path, config: Mapping[str, Any], methods: Mapping[int, torch.nn.Module], optimizer: torch.optim.Optimizer | None) -> None:
     """Write the checkpoint files (weights and optimizer first, the config naming the step last)."""
     st = _safetensors()
     folder.mkdir(parents=True, exist_ok=True)
@@ -81,8 +81,8 @@ def build_methods(method: str, method_config: Mapping[str, Any], shapes: Mapping
     return methods
 
 
-def load_weights(folder: Path, methods: Mapping[int, Method]) -> None:
-    """Load ``weights.safetensors`` into ``methods`` ({layer: Method}); every key must fit."""
+def load_weights(folder: Path, methods: Mapping[int, torch.nn.Module]) -> None:
+    """Load ``weights.safetensors`` into ``methods`` ({layer: Method, or Attention copy}); every key must fit."""
     flat = _safetensors().load_file(str(folder / WEIGHTS))
     for i, m in methods.items():
         prefix = f"{i}."
@@ -90,14 +90,12 @@ def load_weights(folder: Path, methods: Mapping[int, Method]) -> None:
         try:
             m.load_state_dict(state)
         except RuntimeError as e:
-            raise InvalidArgumentError("weights", f"learned state that fits layer {i}'s {m.info.name!r} method",
+            raise InvalidArgumentError("weights", f"learned state that fits layer {i}'s {type(m).__name__}",
                                        f"a mismatch ({str(e).splitlines()[0]}...) in {folder / WEIGHTS}") from None
 
 
-def trained_methods(folder: str | os.PathLike, method: Any, config: Mapping[str, Any], shapes: Mapping[int, Shape]) -> dict[int, Method]:
-    """{layer: Method} with the learned state of checkpoint ``folder``, for ``attnzoo.patch(model, method,
-    weights=folder, **config)``: ``method`` must be the checkpoint's method name; ``config`` overrides its
-    inference options (e.g. ``threshold=``); the checkpoint's layer shapes must be the model's ``shapes``."""
+def _checked(folder, method: Any, shapes: Mapping[int, Shape]) -> tuple[dict[str, Any], dict[int, Shape]]:
+    """The checkpoint's config and {layer: shape}, checked against the ``method`` named and the model's ``shapes``."""
     data = read_config(folder)
     if method != data["method"]:
         raise InvalidArgumentError("method", f"{data['method']!r} (the method the checkpoint in {folder} trained)", repr(method))
@@ -106,6 +104,31 @@ def trained_methods(folder: str | os.PathLike, method: Any, config: Mapping[str,
         if shapes.get(i) != shape:
             got = "no such layer" if i not in shapes else f"(heads, kv heads, head dim, value dim) {shapes[i]}"
             raise InvalidArgumentError("weights", f"a checkpoint for this model (layer {i} trained with shape {shape})", got)
+    return data, layers
+
+
+def trained_methods(folder: str | os.PathLike, method: Any, config: Mapping[str, Any], shapes: Mapping[int, Shape]) -> dict[int, Method]:
+    """{layer: Method} with the learned state of checkpoint ``folder``, for ``attnzoo.patch(model, method,
+    weights=folder, **config)``: ``method`` must be the checkpoint's method name; ``config`` overrides its
+    inference options (e.g. ``threshold=``); the checkpoint's layer shapes must be the model's ``shapes``."""
+    data, layers = _checked(folder, method, shapes)
+    if data.get("unit", "method") != "method":
+        raise UnsupportedError(f"the checkpoint in {folder} trained whole attention layers ({data['recipe']!r}); "
+                               "it loads into the attnzoo.nn model it was trained on")
     methods = build_methods(method, {**data["method_config"], **config}, layers)
     load_weights(Path(folder), methods)
     return methods
+
+
+def trained_units(folder: str | os.PathLike, method: Any, config: Mapping[str, Any], found: list) -> dict[int, Any]:
+    """:func:`trained_methods` for a model of ``attnzoo.nn.Attention`` layers ``found``; checkpoints of
+    recipes that train whole layers give trained copies of them ({layer: Attention})."""
+    from ..integrations.attnzoo_nn import attention_copy
+
+    shapes = {i: (a.num_heads, a.num_kv_heads, a.head_dim, a.head_dim) for i, a in enumerate(found)}
+    data, layers = _checked(folder, method, shapes)
+    if data.get("unit", "method") == "method":
+        return trained_methods(folder, method, config, shapes)
+    units = {i: attention_copy(found[i], method, {**data["method_config"], **config}) for i in layers}
+    load_weights(Path(folder), units)
+    return units

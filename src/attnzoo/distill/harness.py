@@ -21,10 +21,11 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError, check_int
+from ..integrations.attnzoo_nn import attention_copy
 from ..method import Method
 from ..progress import Progress
 from . import checkpoint
-from .recipes import Recipe, get_recipe, merged_config
+from .recipes import Recipe, get_recipe
 from .targets import Target, target_for
 
 VAL_BATCH = 8  # validation examples per forward pass (at least the training batch)
@@ -98,7 +99,7 @@ class _Trainer:
         teacher = self.target.teacher(batch, list(self.methods))
         named: dict[str, list[torch.Tensor]] = {}
         for i, method in self.methods.items():
-            for name, value in self.recipe.layer_losses(method, teacher.qkv[i]).items():
+            for name, value in self.recipe.layer_losses(method, teacher, i).items():
                 named.setdefault(name, []).append(value)
         if self.recipe.student_pass:
             student = self.target.student(batch, self.methods)
@@ -121,7 +122,7 @@ def _resume(folder: Path, config: Mapping[str, Any], methods: Mapping[int, Metho
     if not (folder / checkpoint.CONFIG).is_file():
         return 0
     saved = checkpoint.read_config(folder)
-    for key, value in config.items():
+    for key, value in json.loads(json.dumps(config)).items():  # as JSON holds it (tuples become lists)
         if saved.get(key) != value:
             raise InvalidArgumentError("out", f"a new folder, or one holding this same run to resume ({key} = {value!r})",
                                        f"a checkpoint with {key} = {saved.get(key)!r} in {folder}")
@@ -157,17 +158,20 @@ def distill(model, recipe: str | Recipe, train: torch.Tensor, out: str | Path, *
     target = target_for(model)
     chosen = _layers(target, layers)
     recipe.check(target, chosen)
-    config = merged_config(recipe, method_config)
+    config = recipe.configure(target, method_config)
     lr = recipe.lr if lr is None else float(lr)
     shapes = {i: target.shapes[i] for i in chosen}
     torch.manual_seed(seed)
     device = next(model.parameters()).device
-    methods = {i: m.to(device) for i, m in checkpoint.build_methods(recipe.method, config, shapes).items()}
+    if recipe.unit == "attention":
+        methods = {i: attention_copy(target.layers[i], recipe.method, config) for i in chosen}
+    else:
+        methods = {i: m.to(device) for i, m in checkpoint.build_methods(recipe.method, config, shapes).items()}
     parameters = [p for m in methods.values() for p in m.parameters()]
     if not parameters:
         raise InvalidArgumentError("recipe", "a method with learned parameters", f"{recipe.method!r} with none")
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-    run_config = {"recipe": recipe.name, "method": recipe.method, "method_config": config, "model": type(model).__name__,
+    run_config = {"recipe": recipe.name, "method": recipe.method, "unit": recipe.unit, "method_config": config, "model": type(model).__name__,
                   "layers": {str(i): list(s) for i, s in shapes.items()}, "seed": seed, "batch_size": batch_size, "lr": lr,
                   "examples": list(train.shape)}
     folder = Path(out)

@@ -46,8 +46,14 @@ class Recipe:
     def check(self, target: Target, layers: list[int]) -> None:
         """Raise for a model this recipe cannot train on."""
 
-    def layer_losses(self, method: Method, qkv: QKV) -> dict[str, torch.Tensor]:
-        """Named losses of one layer from the teacher's q, k, v."""
+    unit: ClassVar[str] = "method"  # what trains per layer: the method's state, or ("attention") a copy of the layer
+
+    def configure(self, target: Target, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The method's config: ``config`` over the recipe's defaults."""
+        return {**self.defaults, **config}
+
+    def layer_losses(self, unit, teacher: Signals, layer: int) -> dict[str, torch.Tensor]:
+        """Named losses of one layer's ``unit`` from the teacher's signals (its q, k, v, ...)."""
         return {}
 
     def model_losses(self, teacher: Signals, student: Signals) -> dict[str, torch.Tensor]:
@@ -62,18 +68,29 @@ class SeerRecipe(Recipe):
     defaults = {"block_size": 64, "top_k": 8}
     lr = 1e-3
 
-    def layer_losses(self, method, qkv):
+    def layer_losses(self, method, teacher, layer):
+        qkv = teacher.qkv[layer]
         block = method.config.block_size
         target = block_max_target(qkv.q, qkv.k, causal=qkv.causal, scale=qkv.scale, block=block)
         logits = method.gate_logits(qkv.q, qkv.k, causal=qkv.causal, scale=qkv.scale)
         return {"gate_kl": kl_to_target(target, logits)}
 
 
+def relative_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of ``out`` against ``target``, relative to the target's mean square."""
+    return F.mse_loss(out, target) / target.pow(2).mean().clamp_min(1e-12)
+
+
+def block_output_loss(teacher: Signals, student: Signals) -> torch.Tensor:
+    """:func:`relative_mse` of each distilled block's output in the student pass, averaged over blocks."""
+    return torch.stack([relative_mse(student.hidden[i], teacher.hidden[i]) for i in student.hidden]).mean()
+
+
 def output_mse(method: Method, qkv: QKV) -> torch.Tensor:
     """Mean squared error of ``method``'s attention output against exact attention, relative to the exact output's mean square."""
     exact = sdpa(qkv.q, qkv.k, qkv.v, causal=qkv.causal, scale=qkv.scale)
     out = method(qkv.q, qkv.k, qkv.v, causal=qkv.causal, scale=qkv.scale, check_finite=False)
-    return F.mse_loss(out, exact) / exact.pow(2).mean().clamp_min(1e-12)
+    return relative_mse(out, exact)
 
 
 class FeatureMapRecipe(Recipe):
@@ -84,7 +101,8 @@ class FeatureMapRecipe(Recipe):
     lr = 1e-2
     block_loss: ClassVar[bool] = False
 
-    def layer_losses(self, method, qkv):
+    def layer_losses(self, method, teacher, layer):
+        qkv = teacher.qkv[layer]
         mask = causal_mask(qkv.q.shape[2], qkv.k.shape[2], qkv.q.device) if qkv.causal else None
         k = repeat_kv(qkv.k, qkv.q.shape[1] // qkv.k.shape[1])
         return {"attention_ce": mimicry_loss(method.feature_map, qkv.q.float(), k.float(), mask, qkv.scale),
@@ -95,9 +113,7 @@ class FeatureMapRecipe(Recipe):
         return self.block_loss
 
     def model_losses(self, teacher, student):
-        terms = [F.mse_loss(student.hidden[i], teacher.hidden[i]) / teacher.hidden[i].pow(2).mean().clamp_min(1e-12)
-                 for i in student.hidden]
-        return {"block_mse": torch.stack(terms).mean()}
+        return {"block_mse": block_output_loss(teacher, student)}
 
 
 class HedgehogRecipe(FeatureMapRecipe):
@@ -114,7 +130,34 @@ class LinFusionRecipe(FeatureMapRecipe):
             raise UnsupportedError(f"recipe 'linfusion' distils non-causal attention; layers {causal} are causal")
 
 
-RECIPES: dict[str, type[Recipe]] = {cls.name: cls for cls in (SeerRecipe, HedgehogRecipe, LinFusionRecipe)}
+class ClearRecipe(Recipe):
+    """``clear`` (CLEAR, arXiv 2412.16112): each chosen layer of an ``attnzoo.nn`` model is replaced by a
+    copy of itself running the circular local window, and the copy's projections train on the
+    attention-output loss (the copy fed the teacher's layer input) plus the block-output loss of a
+    student pass. ``grid`` defaults to the model's ``grid``."""
+
+    name = "clear"
+    unit = "attention"
+    defaults = {"radius": 4.0}
+    lr = 5e-4
+    student_pass = True
+
+    def check(self, target, layers):
+        if target.kind != "attnzoo.nn":
+            raise UnsupportedError("recipe 'clear' trains copies of attnzoo.nn.Attention layers; this model is a transformers model")
+
+    def configure(self, target, config):
+        grid = getattr(target, "grid", None)
+        return {**self.defaults, **({"grid": tuple(grid)} if grid is not None else {}), **config}
+
+    def layer_losses(self, attention, teacher, layer):
+        return {"attention_mse": relative_mse(attention(teacher.inputs[layer]), teacher.outputs[layer])}
+
+    def model_losses(self, teacher, student):
+        return {"block_mse": block_output_loss(teacher, student)}
+
+
+RECIPES: dict[str, type[Recipe]] = {cls.name: cls for cls in (SeerRecipe, HedgehogRecipe, LinFusionRecipe, ClearRecipe)}
 
 
 def get_recipe(name: str | Recipe) -> Recipe:
@@ -125,6 +168,3 @@ def get_recipe(name: str | Recipe) -> Recipe:
         raise UnknownNameError("distillation recipe", str(name), RECIPES)
     return RECIPES[name]()
 
-
-def merged_config(recipe: Recipe, config: Mapping[str, Any]) -> dict[str, Any]:
-    return {**recipe.defaults, **config}

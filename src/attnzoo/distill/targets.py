@@ -32,11 +32,14 @@ class QKV:
 @dataclass
 class Signals:
     """What one forward pass gave: ``qkv`` {layer: QKV} (teacher only), ``hidden`` {layer: the output
-    (B, N, dim) of the block holding that attention layer} and ``output`` (the model's logits)."""
+    (B, N, dim) of the block holding that attention layer}, ``output`` (the model's logits) and, for
+    ``attnzoo.nn`` teachers, ``inputs`` / ``outputs`` {layer: the attention layer's x and result (B, N, dim)}."""
 
     qkv: dict[int, QKV] = field(default_factory=dict)
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     output: torch.Tensor | None = None
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class Target:
@@ -49,7 +52,8 @@ class Target:
     def teacher(self, batch: torch.Tensor, layers: list[int]) -> Signals:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def student(self, batch: torch.Tensor, methods: Mapping[int, Method]) -> Signals:  # pragma: no cover - abstract
+    def student(self, batch: torch.Tensor, units: Mapping[int, Method]) -> Signals:  # pragma: no cover - abstract
+        """A forward pass with ``units`` (learned methods; for attnzoo.nn models also attention-layer copies) in place."""
         raise NotImplementedError
 
 
@@ -80,6 +84,7 @@ class NNTarget(Target):
         self.shapes = {i: (a.num_heads, a.num_kv_heads, a.head_dim, a.head_dim) for i, a in enumerate(self.layers)}
         self.causal = {i: a.causal for i, a in enumerate(self.layers)}
         self.blocks = {i: _block_of(model, a) for i, a in enumerate(self.layers)}
+        self.grid = getattr(model, "grid", None)  # an image model's token grid, for spatial methods
 
     @torch.no_grad()
     def teacher(self, batch, layers):
@@ -91,7 +96,12 @@ class NNTarget(Target):
                 scale = kwargs.get("scale") or q.shape[-1] ** -0.5
                 signals.qkv[i] = QKV(q.detach(), k.detach(), v.detach(), bool(kwargs.get("causal", False)), float(scale))
             return hook
+        def inputs_and_outputs(i):
+            def hook(module, args, out):
+                signals.inputs[i], signals.outputs[i] = args[0], out
+            return hook
         hooks = [self.layers[i].method.register_forward_pre_hook(record(i), with_kwargs=True) for i in layers]
+        hooks += [self.layers[i].register_forward_hook(inputs_and_outputs(i)) for i in layers]
         hooks += _hooks_for_outputs({i: self.blocks[i] for i in layers}, signals.hidden)
         try:
             signals.output = self.model(batch)
