@@ -23,14 +23,17 @@ def tiny_vit():
     return model
 
 
-@pytest.mark.parametrize("recipe, config, term", [("clear", dict(radius=2.0), "attention_mse"), ("linfusion", {}, "output_mse")])
+@pytest.mark.parametrize("recipe, config, term", [("clear", dict(radius=2.0), "attention_mse"), ("linfusion", {}, "output_mse"),
+                                                  ("sparsifiner", dict(density=0.25, rank=4), "connectivity_kl")])
 def test_vision_recipe_loss_falls_and_reloads(tmp_path, rng, recipe, config, term):
     model = tiny_vit()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images = torch.rand(3, 1, 16, 16, generator=rng)
     run = distill(model, recipe, images[:1], tmp_path, val=images[1:], steps=20, progress=False, **config)
     part = [r[term] for r in run.metrics]
-    assert part[-1] < 0.8 * part[0] and run.metrics[-1]["block_mse"] < run.metrics[0]["block_mse"], part
+    assert part[-1] < 0.8 * part[0], part
+    if "block_mse" in run.metrics[0]:
+        assert run.metrics[-1]["block_mse"] < run.metrics[0]["block_mse"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the teacher is untouched
     dense = model(images)
     with attnzoo_nn.install(model, dict(run.methods)):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnknownNameError, UnsupportedError
-from ..kernels.dense import causal_mask, repeat_kv, sdpa
+from ..kernels.dense import attention_probabilities, causal_mask, repeat_kv, sdpa
 from ..method import Method
 from ..methods.learned.fit import mimicry_loss
 from ..methods.learned.seer import block_max_target
@@ -74,6 +74,24 @@ class SeerRecipe(Recipe):
         target = block_max_target(qkv.q, qkv.k, causal=qkv.causal, scale=qkv.scale, block=block)
         logits = method.gate_logits(qkv.q, qkv.k, causal=qkv.causal, scale=qkv.scale)
         return {"gate_kl": kl_to_target(target, logits)}
+
+
+class SparsifinerRecipe(Recipe):
+    """``sparsifiner``: the connectivity predictor's row distribution is trained by KL to the exact attention map."""
+
+    name = "sparsifiner"
+    defaults = {"density": 0.25, "rank": 8}
+    lr = 3e-3
+
+    def check(self, target, layers):
+        causal = [i for i in layers if target.causal[i]]
+        if causal:
+            raise UnsupportedError(f"recipe 'sparsifiner' distils non-causal (vision) attention; layers {causal} are causal")
+
+    def layer_losses(self, method, teacher, layer):
+        qkv = teacher.qkv[layer]
+        target = attention_probabilities(qkv.q, qkv.k, scale=qkv.scale)
+        return {"connectivity_kl": kl_to_target(target, method.connectivity(qkv.q, qkv.k, scale=qkv.scale))}
 
 
 def relative_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -157,7 +175,21 @@ class ClearRecipe(Recipe):
         return {"block_mse": block_output_loss(teacher, student)}
 
 
-RECIPES: dict[str, type[Recipe]] = {cls.name: cls for cls in (SeerRecipe, HedgehogRecipe, LinFusionRecipe, ClearRecipe)}
+class MoHRecipe(Recipe):
+    """``moh``: the head routers train on the model's output: KL from the frozen model's output
+    distribution (logits of a language model; softmax over the last axis) to the routed model's."""
+
+    name = "moh"
+    defaults = {"active": 0.75, "shared": 0}
+    lr = 1e-2
+    student_pass = True
+
+    def model_losses(self, teacher, student):
+        target = torch.softmax(teacher.output.float(), dim=-1)
+        return {"output_kl": kl_to_target(target, student.output.float())}
+
+
+RECIPES: dict[str, type[Recipe]] = {cls.name: cls for cls in (SeerRecipe, HedgehogRecipe, LinFusionRecipe, ClearRecipe, SparsifinerRecipe, MoHRecipe)}
 
 
 def get_recipe(name: str | Recipe) -> Recipe:

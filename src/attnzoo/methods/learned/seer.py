@@ -15,6 +15,7 @@ from ...nn import apply_rope
 from ...registry import register
 from ..dynamic.base import BlockSelectionMethod, TopKConfig, clamp_budget
 from ..dynamic.scoring import allowed_blocks, block_means, forced_blocks, top_blocks
+from .base import LearnedPart
 
 
 def block_extremes(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +74,7 @@ class AttnGate(nn.Module):
 
 
 @register
-class Seer(BlockSelectionMethod):
+class Seer(LearnedPart, BlockSelectionMethod):
     """SeerAttention ("SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs", arXiv
     2410.13276): a small learned gate (:class:`AttnGate`) scores key blocks from pooled q and k; each
     query block attends exactly (block-sparse executor) to its ``top_k`` best key blocks, or, with
@@ -106,36 +107,24 @@ class Seer(BlockSelectionMethod):
                 self.gate_dim = check_int("gate_dim", self.gate_dim)
             self.rope_base = check_float("rope_base", self.rope_base, low=1.0, high=float("inf"), low_open=True)
 
+    part_name = "gate"
+
     def __init__(self, **config):
         super().__init__(**config)
         self.gate: AttnGate | None = None
-        self._untrained: dict = {}
 
-    def new_gate(self, heads: int, dim: int) -> AttnGate:
+    def new_part(self, heads: int, dim: int) -> AttnGate:
         return AttnGate(heads, dim, self.config.gate_dim, self.config.rope_base)
-
-    def materialize(self, heads_q: int, heads_kv: int, dim: int, dim_v: int) -> None:
-        if self.gate is None:
-            self.gate = self.new_gate(heads_q, dim)
-
-    def gate_module(self, call: Call) -> AttnGate:
-        """The learned gate, or an untrained one for these shapes (kept outside the state)."""
-        if self.gate is not None:
-            return self.gate
-        key = (call.heads_q, call.dim, call.device)
-        if key not in self._untrained:
-            self._untrained[key] = self.new_gate(call.heads_q, call.dim).to(call.device)
-        return self._untrained[key]
 
     def gate_logits(self, q, k, *, causal: bool = False, scale: float | None = None) -> torch.Tensor:
         """The gate's block logits (B, Hq, nQB, nKB) (-inf where causality forbids), differentiable."""
         call = self._prepare(q, k, k, causal, scale, check_finite=False)
-        return self.gate_module(call)(q, k, call, self.config.block_size)
+        return self.part(call)(q, k, call, self.config.block_size)
 
     def _select(self, q, k, call: Call) -> torch.Tensor:
         b = self.config.block_size
         with torch.no_grad():
-            scores = torch.softmax(self.gate_module(call)(q, k, call, b), dim=-1)
+            scores = torch.softmax(self.part(call)(q, k, call, b), dim=-1)
         scores = torch.nan_to_num(scores, nan=0.0).masked_fill(~allowed_blocks(call, b, b), float("-inf"))
         if self.config.threshold is None:
             budget = clamp_budget(self.info.name, "top_k", self.config.top_k, scores.shape[-1])
