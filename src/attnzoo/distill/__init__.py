@@ -5,7 +5,8 @@ weights=DIR)``. See :func:`distill` (the loop), :mod:`.recipes` (what each metho
 
 from .harness import DistillRun, batch_indices, distill, text_examples
 from .recipes import RECIPES, Recipe, get_recipe
+from .sources import SourceSelection, select_sources, text_features
 from .targets import QKV, Signals, Target, target_for
 
-__all__ = ["QKV", "RECIPES", "DistillRun", "Recipe", "Signals", "Target", "batch_indices", "distill", "get_recipe",
-           "target_for", "text_examples"]
+__all__ = ["QKV", "RECIPES", "DistillRun", "Recipe", "Signals", "Target", "SourceSelection", "batch_indices", "distill", "get_recipe",
+           "select_sources", "target_for", "text_examples", "text_features"]
