@@ -167,6 +167,9 @@ def test_bad_input_is_refused(llama, tmp_path, rng):
         distill(llama, "seer", data, tmp_path / "x", steps=1, layers=[5], progress=False)
     with pytest.raises(UnsupportedError, match="non-causal"):
         distill(llama, "linfusion", data, tmp_path / "x", steps=1, progress=False)
+    with attnzoo.patch(llama, "sliding_window", window=8):
+        with pytest.raises(InvalidArgumentError, match="unpatched"):
+            distill(llama, "seer", data, tmp_path / "x", steps=1, progress=False)
     distill(llama, "seer", data, tmp_path / "seer", steps=1, progress=False, block_size=16, top_k=2)
     with pytest.raises(InvalidArgumentError, match="method_config"):  # the folder holds another run
         distill(llama, "seer", data, tmp_path / "seer", steps=2, progress=False, block_size=32)

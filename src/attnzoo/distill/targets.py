@@ -164,5 +164,11 @@ class HFTarget(Target):
 def target_for(model) -> Target:
     """The :class:`Target` of ``model``: an ``attnzoo.nn`` model or a transformers one."""
     if attnzoo_nn.is_attnzoo_model(model):
-        return NNTarget(model)
-    return HFTarget(model)
+        patched = attnzoo_nn.current_patch(model) is not None
+    else:
+        from ..integrations.transformers import current_patch
+
+        patched = current_patch(model) is not None
+    if patched:
+        raise InvalidArgumentError("model", "an unpatched model (the teacher is the model's own attention)", "a patched model")
+    return NNTarget(model) if attnzoo_nn.is_attnzoo_model(model) else HFTarget(model)
