@@ -44,3 +44,11 @@ def test_empty_text_file_is_refused_before_the_model_loads(tmp_path, capsys):
     empty.write_text("\n")
     assert main(["distill", "--model", "smollm2-135m", "--method", "seer", "--data", str(empty), "--steps", "1", "--out", str(tmp_path / "o")]) == 2
     assert "data: expected a non-empty text" in capsys.readouterr().err
+
+
+def test_digits_data_gives_the_train_and_val_splits():
+    from attnzoo.distill.cli import load_examples
+
+    model, prepare = attnzoo.models.load("vit-digits")
+    train, val = load_examples(model, prepare, "digits", 512, 0.1)
+    assert train.shape == (1258, 1, 32, 32) and val.shape == (180, 1, 32, 32)

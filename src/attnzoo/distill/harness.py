@@ -198,9 +198,9 @@ def distill(model, recipe: str | Recipe, train: torch.Tensor, out: str | Path, *
                     record = {**record, **{f"val_{k}": v for k, v in scores.items()}}
                 run.metrics.append(record)
                 log.write(json.dumps(record) + "\n")
+                log.flush()
                 bar.step(f"loss {total.item():.4g}")
                 if run.steps % save_every == 0 or run.steps == steps:
-                    log.flush()
                     checkpoint.save(folder, {**run_config, "step": run.steps, "steps": steps}, methods, optimizer)
     except KeyboardInterrupt:
         checkpoint.save(folder, {**run_config, "step": run.steps, "steps": steps}, methods, optimizer)
