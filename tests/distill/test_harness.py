@@ -173,6 +173,8 @@ def test_bad_input_is_refused(llama, tmp_path, rng):
     distill(llama, "seer", data, tmp_path / "seer", steps=1, progress=False, block_size=16, top_k=2)
     with pytest.raises(InvalidArgumentError, match="method_config"):  # the folder holds another run
         distill(llama, "seer", data, tmp_path / "seer", steps=2, progress=False, block_size=32)
+    with pytest.raises(InvalidArgumentError, match="data_crc32"):  # ... or the same run on other data
+        distill(llama, "seer", (data + 1) % VOCAB, tmp_path / "seer", steps=2, progress=False, block_size=16, top_k=2)
     with pytest.raises(InvalidArgumentError, match="'seer'"):  # a checkpoint of another method
         attnzoo.patch(llama, "hedgehog", weights=tmp_path / "seer")
     with pytest.raises(InvalidArgumentError, match="weights"):  # a folder without a checkpoint

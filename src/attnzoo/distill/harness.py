@@ -12,7 +12,7 @@ uninterrupted one; a Ctrl-C saves the finished steps before it stops.
 from __future__ import annotations
 
 import json
-import math
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,14 +173,14 @@ def distill(model, recipe: str | Recipe, train: torch.Tensor, out: str | Path, *
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     run_config = {"recipe": recipe.name, "method": recipe.method, "unit": recipe.unit, "method_config": config, "model": type(model).__name__,
                   "layers": {str(i): list(s) for i, s in shapes.items()}, "seed": seed, "batch_size": batch_size, "lr": lr,
-                  "examples": list(train.shape)}
+                  "examples": list(train.shape), "data_crc32": zlib.crc32(train.detach().cpu().contiguous().numpy().tobytes())}
     folder = Path(out)
     start = _resume(folder, run_config, methods, optimizer)
     trainer = _Trainer(recipe, target, methods)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    run = DistillRun(methods, folder, start)
+    run, updating = DistillRun(methods, folder, start), False
     bar = Progress(steps - start, f"distill {recipe.name}", enabled=progress, unit="step")
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -190,8 +190,9 @@ def distill(model, recipe: str | Recipe, train: torch.Tensor, out: str | Path, *
                 total = sum(losses.values())
                 optimizer.zero_grad()
                 total.backward()
+                updating = True  # a Ctrl-C inside the update would leave the parameters half-stepped
                 optimizer.step()
-                run.steps = step + 1
+                run.steps, updating = step + 1, False
                 record = {"step": step + 1, "split": "train", "loss": total.item(), **{k: v.item() for k, v in losses.items()}}
                 if val is not None and (run.steps % val_every == 0 or run.steps == steps):
                     scores = trainer.validate(val.to(device), max(batch_size, VAL_BATCH))
@@ -203,8 +204,9 @@ def distill(model, recipe: str | Recipe, train: torch.Tensor, out: str | Path, *
                 if run.steps % save_every == 0 or run.steps == steps:
                     checkpoint.save(folder, {**run_config, "step": run.steps, "steps": steps}, methods, optimizer)
     except KeyboardInterrupt:
-        checkpoint.save(folder, {**run_config, "step": run.steps, "steps": steps}, methods, optimizer)
-        bar.write(f"interrupted: saved step {run.steps} to {folder}; run the same command again to resume")
+        if not updating:
+            checkpoint.save(folder, {**run_config, "step": run.steps, "steps": steps}, methods, optimizer)
+        bar.write(f"interrupted after step {run.steps} (saved: the last checkpoint in {folder}); run the same command again to resume")
         raise
     finally:
         bar.close()
