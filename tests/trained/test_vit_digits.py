@@ -71,3 +71,10 @@ def test_patched_vit_digits_runs_a_spatial_method_and_unpatches():
     assert not torch.equal(local, dense)
     assert torch.equal(model(images), dense)
     assert (local.argmax(-1) == dense.argmax(-1)).float().mean() >= 0.75
+
+
+def test_load_with_a_learned_method_keeps_the_trained_weights():
+    dense, _ = attnzoo.models.load("vit-digits")
+    model, _ = vit_digits.load(method="sparsifiner", density=1.0)  # every key kept: dense attention again
+    images, _ = digits.load_split("val")
+    torch.testing.assert_close(model(images[:4]), dense(images[:4]), rtol=1e-4, atol=1e-5)

@@ -143,7 +143,7 @@ class HFTarget(Target):
     def teacher(self, batch, layers):
         from ..integrations.transformers import capture
 
-        with capture(self.model, layers) as recorded:
+        with capture(self.model, layers, device=None) as recorded:  # records stay on the model's device
             out, logits = self._run(batch)
         signals = Signals(output=logits if logits is not None else out.hidden_states[-1])
         for i in layers:

@@ -171,7 +171,9 @@ def load(*, dtype: torch.dtype | None = None, method: str | Method = "dense", fo
     config = ViTConfig(**metadata(folder)["config"])
     model = ViTDigits(config, method, **method_config)
     state = torch.load(Path(folder) / f"{NAME}.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=False) if method != "dense" else model.load_state_dict(state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(".method." not in key for key in missing):  # only a learned method's own state may be new
+        raise InvalidArgumentError("folder", f"vit-digits weights for this config ({folder})", f"missing {missing}, unexpected {unexpected}")
     return model.to(dtype or torch.float32).eval(), digits.prepare
 
 
