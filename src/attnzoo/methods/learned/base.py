@@ -76,3 +76,29 @@ class LearnedMapConfig(LinearConfig):
         super().__post_init__()
         if self.width is not None:
             self.width = check_int("width", self.width)
+
+
+class LearnedPart:
+    """Mixin of methods whose learned part is one submodule (Seer's gate, Sparsifiner's predictor), named
+    ``part_name``: ``materialize`` creates it for the layer's shapes (``new_part(heads_q, dim)``); while it
+    is None, an untrained one is made per input shape and kept outside the state (:meth:`part`)."""
+
+    part_name: ClassVar[str]
+
+    def new_part(self, heads: int, dim: int) -> nn.Module:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def materialize(self, heads_q: int, heads_kv: int, dim: int, dim_v: int) -> None:
+        if getattr(self, self.part_name) is None:
+            setattr(self, self.part_name, self.new_part(heads_q, dim))
+
+    def part(self, call: Call) -> nn.Module:
+        """The learned part, or an untrained one for these shapes."""
+        learned = getattr(self, self.part_name)
+        if learned is not None:
+            return learned
+        untrained = self.__dict__.setdefault("_untrained_parts", {})
+        key = (call.heads_q, call.dim, call.device)
+        if key not in untrained:
+            untrained[key] = self.new_part(call.heads_q, call.dim).to(call.device)
+        return untrained[key]
