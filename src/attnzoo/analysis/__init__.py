@@ -4,13 +4,17 @@
   probabilities per layer (B, H, N, N), the tokens and, on request, the post-RoPE q, k, v;
 - pure functions on per-layer probabilities: :func:`sinks` (ACT's attention sinks),
   :func:`head_similarity` / :func:`layer_similarity` (EchoAtt), :func:`rollout`,
-  :func:`attention_flow` and :func:`regularized_flow` (VL-SAM).
+  :func:`attention_flow` and :func:`regularized_flow` (VL-SAM);
+- :func:`lrp` (AttnLRP relevance for llama- and bert-family models) and :func:`sr_map` (the
+  salient relevance map built from it).
 """
 
+from .lrp import Relevance, lrp
 from .flow import attention_flow, fuse_heads, max_flow, regularized_flow, rollout
 from .record import Recording, record
 from .similarity import head_similarity, layer_similarity
 from .sinks import SinkMap, sinks
+from .sr_map import sr_map
 
-__all__ = ["Recording", "SinkMap", "attention_flow", "fuse_heads", "head_similarity", "layer_similarity", "max_flow", "record",
-           "regularized_flow", "rollout", "sinks"]
+__all__ = ["Recording", "Relevance", "SinkMap", "attention_flow", "fuse_heads", "head_similarity", "layer_similarity", "lrp", "max_flow",
+           "record", "regularized_flow", "rollout", "sinks", "sr_map"]
