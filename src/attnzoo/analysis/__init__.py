@@ -6,15 +6,22 @@
   :func:`head_similarity` / :func:`layer_similarity` (EchoAtt), :func:`rollout`,
   :func:`attention_flow` and :func:`regularized_flow` (VL-SAM);
 - :func:`lrp` (AttnLRP relevance for llama- and bert-family models) and :func:`sr_map` (the
-  salient relevance map built from it).
+  salient relevance map built from it), :func:`normgrad` (NormGrad saliency for CNN and ViT layers);
+- :func:`rank` (RALA's KV-buffer / output rank analysis), :func:`token_importance` (RSQ's
+  attention concentration), :func:`verbalize` (templated text from token attributions).
 """
 
 from .lrp import Relevance, lrp
+from .normgrad import normgrad
+from .rank import RankReport, effective_rank, numerical_rank, rank
 from .flow import attention_flow, fuse_heads, max_flow, regularized_flow, rollout
 from .record import Recording, record
 from .similarity import head_similarity, layer_similarity
 from .sinks import SinkMap, sinks
 from .sr_map import sr_map
+from .token_importance import token_importance
+from .verbalize import verbalize
 
-__all__ = ["Recording", "Relevance", "SinkMap", "attention_flow", "fuse_heads", "head_similarity", "layer_similarity", "lrp", "max_flow",
-           "record", "regularized_flow", "rollout", "sinks", "sr_map"]
+__all__ = ["RankReport", "Recording", "Relevance", "SinkMap", "attention_flow", "effective_rank", "fuse_heads", "head_similarity",
+           "layer_similarity", "lrp", "max_flow", "normgrad", "numerical_rank", "rank", "record", "regularized_flow", "rollout", "sinks",
+           "sr_map", "token_importance", "verbalize"]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidArgumentError, check_float
+from ..kernels.dense import causal_mask
 from ._checks import check_probs
 
 
@@ -47,8 +48,7 @@ def visible_queries(nq: int, nk: int, *, causal: bool, mask: torch.Tensor | None
                                        f"{mask.dtype} {tuple(mask.shape)}")
         return (mask if mask.dim() == 4 else mask[None, None]).float().sum(dim=-2)
     if causal:
-        first_query = (torch.arange(nk, device=device) - (nk - nq)).clamp(min=0)
-        return (nq - first_query).clamp(min=0).float().reshape(1, 1, nk)
+        return causal_mask(nq, nk, device).float().sum(dim=-2)[None, None]
     return torch.full((1, 1, nk), float(nq), device=device)
 
 
