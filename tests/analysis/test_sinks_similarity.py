@@ -36,6 +36,8 @@ def loop_scores(p: np.ndarray, allowed: np.ndarray) -> np.ndarray:
 def test_planted_sinks_are_found_first_and_later_tokens(rng):
     planted = {0: [0], 1: [0, 9], 2: [15], 3: []}
     p = causal_probs(rng, planted)
+    p[:, :, -1] *= 0.5
+    p[:, :, -1, -1] += 0.5  # the last query keeps half its attention on itself
     found = sinks(p, causal=True)
     for head, keys in planted.items():
         for b in range(2):
@@ -45,6 +47,9 @@ def test_planted_sinks_are_found_first_and_later_tokens(rng):
     reference = loop_scores(p.double().numpy(), np.tril(np.ones((N, N), dtype=bool)))
     np.testing.assert_allclose(found.score.numpy(), reference, rtol=1e-5, atol=1e-7)
     assert torch.equal(found.is_sink, found.score > 5.0 / N)
+    assert found.is_sink[..., -1].any()  # the last key, seen only by itself, passes on its self-attention
+    late = sinks(p, causal=True, min_queries=4)
+    assert not late.is_sink[..., N - 3:].any() and torch.equal(late.is_sink[..., : N - 3], found.is_sink[..., : N - 3])
 
 
 def test_even_attention_has_no_sink_and_mask_overrides_causal(rng):

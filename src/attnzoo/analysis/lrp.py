@@ -35,7 +35,7 @@ from .record import model_inputs
 
 IMPLEMENTATION = "attnzoo_lrp"
 RULE_ATTR = "_attnzoo_lrp_rule"
-RULES = ("attnlrp", "cp")
+RULES = ("attnlrp", "cp", "gradient")
 LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3"})
 BERT_FAMILY = frozenset({"bert", "roberta"})
 ACTIVATIONS = (nn.SiLU, nn.GELU, nn.Tanh, nn.ReLU)
@@ -181,12 +181,16 @@ def _attribute(module: nn.Module, name: str, value) -> Iterator[None]:
 @contextmanager
 def attnlrp_rules(model, rule: str = "attnlrp") -> Iterator[None]:
     """Within the block, ``model`` computes its usual forward pass and AttnLRP's backward pass
-    (``rule="cp"``: attention probabilities held constant, CP-LRP, all relevance to the values)."""
+    (``rule="cp"``: attention probabilities held constant, CP-LRP, all relevance to the values;
+    ``rule="gradient"``: the plain backward pass, so relevance is gradient x input)."""
     from ..integrations.transformers import attention_modules
 
     family(model)
     if rule not in RULES:
         raise InvalidArgumentError("rule", f"one of {RULES}", repr(rule))
+    if rule == "gradient":
+        yield
+        return
     _register()
     previous = model.config._attn_implementation
     with ExitStack() as stack:
@@ -267,7 +271,9 @@ def lrp(model, inputs: object, *, target: int | None = None, position: int | Non
     (default: the last token; ignored for (B, C) classifier outputs) of a llama- or bert-family
     ``model`` in eval mode, over its input tokens. ``inputs``: see :func:`~.record.model_inputs`.
     Returns a :class:`Relevance`. Works on patched models (patched layers: the exact softmax over
-    the method's support). ``rule="cp"`` holds attention constant (CP-LRP), the baseline AttnLRP improves on."""
+    the method's support). ``rule="cp"`` holds attention constant (CP-LRP), the baseline AttnLRP
+    improves on; ``rule="gradient"`` gives plain gradient x input (patched layers then backpropagate
+    through the method itself)."""
     if model.training:
         raise InvalidArgumentError("model", "a model in eval mode (dropout has no relevance rule)", "training mode")
     kwargs = model_inputs(model, inputs, tokenizer)

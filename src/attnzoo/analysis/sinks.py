@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InvalidArgumentError, check_float
+from ..errors import InvalidArgumentError, check_float, check_int
 from ..kernels.dense import causal_mask
 from ._checks import check_probs
 
@@ -53,7 +53,7 @@ def visible_queries(nq: int, nk: int, *, causal: bool, mask: torch.Tensor | None
 
 
 def sinks(probs: torch.Tensor, *, causal: bool, alpha: float = 5.0, threshold: float | None = None,
-          mask: torch.Tensor | None = None) -> SinkMap:
+          mask: torch.Tensor | None = None, min_queries: int = 1) -> SinkMap:
     """Find the sinks of one layer's attention ``probs`` (B?, H, Nq, Nk).
 
     A key is a sink of a head when its mean received attention over visible queries exceeds
@@ -61,7 +61,9 @@ def sinks(probs: torch.Tensor, *, causal: bool, alpha: float = 5.0, threshold: f
     ``alpha`` times the even share, so it does not depend on the length. ``causal``: the
     queries that see key j are those at or after it (bottom-right aligned); ``mask``
     (B|1, 1|H, Nq, Nk) or (Nq, Nk) bool, True = attend, overrides it (padding, windows). Keys no
-    query sees score 0. Returns a :class:`SinkMap` with a batch axis (1 for 3-d input)."""
+    query sees score 0. ``min_queries``: keys seen by fewer queries are never sinks (ACT's mean
+    lets the last causal tokens, seen by a query or two, pass on their self-attention alone; 1 keeps
+    ACT's criterion). Returns a :class:`SinkMap` with a batch axis (1 for 3-d input)."""
     p = check_probs("probs", probs).float()
     nq, nk = p.shape[-2:]
     if threshold is None:
@@ -70,4 +72,5 @@ def sinks(probs: torch.Tensor, *, causal: bool, alpha: float = 5.0, threshold: f
         threshold = check_float("threshold", threshold, low=0.0, high=1.0)
     counts = visible_queries(nq, nk, causal=causal, mask=mask, device=p.device)
     score = p.sum(dim=-2) / counts.clamp(min=1)
-    return SinkMap(score=score, is_sink=score > threshold, threshold=threshold)
+    enough = counts >= check_int("min_queries", min_queries)
+    return SinkMap(score=score, is_sink=(score > threshold) & enough, threshold=threshold)
