@@ -72,5 +72,10 @@ def test_deletion_curves_follow_the_logit(rng):
     with torch.no_grad():
         assert curve[-1] == pytest.approx(float(model(input_ids=emptied).logits[0, -1, target]), abs=1e-5)
     assert area([1.0, 0.0]) == 0.5 and area([2.0, 2.0, 2.0]) == 2.0
+    removed = deletion_curve(model, ids, order, target=target, steps=3, value="log_prob")
+    with torch.no_grad():
+        assert removed[-1] == pytest.approx(float(model(input_ids=ids[:, :1]).logits[0, -1].log_softmax(-1)[target]), abs=1e-5)
     with pytest.raises(InvalidArgumentError, match="input_ids"):
         deletion_curve(model, ids[0], order, target=target, replacement=0)
+    with pytest.raises(InvalidArgumentError, match="position"):
+        deletion_curve(model, ids, order, target=target, position=3)
