@@ -17,7 +17,7 @@ import torch
 
 from attnzoo import models
 from attnzoo.analysis import lrp, record, rollout, sinks, sr_map
-from attnzoo.analysis.faithfulness import area, deletion_curve, deletion_order
+from attnzoo.analysis.faithfulness import deletion_area, deletion_curve, deletion_order
 from attnzoo.analysis.rank import rank
 
 TEXTS = [
@@ -107,7 +107,7 @@ def faithfulness(model, tokenizer, out: Path, steps: int = 10) -> dict:
     result = {}
     for value, by_name in curves.items():
         mean = {name: [sum(c[i] for c in cs) / len(cs) for i in range(steps + 1)] for name, cs in by_name.items()}
-        table = sorted(({"attribution": name, "area": area(c), "at_20%": c[2], "at_50%": c[5]} for name, c in mean.items()),
+        table = sorted(({"attribution": name, "area": deletion_area(c), "at_20%": c[2], "at_50%": c[5]} for name, c in mean.items()),
                        key=lambda r: r["area"])
         result[value] = {"table": table, "curves": mean}
         try:

@@ -12,7 +12,7 @@ from analysis.tiny_models import VOCAB, tiny
 import attnzoo
 from attnzoo import InvalidArgumentError
 from attnzoo.analysis.cli import TOOLS, analyze
-from attnzoo.analysis.faithfulness import area, deletion_curve, deletion_order
+from attnzoo.analysis.faithfulness import deletion_area, deletion_curve, deletion_order
 from attnzoo.cli import main
 
 pytest.importorskip("transformers")
@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 class WordTokenizer:
     """Splits on spaces; ids are a hash of the word (offline stand-in for a real tokenizer)."""
 
-    all_special_tokens = ["<s>"]
+    all_special_tokens = ("<s>",)
 
     def __call__(self, text, return_tensors="pt"):
         words = ["<s>", *text.split()]
@@ -71,7 +71,7 @@ def test_deletion_curves_follow_the_logit(rng):
     emptied[0, 1:] = 0
     with torch.no_grad():
         assert curve[-1] == pytest.approx(float(model(input_ids=emptied).logits[0, -1, target]), abs=1e-5)
-    assert area([1.0, 0.0]) == 0.5 and area([2.0, 2.0, 2.0]) == 2.0
+    assert deletion_area([1.0, 0.0]) == 0.5 and deletion_area([2.0, 2.0, 2.0]) == 2.0
     removed = deletion_curve(model, ids, order, target=target, steps=3, value="log_prob")
     with torch.no_grad():
         assert removed[-1] == pytest.approx(float(model(input_ids=ids[:, :1]).logits[0, -1].log_softmax(-1)[target]), abs=1e-5)

@@ -11,7 +11,14 @@ from analysis.tiny_models import N, ids, tiny
 
 import attnzoo
 from attnzoo import InvalidArgumentError, UnsupportedError
-from attnzoo.analysis import attention_flow, fuse_heads, max_flow, record, regularized_flow, rollout
+from attnzoo.analysis import (
+    attention_flow,
+    fuse_heads,
+    max_flow,
+    record,
+    regularized_flow,
+    rollout,
+)
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from attnzoo import InvalidArgumentError
-from attnzoo.analysis import effective_rank, normgrad, numerical_rank, rank, token_importance, verbalize
+from attnzoo.analysis import (
+    effective_rank,
+    normgrad,
+    numerical_rank,
+    rank,
+    token_importance,
+    verbalize,
+)
 
 
 def test_normgrad_of_a_pooled_linear_head_is_activation_norm_times_weight_norm(rng):
@@ -53,7 +60,7 @@ def test_rank_report_matches_a_loop_and_separates_low_rank_buffers(rng):
     B, Hq, Hkv, N, D = 1, 4, 2, 40, 8
     q, k, v = (torch.randn(B, h, N, D, generator=rng) for h in (Hq, Hkv, Hkv))
     report = rank(q, k, v, causal=True)
-    phi = lambda x: torch.where(x > 0, x + 1, torch.exp(x))  # noqa: E731  elu(x) + 1
+    phi = lambda x: torch.where(x > 0, x + 1, torch.exp(x))
     for h in range(Hkv):
         kv = sum(torch.outer(phi(k[0, h, j]).double(), v[0, h, j].double()) for j in range(N))
         assert report.kv_effective[0, h].item() == pytest.approx(effective_rank(kv).item(), rel=1e-5)

@@ -79,12 +79,10 @@ def test_sinks_bad_input():
 
 def js_pair(p: np.ndarray, q: np.ndarray) -> float:
     """Row-mean Jensen-Shannon divergence in bits through the two Kullback-Leibler terms."""
-    total = 0.0
-    for a, b in zip(p, q):
-        m = 0.5 * (a + b)
-        kl = lambda x: float(np.sum(np.where(x > 0, x * np.log2(np.where(x > 0, x, 1) / np.where(x > 0, m, 1)), 0.0)))  # noqa: E731
-        total += 0.5 * kl(a) + 0.5 * kl(b)
-    return total / len(p)
+    def kl(x: np.ndarray, m: np.ndarray) -> float:
+        return float(np.sum(np.where(x > 0, x * np.log2(np.where(x > 0, x, 1) / np.where(x > 0, m, 1)), 0.0)))
+
+    return sum(0.5 * kl(a, 0.5 * (a + b)) + 0.5 * kl(b, 0.5 * (a + b)) for a, b in zip(p, q)) / len(p)
 
 
 @pytest.mark.parametrize("metric", ["cosine", "js"])

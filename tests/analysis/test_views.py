@@ -45,7 +45,7 @@ def test_pngs_are_written_and_not_blank(rng, tmp_path):
 
 
 def page_data(text: str) -> dict:
-    return json.loads(re.search(r'<script type="application/json" id="attention-data">(.*?)</script>', text, re.S).group(1))
+    return json.loads(re.search(r'<script type="application/json" id="attention-data">(.*?)</script>', text, re.DOTALL).group(1))
 
 
 def test_attention_page_is_self_contained_and_holds_the_maps(rng, tmp_path):

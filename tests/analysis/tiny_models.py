@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 VOCAB, N = 97, 12
-TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=32)
+TEXT = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "max_position_embeddings": 32}
 
 
 def tiny(family: str):

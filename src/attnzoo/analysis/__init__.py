@@ -8,13 +8,18 @@
 - :func:`lrp` (AttnLRP relevance for llama- and bert-family models) and :func:`sr_map` (the
   salient relevance map built from it), :func:`normgrad` (NormGrad saliency for CNN and ViT layers);
 - :func:`rank` (RALA's KV-buffer / output rank analysis), :func:`token_importance` (RSQ's
-  attention concentration), :func:`verbalize` (templated text from token attributions).
+  attention concentration), :func:`verbalize` (templated text from token attributions);
+- views: PNGs (:mod:`.pictures`, matplotlib), offline HTML pages (:mod:`.html`), deletion curves
+  (:mod:`.faithfulness`); ``attnzoo analyze`` runs any tool from the command line (:mod:`.cli`).
 """
 
+from .faithfulness import deletion_area, deletion_curve, deletion_order
+from .flow import attention_flow, fuse_heads, max_flow, regularized_flow, rollout
+from .html import attention_html, tokens_html
 from .lrp import Relevance, lrp
 from .normgrad import normgrad
+from .pictures import attention_png, curves_png, grid_png, relevance_png
 from .rank import RankReport, effective_rank, numerical_rank, rank
-from .flow import attention_flow, fuse_heads, max_flow, regularized_flow, rollout
 from .record import Recording, record
 from .similarity import head_similarity, layer_similarity
 from .sinks import SinkMap, sinks
@@ -22,6 +27,9 @@ from .sr_map import sr_map
 from .token_importance import token_importance
 from .verbalize import verbalize
 
-__all__ = ["RankReport", "Recording", "Relevance", "SinkMap", "attention_flow", "effective_rank", "fuse_heads", "head_similarity",
-           "layer_similarity", "lrp", "max_flow", "normgrad", "numerical_rank", "rank", "record", "regularized_flow", "rollout", "sinks",
-           "sr_map", "token_importance", "verbalize"]
+__all__ = [
+    "RankReport", "Recording", "Relevance", "SinkMap", "attention_flow", "attention_html", "attention_png", "curves_png",
+    "deletion_area", "deletion_curve", "deletion_order", "effective_rank", "fuse_heads", "grid_png", "head_similarity", "layer_similarity", "lrp",
+    "max_flow", "normgrad", "numerical_rank", "rank", "record", "regularized_flow", "relevance_png", "rollout", "sinks", "sr_map",
+    "token_importance", "tokens_html", "verbalize",
+]

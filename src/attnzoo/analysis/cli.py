@@ -85,7 +85,8 @@ def _token_scores(tokens, scores: torch.Tensor) -> list[dict[str, Any]]:
 
 def analyze(model, tokenizer, text: str, tool: str, out: Path, *, show_progress: bool = True, pictures: bool = True) -> dict[str, Any]:
     """Run ``tool`` (one of :data:`TOOLS`) on ``text`` and write its files into ``out``; returns the JSON summary."""
-    from . import html, pictures as png
+    from . import html
+    from . import pictures as png
     from .faithfulness import deletion_order
     from .flow import attention_flow, regularized_flow, rollout
     from .lrp import lrp
@@ -158,7 +159,7 @@ def analyze(model, tokenizer, text: str, tool: str, out: Path, *, show_progress:
     elif tool == "vlsam_flow":
         scores = regularized_flow(rec.probs)[0, -1]
     else:  # flow: one max-flow per input token, from the last token
-        scores = attention_flow(rec.probs, outputs=[n - 1])[0, 0]
+        scores = attention_flow(rec.probs, outputs=[n - 1], show_progress=show_progress)[0, 0]
     html.tokens_html(tokens, scores, out / f"{tool}.html", title=f"{tool} of the last token")
     if pictures:
         png.relevance_png(scores, out / f"{tool}.png", tokens=tokens, title=f"{tool} of the last token")

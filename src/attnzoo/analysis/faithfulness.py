@@ -56,7 +56,7 @@ def deletion_curve(model, input_ids: torch.Tensor, order: Sequence[int], *, targ
     return out
 
 
-def area(curve: Sequence[float]) -> float:
+def deletion_area(curve: Sequence[float]) -> float:
     """Trapezoidal area under ``curve`` sampled at evenly spaced x in [0, 1]."""
     ys = np.asarray(curve, dtype=float)
     return float(((ys[1:] + ys[:-1]) / 2).sum() / (len(ys) - 1))

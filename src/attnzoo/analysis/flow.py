@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidArgumentError, check_float
+from ..progress import progress
 from ._checks import check_layers
 
 FUSIONS = ("mean", "max", "min", "vlsam")
@@ -122,10 +123,11 @@ def flow_graph(fused: Sequence[torch.Tensor], batch: int) -> np.ndarray:
 
 
 def attention_flow(maps: Sequence[torch.Tensor], *, fusion: str = "mean", residual: bool = True,
-                   outputs: Sequence[int] | None = None) -> torch.Tensor:
+                   outputs: Sequence[int] | None = None, show_progress: bool = False) -> torch.Tensor:
     """(B, len(outputs), N) attention flow: ``[b, o, j]`` is the maximum flow from output token
     ``outputs[o]`` (default all) after the last layer to input token j, the fused maps of
-    :func:`layer_maps` as capacities. Costs one max-flow per (output, input) pair: for short inputs."""
+    :func:`layer_maps` as capacities. Costs one max-flow per (output, input) pair: for short inputs
+    (``show_progress``: a bar over the pairs)."""
     fused = layer_maps(maps, fusion=fusion, residual=residual)
     b, n = fused[0].shape[0], fused[0].shape[-1]
     chosen = list(range(n)) if outputs is None else [int(o) for o in outputs]
@@ -134,11 +136,10 @@ def attention_flow(maps: Sequence[torch.Tensor], *, fusion: str = "mean", residu
             raise InvalidArgumentError("outputs", f"token positions in [0, {n - 1}]", o)
     top = len(fused) * n
     out = torch.zeros(b, len(chosen), n)
-    for batch in range(b):
-        cap = flow_graph(fused, batch)
-        for row, o in enumerate(chosen):
-            for j in range(n):
-                out[batch, row, j] = max_flow(cap, top + o, j)[0]
+    graphs = [flow_graph(fused, batch) for batch in range(b)]
+    pairs = [(batch, row, j) for batch in range(b) for row in range(len(chosen)) for j in range(n)]
+    for batch, row, j in progress(pairs, "attention flow", enabled=show_progress):
+        out[batch, row, j] = max_flow(graphs[batch], top + chosen[row], j)[0]
     return out
 
 

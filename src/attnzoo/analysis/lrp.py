@@ -238,9 +238,9 @@ def transformer_blocks(model) -> list[nn.Module]:
 
     attention = [layer.module for layer in attention_modules(model)]
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == len(attention):
-            if all(any(m is a for m in block.modules()) for block, a in zip(module, attention)):
-                return list(module)
+        if isinstance(module, nn.ModuleList) and len(module) == len(attention) and \
+                all(any(m is a for m in block.modules()) for block, a in zip(module, attention)):
+            return list(module)
     raise UnsupportedError(f"analysis.lrp: found no list of transformer blocks in {type(model).__name__}")
 
 
