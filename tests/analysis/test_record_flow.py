@@ -89,7 +89,7 @@ def test_rollout_rows_sum_to_one_and_equal_a_loop_product(rng, fusion, discard_r
         for m in maps:
             p = m[b].double().numpy()
             if fusion == "vlsam":
-                weights = [p[h].max(axis=0).mean() for h in range(3)]
+                weights = [p[h].max(axis=1).mean() for h in range(3)]  # per query the top key weight, mean over queries
                 a = sum(w * p[h] for h, w in enumerate(weights)) / 3
             else:
                 a = reduce[fusion](p, axis=0)
@@ -141,7 +141,7 @@ def test_regularized_flow_scales_early_columns_down(rng):
     maps = random_maps(rng, L=1, B=1, n=5)
     out = regularized_flow(maps)[0]
     p = maps[0][0].double()
-    weights = p.amax(dim=-2).mean(dim=-1)
+    weights = torch.stack([p[h].max(dim=1).values.mean() for h in range(p.shape[0])])
     a = (p * weights[:, None, None]).mean(0)
     a = a / a.sum(-1, keepdim=True)
     for j in range(5):  # causal: key j is seen by 5 - j queries

@@ -23,9 +23,9 @@ FUSIONS = ("mean", "max", "min", "vlsam")
 
 
 def vlsam_head_weights(probs: torch.Tensor) -> torch.Tensor:
-    """(B, H) VL-SAM head weights of (B, H, N, N) maps: each key's strongest attention over the
-    queries, averaged over keys; heads that focus sharply on some key weigh more."""
-    return probs.amax(dim=-2).mean(dim=-1)
+    """(B, H) VL-SAM head weights of (B, H, Nq, Nk) maps, W = Mean(Max(S, keys), queries): each
+    query's largest attention weight, averaged over the queries; sharply focused heads weigh more."""
+    return probs.amax(dim=-1).mean(dim=-1)
 
 
 def fuse_heads(probs: torch.Tensor, fusion: str = "mean") -> torch.Tensor:
