@@ -94,5 +94,8 @@ def test_verbalize_names_what_the_scores_say():
     assert "'good movie' (tokens 3-4) matters as a whole" in text
     assert "'not' (token 1) speaks most against it" in text and "CLS" not in text
     assert verbalize(["a", "b"], [-1.0, 0.0]) == "No token supports the prediction."
+    bpe = verbalize(["The", "Ġcapital", "Ġof", "ĠItaly", "Ġis"], [0.1, 0.0, 0.2, 0.9, 0.5], top=2, prediction="ĠRome")
+    assert bpe.startswith("The prediction 'Rome' rests most on 'Italy' (53%), 'is' (29%)") and "'Italy is' (tokens 3-4)" in bpe
+    assert "'playing' (tokens 1-2)" in verbalize(["[CLS]", "play", "##ing"], [0.0, 1.0, 1.0], skip=["[CLS]"])
     with pytest.raises(InvalidArgumentError, match="scores"):
         verbalize(tokens, scores[:3])

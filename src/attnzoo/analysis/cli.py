@@ -105,14 +105,15 @@ def analyze(model, tokenizer, text: str, tool: str, out: Path, *, show_progress:
         tokens, scores = rel.token_strings[0], rel.tokens[0]
         if tool == "sr_map":
             scores = sr_map(scores[None])[0]
-        summary = {"target": tokenizer.convert_ids_to_tokens([int(rel.target[0])])[0], "logit": float(rel.logit[0]),
+        summary = {"target": tokenizer.decode([int(rel.target[0])]).strip(), "logit": float(rel.logit[0]),
                    "relevance_sum": float(rel.tokens[0].sum()), "block_totals": rel.layers[0].tolist(),
                    "top_tokens": [tokens[i] for i in deletion_order(scores)[:5]]}
         if tool == "verbalize":
             summary["text"] = verbalize(tokens, scores, prediction=summary["target"], skip=special)
             (out / "verbalize.txt").write_text(summary["text"] + "\n", encoding="utf-8")
         summary["tokens"] = _token_scores(tokens, scores)
-        html.tokens_html(tokens, scores, out / f"{tool}.html", title=f"{tool}: next token {summary['target']!r}")
+        html.tokens_html(tokens, scores, out / f"{tool}.html", title=f"{tool}: next token {summary['target']!r}",
+                         caption=summary.get("text", ""))
         if pictures:
             png.relevance_png(scores, out / f"{tool}.png", tokens=tokens, title=f"{tool} for {summary['target']!r}")
         return summary

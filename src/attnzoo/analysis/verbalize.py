@@ -12,8 +12,22 @@ import torch
 from ..errors import InvalidArgumentError, check_int
 
 
-def _shown(token: str) -> str:
-    return repr(token.replace("Ġ", " ").replace("▁", " ").strip() or token)
+MARKERS = ("Ġ", "▁")  # byte-level BPE and SentencePiece word starts
+
+
+def _text(pieces: Sequence[str]) -> str:
+    """Tokens as text: glued where the tokenizer marks word starts (or ``##`` continuations), else spaced."""
+    if any(m in p for p in pieces for m in MARKERS):
+        text = "".join(pieces)
+        for m in MARKERS:
+            text = text.replace(m, " ")
+    else:
+        text = " ".join(pieces).replace(" ##", "")
+    return text.strip() or "".join(pieces)
+
+
+def _shown(*pieces: str) -> str:
+    return repr(_text(pieces))
 
 
 def _spans(indices: list[int]) -> list[list[int]]:
@@ -39,7 +53,7 @@ def verbalize(tokens: Sequence[str], scores: Sequence[float] | torch.Tensor, *, 
     top = check_int("top", top)
     candidates = [i for i, t in enumerate(tokens) if t not in skip]
     positive = sorted((i for i in candidates if values[i] > 0), key=lambda i: -values[i])[:top]
-    subject = f"the prediction {prediction!r}" if prediction is not None else "the prediction"
+    subject = f"the prediction {_shown(prediction)}" if prediction is not None else "the prediction"
     if not positive:
         return f"No token supports {subject}."
     total = sum(values[i] for i in candidates if values[i] > 0)
@@ -47,7 +61,7 @@ def verbalize(tokens: Sequence[str], scores: Sequence[float] | torch.Tensor, *, 
     sentences = [f"{subject[0].upper()}{subject[1:]} rests most on {named} of the positive relevance."]
     phrases = [run for run in _spans(sorted(positive)) if len(run) > 1]
     for run in phrases:
-        sentences.append(f"The phrase {_shown(' '.join(tokens[i] for i in run))} (tokens {run[0]}-{run[-1]}) matters as a whole.")
+        sentences.append(f"The phrase {_shown(*(tokens[i] for i in run))} (tokens {run[0]}-{run[-1]}) matters as a whole.")
     negative = [i for i in candidates if values[i] < 0]
     if negative:
         worst = min(negative, key=lambda i: values[i])
