@@ -31,6 +31,9 @@ class WordTokenizer:
     def convert_ids_to_tokens(self, ids):
         return [self.vocab.get(i, f"<{i}>") for i in ids]
 
+    def decode(self, ids):
+        return " ".join(self.convert_ids_to_tokens(ids))
+
 
 @pytest.mark.parametrize("tool", TOOLS)
 def test_every_tool_runs_on_a_patched_model(tool, tmp_path):
