@@ -124,9 +124,10 @@ def faithfulness(model, tokenizer, out: Path, steps: int = 10) -> dict:
 def rank_table(model, tokenizer) -> dict:
     """RALA's comparison on captured post-RoPE q/k/v of one ~400-token text, per layer and overall."""
     rec = record(model, LONG, tokenizer=tokenizer, qkv=True)
-    rows = [{"layer": i, **rank(q, k, v, causal=True).summary()} for i, q, k, v in zip(rec.layers, rec.q, rec.k, rec.v)]
+    reports = [rank(q, k, v, causal=True) for q, k, v in zip(rec.q, rec.k, rec.v)]
+    rows = [{"layer": i, **r.summary()} for i, r in zip(rec.layers, reports)]
     keys = ("kv_numerical", "kv_effective", "output_numerical", "output_effective")
-    return {"tokens": rec.input_ids.shape[1], "bound": 64, "layers": rows,
+    return {"tokens": rec.input_ids.shape[1], "bound": reports[0].bound, "layers": rows,
             "mean": {k: sum(r[k] for r in rows) / len(rows) for k in keys},
             "layers_kv_below_output": sum(r["kv_effective"] < r["output_effective"] for r in rows)}
 

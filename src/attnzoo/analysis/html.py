@@ -78,9 +78,11 @@ function select(layer, head) {
 
 function drawModel() {
   const grid = document.getElementById('model-view');
-  grid.style.gridTemplateColumns = 'repeat(' + H + ', auto)';
+  grid.style.gridTemplateColumns = 'auto repeat(' + H + ', auto)';
   const cell = Math.max(1, Math.floor(80 / n));
   for (let l = 0; l < L; l++) for (let h = 0; h < H; h++) {
+    if (h === 0) { const label = document.createElement('div'); label.className = 'axis';
+      label.textContent = 'layer ' + data.layers[l]; grid.appendChild(label); }
     const svg = el('svg', {width: cell * n, height: cell * n, 'data-layer': l, 'data-head': h});
     svg.appendChild(el('title', {})).textContent = 'layer ' + data.layers[l] + ', head ' + h;
     for (let q = 0; q < n; q++) for (let k = 0; k < n; k++) {
@@ -143,7 +145,7 @@ def attention_html(maps: Sequence[torch.Tensor], tokens: Sequence[str], path, *,
 <span class="axis">queries left, keys right; hover a token to isolate its lines</span></div>
 <div id="head-view"></div>
 <h2>Model view</h2>
-<div class="axis">rows: layers, columns: heads; click a map to show it above</div>
+<div class="axis">rows: layers, columns: heads 0..H-1; click a map to show it above</div>
 <div id="model-view"></div>
 <script type="application/json" id="attention-data">{payload}</script>
 <script>{SCRIPT}</script>
