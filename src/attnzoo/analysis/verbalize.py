@@ -11,7 +11,6 @@ import torch
 
 from ..errors import InvalidArgumentError, check_int
 
-
 MARKERS = ("Ġ", "▁")  # byte-level BPE and SentencePiece word starts
 
 
