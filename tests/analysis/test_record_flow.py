@@ -18,6 +18,7 @@ from attnzoo.analysis import (
     record,
     regularized_flow,
     rollout,
+    to_image_grid,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -156,3 +157,19 @@ def test_flow_bad_input(rng):
         rollout(maps, discard_ratio=1.0)
     with pytest.raises(InvalidArgumentError, match="maps"):
         rollout([torch.ones(2, 3, 4)])
+
+
+def test_rollout_of_a_vit_goes_onto_its_patch_grid(rng, tmp_path):
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=48, num_labels=3)
+    model = transformers.ViTForImageClassification(config).eval()
+    rec = record(model, {"pixel_values": torch.randn(1, 3, 16, 16, generator=rng)})
+    assert rec.input_ids is None and rec.probs[0].shape == (1, 4, 17, 17) and not rec.causal
+    cls_row = rollout(rec.probs)[:, 0]
+    grid = to_image_grid(model, cls_row)
+    assert grid.shape == (1, 4, 4) and torch.equal(grid.flatten(1), cls_row[:, 1:])
+    with pytest.raises(InvalidArgumentError, match="values"):
+        to_image_grid(model, cls_row[:, 1:])
+    with pytest.raises(InvalidArgumentError, match="model"):
+        to_image_grid(tiny("llama"), cls_row)

@@ -20,7 +20,7 @@ from .lrp import Relevance, lrp
 from .normgrad import normgrad
 from .pictures import attention_png, curves_png, grid_png, relevance_png
 from .rank import RankReport, effective_rank, numerical_rank, rank
-from .record import Recording, record
+from .record import Recording, record, to_image_grid
 from .similarity import head_similarity, layer_similarity
 from .sinks import SinkMap, sinks
 from .sr_map import sr_map
@@ -28,8 +28,35 @@ from .token_importance import token_importance
 from .verbalize import verbalize
 
 __all__ = [
-    "RankReport", "Recording", "Relevance", "SinkMap", "attention_flow", "attention_html", "attention_png", "curves_png",
-    "deletion_area", "deletion_curve", "deletion_order", "effective_rank", "fuse_heads", "grid_png", "head_similarity", "layer_similarity", "lrp",
-    "max_flow", "normgrad", "numerical_rank", "rank", "record", "regularized_flow", "relevance_png", "rollout", "sinks", "sr_map",
-    "token_importance", "tokens_html", "verbalize",
+    "RankReport",
+    "Recording",
+    "Relevance",
+    "SinkMap",
+    "attention_flow",
+    "attention_html",
+    "attention_png",
+    "curves_png",
+    "deletion_area",
+    "deletion_curve",
+    "deletion_order",
+    "effective_rank",
+    "fuse_heads",
+    "grid_png",
+    "head_similarity",
+    "layer_similarity",
+    "lrp",
+    "max_flow",
+    "normgrad",
+    "numerical_rank",
+    "rank",
+    "record",
+    "regularized_flow",
+    "relevance_png",
+    "rollout",
+    "sinks",
+    "sr_map",
+    "to_image_grid",
+    "token_importance",
+    "tokens_html",
+    "verbalize",
 ]
