@@ -82,7 +82,7 @@ def _repeat_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
 
 
-def _allowed(module, query, key, value, attention_mask, causal: bool, scale: float) -> torch.Tensor | None:
+def _allowed(module, query, key, value, attention_mask, causal: bool, scale: float, window: int | None) -> torch.Tensor | None:
     """(B|1, 1|H, Nq, Nk) bool pattern: the model's mask (or causal pattern), narrowed on a patched
     layer to the support of its methods' probabilities (what the method keeps)."""
     from ..integrations.transformers.adapter import PLAN_ATTR
@@ -90,7 +90,7 @@ def _allowed(module, query, key, value, attention_mask, causal: bool, scale: flo
     from ..kernels.dense import causal_mask
 
     plan = getattr(module, PLAN_ATTR, None)
-    if plan is not None and plan.runs(query.shape[2], key.shape[2], None):
+    if plan is not None and plan.runs(query.shape[2], key.shape[2], window):
         with torch.no_grad():
             return plan.probabilities(query, key, value, attention_mask, causal, scale) > 0
     if attention_mask is not None:
@@ -106,7 +106,7 @@ def _lrp_attention(module, query, key, value, attention_mask, dropout: float = 0
     heads = query.shape[1]
     k, v = _repeat_heads(key, heads), _repeat_heads(value, heads)
     scores = uniform_product(query, k.transpose(-1, -2), matmul=True) * scale
-    allowed = _allowed(module, query, key, value, attention_mask, causal, scale)
+    allowed = _allowed(module, query, key, value, attention_mask, causal, scale, kwargs.get("sliding_window"))
     if allowed is not None:
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = scores.softmax(dim=-1)
