@@ -1,0 +1,176 @@
+"""Halo exchange for position patterns: each rank receives only the keys and values its queries'
+windows reach on other ranks (a volume set by the window, not by N), then attends locally.
+
+A 2-D / 3-D grid is sharded by rows (frames): shard lengths are whole rows of ``prod(grid[1:])``
+tokens. For each pattern, :data:`ROW_REACH` gives the rows of keys a row of queries can see (a
+bound; the pattern's own ``mask_mod`` then decides each pair), read from the method's config.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import InvalidArgumentError, UnsupportedError
+from ..kernels.dense import attention_with_lse
+from ..method import Call
+from ..methods.local.neighborhood import axis_window
+from .comm import Group, attach, exchange
+
+QUERY_CHUNK = 2048  # query tokens attended at a time (O(chunk x reach) memory)
+
+
+def _window(m, call):
+    left, right = m._extents(call)
+    return lambda i: (i - left, i + right + 1)
+
+
+def _streaming(m, call):
+    w = m.config.window
+    return lambda i: (i - w + 1, i + 1)
+
+
+def _neighborhood(m, call):
+    grid, kernel, dilation, causal = m._axes(call)
+    n, k, d, c = grid[0], kernel[0], dilation[0], causal[0]
+
+    def span(i):
+        group, first, count = axis_window(i, n, k, d, c)
+        return first * d + group, (first + count - 1) * d + group + 1
+
+    return span
+
+
+def _clear(m, call):
+    r = int(m.config.radius)
+    return lambda i: (i - r, i + r + 1)
+
+
+def _halo(m, call):
+    _, block, halo = m._axes(call)
+    b, h = block[0], halo[0]
+    return lambda i: ((i // b) * b - h, (i // b + 1) * b + h)
+
+
+def _maxvit_block(m, call):
+    _, block = m._block(call)
+    p = block[0]
+    return lambda i: ((i // p) * p, (i // p + 1) * p)
+
+
+# method name -> (method, full call) -> span(rows (R,) int64) -> (first row, end row) each query row may see
+ROW_REACH = {
+    "sliding_window": _window,
+    "streaming": _streaming,
+    "neighborhood": _neighborhood,
+    "clear": _clear,
+    "halo": _halo,
+    "maxvit_block": _maxvit_block,
+}
+
+
+def row_size(m, call: Call) -> int:
+    """Tokens per sharding row: 1 for 1-D patterns, prod(grid[1:]) on a grid."""
+    if not hasattr(m, "grid"):
+        return 1
+    if m.config.num_global:
+        raise UnsupportedError(f"method {m.info.name!r} with num_global={m.config.num_global}: global tokens attend to "
+                               "every rank's keys; the distributed halo form needs num_global=0")
+    return math.prod(m.grid(call)[1:])
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[list[int]] = []
+    for lo, hi in sorted(r for r in ranges if r[1] > r[0]):
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return [tuple(r) for r in merged]
+
+
+def needed_tokens(m, call: Call, start: int, stop: int) -> list[tuple[int, int]]:
+    """Token ranges [lo, hi) of keys the queries in tokens [start, stop) may see (merged, ascending)."""
+    size = row_size(m, call)
+    rows = torch.arange(start // size, -(-stop // size))
+    lo, hi = ROW_REACH[m.info.name](m, call)(rows)
+    total = call.len_kv // size
+    ranges = [(max(0, int(lo.min())) * size, min(total, int(hi.max())) * size)]
+    sinks = getattr(m.config, "sinks", 0) if m.info.name == "streaming" else 0
+    if sinks:
+        ranges.append((0, min(sinks, call.len_kv)))
+    return _merge(ranges)
+
+
+def check_shards(m, call: Call, lengths: list[int]) -> None:
+    size = row_size(m, call)
+    if any(n % size for n in lengths):
+        raise InvalidArgumentError("shard lengths", f"multiples of the row of {size} tokens (grids are sharded by rows, "
+                                   f"grid={m.grid(call)})", lengths)
+
+
+def halo_attention(q, k, v, m, call: Call, group: Group, lengths: list[int]) -> torch.Tensor:
+    """This rank's output (B, Hq, n_r, Dv) of position pattern ``m`` (``call``: the whole sequence's)
+    from its own keys plus the halos its neighbours send."""
+    check_shards(m, call, lengths)
+    W, r = group.size, group.rank
+    starts = [sum(lengths[:p]) for p in range(W + 1)]
+    needed = [needed_tokens(m, call, starts[p], starts[p + 1]) for p in range(W)]
+
+    def owned(p, lo, hi):  # the part of [lo, hi) rank p holds
+        return max(lo, starts[p]), min(hi, starts[p + 1])
+
+    sends, receives, pieces = [], [], []  # pieces: ("own" | "received", token lo, token hi)
+    for p in range(W):
+        if p == r:
+            continue
+        for lo, hi in needed[p]:
+            a, b = owned(r, lo, hi)
+            if b > a:
+                local = slice(a - starts[r], b - starts[r])
+                sends += [(p, k[:, :, local]), (p, v[:, :, local])]
+    for lo, hi in needed[r]:
+        for p in range(W):
+            a, b = owned(p, lo, hi)
+            if b <= a:
+                continue
+            pieces.append((p, a, b))
+            if p != r:
+                receives += [(p, (*k.shape[:2], b - a, k.shape[3]), k.dtype, k.device),
+                             (p, (*v.shape[:2], b - a, v.shape[3]), v.dtype, v.device)]
+    received = exchange(group, sends, receives, anchor=k)
+    got = iter(received)
+    keys, values, kv_pos = [], [], []
+    for p, a, b in pieces:
+        if p == r:
+            local = slice(a - starts[r], b - starts[r])
+            keys.append(k[:, :, local])
+            values.append(v[:, :, local])
+        else:
+            keys.append(next(got))
+            values.append(next(got))
+        kv_pos.append(torch.arange(a, b, device=q.device))
+    keys, values, kv_pos = torch.cat(keys, 2), torch.cat(values, 2), torch.cat(kv_pos)
+    out = _local_attention(q, keys, values, kv_pos, m, call, starts[r])
+    return out if receives else attach(out, received)  # a send-only rank keeps its receipt
+
+
+def _local_attention(q, keys, values, kv_pos, m, call: Call, start: int) -> torch.Tensor:
+    """Queries at tokens start.. over keys at ``kv_pos`` (ascending) under the pattern's mask,
+    a chunk of whole rows at a time, each chunk over the keys its rows can reach."""
+    size = row_size(m, call)
+    chunk = max(1, QUERY_CHUNK // size) * size
+    mask_mod = m.mask_mod(call)
+    zero = torch.zeros((), dtype=torch.int64, device=q.device)
+    outs = []
+    for a in range(0, q.shape[2], chunk):
+        b = min(a + chunk, q.shape[2])
+        index = torch.cat([torch.arange(int(torch.searchsorted(kv_pos, lo)), int(torch.searchsorted(kv_pos, hi)), device=q.device)
+                           for lo, hi in needed_tokens(m, call, start + a, start + b)])
+        q_pos = torch.arange(start + a, start + b, device=q.device)
+        allowed = mask_mod(zero, zero, q_pos[:, None], kv_pos[index][None, :])
+        out, _ = attention_with_lse(q[:, :, a:b], keys.index_select(2, index), values.index_select(2, index),
+                                    scale=call.scale, mask=allowed)
+        outs.append(out)
+    return torch.cat(outs, dim=2)

@@ -1,0 +1,62 @@
+"""attnzoo.distributed over 2 and 4 gloo processes against the single-process call.
+
+One spawn per world size runs every case (:mod:`dist_cases`); each test reads its case's worst
+relative error over the ranks (max |distributed - single| / max |single|) for the output and the
+gradients of q, k and v."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+import pytest
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(__file__))
+import dist_cases  # noqa: E402
+
+WORLDS = (2, 4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(worker, world: int, tmp_path, *args):
+    """Run ``worker(rank, world, port, out_path, *args)`` on ``world`` gloo processes; rank 0's JSON."""
+    out_path = str(tmp_path / f"world{world}.json")
+    mp.spawn(worker, args=(world, free_port(), out_path, *args), nprocs=world, join=True)
+    with open(out_path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distributed")
+    return {world: spawn(dist_cases.worker, world, tmp) for world in WORLDS}
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", [c.name for c in dist_cases.cases(2)])
+def test_equals_single_process(results, world, name):
+    got = results[world][name]
+    where = f"{name} over {world} ranks, seed {got['seed']}: {got['case']}"
+    assert got["forward"] <= 1e-5, f"forward error {got['forward']:.2e} in {where}"
+    for grad in ("grad_q", "grad_k", "grad_v"):
+        assert got[grad] <= 1e-4, f"{grad} error {got[grad]:.2e} in {where}"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_errors_name_the_argument(results, world):
+    errors = results[world]["errors"]
+    assert errors["layout"].startswith("InvalidArgumentError: layout:")
+    assert "head" in errors["heads"] and "on every rank" in errors["heads"]
+    assert errors["zigzag_uneven"].startswith("InvalidArgumentError: layout:")
+    assert errors["no_form"].startswith("UnsupportedError") and "neighborhood" in errors["no_form"] and "dense" in errors["no_form"]
+    assert errors["halo_zigzag"].startswith("InvalidArgumentError: layout:")
+    assert errors["grid_rows"].startswith("InvalidArgumentError: shard lengths:")
+    assert errors["single_group_equal"]
