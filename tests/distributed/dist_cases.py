@@ -121,12 +121,66 @@ def _error_cases(rank: int, world: int) -> dict:
     }
 
 
+def sequence_parallel_layer(rank: int, world: int, method: str, **config) -> dict:
+    """attnzoo.nn.Attention(process_group=WORLD) on this rank's tokens against the same layer on the
+    whole sequence: worst relative error of the output and of the parameters' gradients summed
+    over the ranks (causal, GQA, rotary embeddings at the shard's positions, uneven shards)."""
+    torch.manual_seed(7)
+    options = dict(num_kv_heads=2, causal=True, rope=10000.0, method=method, **config)
+    layer = attnzoo.nn.Attention(16, 4, process_group=dist.group.WORLD, **options)
+    whole = attnzoo.nn.Attention(16, 4, **options)
+    whole.load_state_dict(layer.state_dict())
+    lengths = [9, 5, 12, 6][:world]
+    gen = torch.Generator().manual_seed(11)
+    x, weight = torch.randn(2, sum(lengths), 16, generator=gen), torch.randn(2, sum(lengths), 16, generator=gen)
+    expected = whole(x)
+    (expected * weight).sum().backward()
+    cut = lambda t: azd.shard(t, rank, world, dim=1, lengths=lengths)  # noqa: E731
+    out = layer(cut(x))
+    (out * cut(weight)).sum().backward()
+    errors = [float((out - cut(expected)).detach().abs().max() / expected.detach().abs().max())]
+    for (name, p), (_, ref) in zip(layer.named_parameters(), whole.named_parameters()):
+        grad = p.grad.clone()
+        dist.all_reduce(grad)  # sequence parallelism sums the parameters' gradients, as data parallelism does
+        errors.append(float((grad - ref.grad).abs().max() / ref.grad.abs().max()))
+    worst = torch.tensor(max(errors), dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return {"worst": worst.item()}
+
+
+def traffic(rank: int, world: int, side: int = 256, kernel: int = 13, dim: int = 4) -> dict:
+    """Bytes each rank sends in one forward: halo exchange of ``neighborhood`` on a side x side grid
+    (sharded by rows) against its halo's size ((kernel // 2) rows of keys and values per
+    neighbour), and ring attention against (W - 1) / W of K and V (a smaller sequence: the
+    ring's volume does not depend on how long computing takes)."""
+    gen = torch.Generator().manual_seed(1234)
+    n = side * side // world
+    q, k, v = (torch.randn(1, 1, n, dim, generator=gen) for _ in range(3))
+    with torch.no_grad(), azd.counting() as halo:
+        azd.attention(q, k, v, "neighborhood", grid=(side, side), kernel_size=kernel)
+    neighbours = (rank > 0) + (rank < world - 1)
+    halo_size = neighbours * (kernel // 2) * side * 2 * dim * 4  # rows x tokens per row x (K + V) x float32
+    ring_n = 1024 // world
+    q, k, v = (torch.randn(1, 1, ring_n, dim, generator=gen) for _ in range(3))
+    with torch.no_grad(), azd.counting() as ring:
+        azd.attention(q, k, v, "dense")
+    kv_bytes = world * ring_n * 2 * dim * 4  # the whole sequence's K and V
+    ratios = torch.tensor([halo.sent / halo_size, ring.sent / (kv_bytes * (world - 1) / world)], dtype=torch.float64)
+    every = [torch.empty_like(ratios) for _ in range(world)]
+    dist.all_gather(every, ratios)
+    return {"halo_ratio": [float(r[0]) for r in every], "ring_ratio": [float(r[1]) for r in every]}
+
+
 def worker(rank: int, world: int, port: int, out_path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results = {case.name: _run_case(case, rank, world) for case in cases(world)}
         results["errors"] = _error_cases(rank, world)
+        results["layer_dense"] = sequence_parallel_layer(rank, world, "dense")
+        results["layer_window"] = sequence_parallel_layer(rank, world, "sliding_window", window=4)
+        if world == 4:
+            results["traffic"] = traffic(rank, world)
         if rank == 0:
             with open(out_path + ".tmp", "w") as f:
                 json.dump(results, f)

@@ -60,3 +60,21 @@ def test_errors_name_the_argument(results, world):
     assert errors["halo_zigzag"].startswith("InvalidArgumentError: layout:")
     assert errors["grid_rows"].startswith("InvalidArgumentError: shard lengths:")
     assert errors["single_group_equal"]
+
+
+def test_traffic_is_counted_and_matches_the_volumes(results):
+    """neighborhood 256 x 256, kernel 13, 4 ranks: each rank sends its halo, 6 rows of K and V per
+    neighbour (within 10%); ring attention sends (W - 1) / W of K and V."""
+    traffic = results[4]["traffic"]
+    for rank, ratio in enumerate(traffic["halo_ratio"]):
+        assert abs(ratio - 1) <= 0.1, f"rank {rank} sent {ratio:.3f} x its halo"
+    for rank, ratio in enumerate(traffic["ring_ratio"]):
+        assert abs(ratio - 1) <= 1e-9, f"rank {rank} sent {ratio:.3f} x (W - 1) / W of K and V"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("layer", ["layer_dense", "layer_window"])
+def test_attention_layer_trains_sequence_parallel(results, world, layer):
+    """nn.Attention(process_group=...) on shards: the output and the summed parameter gradients equal
+    the layer run on the whole sequence."""
+    assert results[world][layer]["worst"] <= 1e-4

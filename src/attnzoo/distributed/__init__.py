@@ -6,9 +6,9 @@ sequence: ring attention (dense), Ulysses (any method, heads split across ranks)
 sequence; ``counting()`` counts the bytes a rank sends.
 """
 
-from .api import STRATEGIES, attention, distributed_forms
+from .api import STRATEGIES, attention, distributed_forms, shard_positions
 from .comm import Traffic, counting
 from .layout import LAYOUTS, positions, shard, split_lengths, unshard
 
 __all__ = ["LAYOUTS", "STRATEGIES", "Traffic", "attention", "counting", "distributed_forms", "positions", "shard",
-           "split_lengths", "unshard"]
+           "shard_positions", "split_lengths", "unshard"]

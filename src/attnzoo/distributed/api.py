@@ -12,7 +12,7 @@ from ..method import Call, Method, check_qkv
 from ..registry import as_method
 from .comm import Group, gather_ints, resolve_group
 from .halo import ROW_REACH, halo_attention
-from .layout import check_layout
+from .layout import check_layout, positions
 from .linear import STATE_METHODS, linear_state_attention
 from .ring import ring_attention, ulysses_attention
 
@@ -58,6 +58,14 @@ def _shard_lengths(group: Group, q, k, v) -> list[int]:
         if len(set(column)) != 1:
             raise InvalidArgumentError("q, k, v", f"the same {name} on every rank", f"{column} on ranks 0..{group.size - 1}")
     return table[:, 0].tolist()
+
+
+def shard_positions(tokens: int, *, group=None, layout: str = "contiguous", device=None) -> torch.Tensor:
+    """Sequence positions (int64) of this rank's ``tokens`` tokens, from every rank's count (one
+    all-gather): what rotary embeddings of a sharded sequence use."""
+    g = resolve_group(group)
+    lengths = gather_ints(g, [tokens], device)[:, 0].tolist() if g.size > 1 else [tokens]
+    return positions(lengths, g.rank, check_layout(layout), device)
 
 
 def whole_call(m: Method, q, k, v, total: int, *, causal: bool, scale: float | None) -> Call:
