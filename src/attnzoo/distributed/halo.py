@@ -110,67 +110,64 @@ def check_shards(m, call: Call, lengths: list[int]) -> None:
                                    f"grid={m.grid(call)})", lengths)
 
 
+def send_plan(m, call: Call, lengths: list[int]) -> list[list[tuple[int, int, int]]]:
+    """Per rank, the (peer, first token, end token) ranges of its own keys it sends: the parts of
+    each other rank's needed ranges that it holds. A pure function of the shapes (every rank
+    computes all of it; the bench predicts volumes with it)."""
+    check_shards(m, call, lengths)
+    starts = [sum(lengths[:p]) for p in range(len(lengths) + 1)]
+    plan: list[list[tuple[int, int, int]]] = [[] for _ in lengths]
+    for p in range(len(lengths)):
+        for lo, hi in needed_tokens(m, call, starts[p], starts[p + 1]):
+            for owner in range(len(lengths)):
+                a, b = max(lo, starts[owner]), min(hi, starts[owner + 1])
+                if b > a and owner != p:
+                    plan[owner].append((p, a, b))
+    return plan
+
+
 def halo_attention(q, k, v, m, call: Call, group: Group, lengths: list[int]) -> torch.Tensor:
     """This rank's output (B, Hq, n_r, Dv) of position pattern ``m`` (``call``: the whole sequence's)
     from its own keys plus the halos its neighbours send."""
-    check_shards(m, call, lengths)
-    W, r = group.size, group.rank
-    starts = [sum(lengths[:p]) for p in range(W + 1)]
-    needed = [needed_tokens(m, call, starts[p], starts[p + 1]) for p in range(W)]
-
-    def owned(p, lo, hi):  # the part of [lo, hi) rank p holds
-        return max(lo, starts[p]), min(hi, starts[p + 1])
-
-    sends, receives, pieces = [], [], []  # pieces: ("own" | "received", token lo, token hi)
-    for p in range(W):
-        if p == r:
-            continue
-        for lo, hi in needed[p]:
-            a, b = owned(r, lo, hi)
-            if b > a:
-                local = slice(a - starts[r], b - starts[r])
-                sends += [(p, k[:, :, local]), (p, v[:, :, local])]
-    for lo, hi in needed[r]:
-        for p in range(W):
-            a, b = owned(p, lo, hi)
-            if b <= a:
-                continue
-            pieces.append((p, a, b))
-            if p != r:
-                receives += [(p, (*k.shape[:2], b - a, k.shape[3]), k.dtype, k.device),
-                             (p, (*v.shape[:2], b - a, v.shape[3]), v.dtype, v.device)]
+    r = group.rank
+    start = sum(lengths[:r])
+    plan = send_plan(m, call, lengths)
+    own = lambda t, a, b: t[:, :, a - start:b - start]  # noqa: E731
+    sends = [(p, own(t, a, b)) for p, a, b in plan[r] for t in (k, v)]
+    incoming = sorted((a, b, owner) for owner, ranges in enumerate(plan) for p, a, b in ranges if p == r)
+    receives = [(owner, (*t.shape[:2], b - a, t.shape[3]), t.dtype, t.device) for a, b, owner in incoming for t in (k, v)]
     received = exchange(group, sends, receives, anchor=k)
-    got = iter(received)
-    keys, values, kv_pos = [], [], []
-    for p, a, b in pieces:
-        if p == r:
-            local = slice(a - starts[r], b - starts[r])
-            keys.append(k[:, :, local])
-            values.append(v[:, :, local])
-        else:
-            keys.append(next(got))
-            values.append(next(got))
-        kv_pos.append(torch.arange(a, b, device=q.device))
-    keys, values, kv_pos = torch.cat(keys, 2), torch.cat(values, 2), torch.cat(kv_pos)
-    out = _local_attention(q, keys, values, kv_pos, m, call, starts[r])
+    pieces = [(a, b, received[2 * i], received[2 * i + 1]) for i, (a, b, _) in enumerate(incoming)]
+    pieces.append((start, start + lengths[r], k, v))
+    pieces.sort(key=lambda piece: piece[0])
+    keys, values = torch.cat([p[2] for p in pieces], 2), torch.cat([p[3] for p in pieces], 2)
+    kv_pos = torch.cat([torch.arange(a, b, device=q.device) for a, b, _, _ in pieces])
+    out = _local_attention(q, keys, values, kv_pos, m, call, start)
     return out if receives else attach(out, received)  # a send-only rank keeps its receipt
 
 
-def _local_attention(q, keys, values, kv_pos, m, call: Call, start: int) -> torch.Tensor:
-    """Queries at tokens start.. over keys at ``kv_pos`` (ascending) under the pattern's mask,
-    a chunk of whole rows at a time, each chunk over the keys its rows can reach."""
+def query_chunks(m, call: Call, start: int, stop: int):
+    """(first, end) query tokens of each chunk of whole rows in [start, stop) with the key ranges
+    its rows can reach: the unit :func:`halo_attention` computes densely."""
     size = row_size(m, call)
     chunk = max(1, QUERY_CHUNK // size) * size
+    for a in range(start, stop, chunk):
+        b = min(a + chunk, stop)
+        yield a, b, needed_tokens(m, call, a, b)
+
+
+def _local_attention(q, keys, values, kv_pos, m, call: Call, start: int) -> torch.Tensor:
+    """Queries at tokens start.. over keys at ``kv_pos`` (ascending) under the pattern's mask, one
+    :func:`query_chunks` chunk at a time."""
     mask_mod = m.mask_mod(call)
     zero = torch.zeros((), dtype=torch.int64, device=q.device)
     outs = []
-    for a in range(0, q.shape[2], chunk):
-        b = min(a + chunk, q.shape[2])
+    for a, b, ranges in query_chunks(m, call, start, start + q.shape[2]):
         index = torch.cat([torch.arange(int(torch.searchsorted(kv_pos, lo)), int(torch.searchsorted(kv_pos, hi)), device=q.device)
-                           for lo, hi in needed_tokens(m, call, start + a, start + b)])
-        q_pos = torch.arange(start + a, start + b, device=q.device)
+                           for lo, hi in ranges])
+        q_pos = torch.arange(a, b, device=q.device)
         allowed = mask_mod(zero, zero, q_pos[:, None], kv_pos[index][None, :])
-        out, _ = attention_with_lse(q[:, :, a:b], keys.index_select(2, index), values.index_select(2, index),
+        out, _ = attention_with_lse(q[:, :, a - start:b - start], keys.index_select(2, index), values.index_select(2, index),
                                     scale=call.scale, mask=allowed)
         outs.append(out)
     return torch.cat(outs, dim=2)
