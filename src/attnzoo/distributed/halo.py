@@ -4,10 +4,16 @@ windows reach on other ranks (a volume set by the window, not by N), then attend
 A 2-D / 3-D grid is sharded by rows (frames): shard lengths are whole rows of ``prod(grid[1:])``
 tokens. For each pattern, :data:`ROW_REACH` gives the rows of keys a row of queries can see (a
 bound; the pattern's own ``mask_mod`` then decides each pair), read from the method's config.
+
+Patterns that look the same on a run of rows cut out of the sequence (:data:`TRANSLATES`: windows
+and circles, undilated neighbourhoods) run the method itself, with its own executor, on the rank's
+rows plus halos (the halo rows' queries zero and their outputs dropped); the others attend a
+chunk of query rows at a time under the mask their ``mask_mod`` evaluates (O(chunk x reach)).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -67,6 +73,20 @@ ROW_REACH = {
     "clear": _clear,
     "halo": _halo,
     "maxvit_block": _maxvit_block,
+}
+
+
+def _neighborhood_cut(m, call, rows):
+    _, kernel, dilation, _ = m._axes(call)
+    return math.prod(kernel) if dilation[0] == 1 and rows >= kernel[0] else None
+
+
+# method name -> (method, call, rows in the cut) -> keys each query visits when the pattern is
+# unchanged on that run of rows cut out of the sequence (the method itself then runs it), else None
+TRANSLATES = {
+    "sliding_window": lambda m, call, rows: sum(m._extents(call)) + 1,
+    "neighborhood": _neighborhood_cut,
+    "clear": lambda m, call, rows: (2 * int(m.config.radius) + 1) ** len(m.grid(call)),
 }
 
 
@@ -142,8 +162,46 @@ def halo_attention(q, k, v, m, call: Call, group: Group, lengths: list[int]) -> 
     pieces.sort(key=lambda piece: piece[0])
     keys, values = torch.cat([p[2] for p in pieces], 2), torch.cat([p[3] for p in pieces], 2)
     kv_pos = torch.cat([torch.arange(a, b, device=q.device) for a, b, _, _ in pieces])
-    out = _local_attention(q, keys, values, kv_pos, m, call, start)
+    cut = run_of_rows(m, call, start, start + lengths[r])
+    if cut is None:
+        out = _local_attention(q, keys, values, kv_pos, m, call, start)
+    else:
+        out = _attend_cut(q, keys, values, m, call, start, *cut)
     return out if receives else attach(out, received)  # a send-only rank keeps its receipt
+
+
+def run_of_rows(m, call: Call, start: int, stop: int) -> tuple[int, int] | None:
+    """(lo, hi): the tokens whose keys queries [start, stop) see, when the method can run on them
+    as a sequence of its own (:data:`TRANSLATES`); else None."""
+    needed = needed_tokens(m, call, start, stop)
+    translates = TRANSLATES.get(m.info.name)
+    if len(needed) != 1 or translates is None:
+        return None
+    lo, hi = needed[0]
+    return needed[0] if translates(m, call, (hi - lo) // row_size(m, call)) is not None else None
+
+
+def _attend_cut(q, keys, values, m, call: Call, start: int, lo: int, hi: int) -> torch.Tensor:
+    """The method itself on tokens [lo, hi) (a grid of those rows), queries outside this rank's zero."""
+    from ..api import attention  # the configured method (and its layouts) is cached there
+
+    config = dataclasses.asdict(m.config)
+    if "grid" in config:
+        config["grid"] = ((hi - lo) // row_size(m, call), *m.grid(call)[1:])
+    pad = lambda n: q.new_zeros(*q.shape[:2], n, q.shape[3])  # noqa: E731
+    q_cut = torch.cat([pad(start - lo), q, pad(hi - start - q.shape[2])], dim=2)
+    out = attention(q_cut, keys, values, m.info.name, causal=call.causal, scale=call.scale, check_finite=False,
+                    backend=m.backend, **config)
+    return out[:, :, start - lo:start - lo + q.shape[2]]
+
+
+def computed_pairs(m, call: Call, start: int, stop: int) -> int:
+    """(query, key) pairs computed for queries [start, stop): the cut's queries times the keys each
+    visits, or the chunks' dense boxes (the compute term of the bench's scaling model)."""
+    cut = run_of_rows(m, call, start, stop)
+    if cut is not None:
+        return (cut[1] - cut[0]) * TRANSLATES[m.info.name](m, call, (cut[1] - cut[0]) // row_size(m, call))
+    return sum((b - a) * sum(hi - lo for lo, hi in ranges) for a, b, ranges in query_chunks(m, call, start, stop))
 
 
 def query_chunks(m, call: Call, start: int, stop: int):
