@@ -8,28 +8,23 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 
 import pytest
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
-import dist_cases  # noqa: E402
+import dist_cases
+
+from attnzoo.distributed.comm import free_local_port
 
 WORLDS = (2, 4)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn(worker, world: int, tmp_path, *args):
     """Run ``worker(rank, world, port, out_path, *args)`` on ``world`` gloo processes; rank 0's JSON."""
     out_path = str(tmp_path / f"world{world}.json")
-    mp.spawn(worker, args=(world, free_port(), out_path, *args), nprocs=world, join=True)
+    mp.spawn(worker, args=(world, free_local_port(), out_path, *args), nprocs=world, join=True)
     with open(out_path) as f:
         return json.load(f)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -31,7 +30,7 @@ import torch.distributed as dist
 from ..bench.specs import MethodSpec, config_at, parse_method_spec
 from ..registry import get_method
 from .api import attention, distributed_forms, whole_call
-from .comm import counting
+from .comm import counting, free_local_port
 from .halo import computed_pairs, row_size, send_plan
 from .layout import split_lengths
 
@@ -123,12 +122,6 @@ def _worker(rank: int, world: int, port: int, specs, lengths, heads: int, dim: i
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(specs: list[MethodSpec], worlds: list[int], lengths: list[int], *, heads: int, dim: int, repeats: int,
             scratch: Path) -> list[dict]:
     """Every (method, world, length) run, one spawn of ``world`` gloo processes per world size."""
@@ -137,7 +130,7 @@ def measure(specs: list[MethodSpec], worlds: list[int], lengths: list[int], *, h
     rows = []
     for world in worlds:
         out = scratch / f"world{world}.json"
-        mp.spawn(_worker, args=(world, _free_port(), [(s.name, s.config) for s in specs], lengths, heads, dim, repeats,
+        mp.spawn(_worker, args=(world, free_local_port(), [(s.name, s.config) for s in specs], lengths, heads, dim, repeats,
                                 str(out)), nprocs=world, join=True)
         rows += json.loads(out.read_text())
     return rows

@@ -8,6 +8,7 @@ this process sent, as counted from the tensors handed to the backend (not estima
 from __future__ import annotations
 
 import contextlib
+import socket
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,13 @@ def counting():
         yield traffic
     finally:
         _ACTIVE.remove(traffic)
+
+
+def free_local_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for ``init_method="tcp://127.0.0.1:PORT"`` of spawned ranks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ def linear_state_attention(q, k, v, m, call: Call, group: Group, lengths: list[i
     qf, kf = m.features(q, k, call)
     v = repeat_kv(v, kf.shape[1] // v.shape[1])
     decay = m.decay(call)
-    options = dict(decay=decay, chunk=m.config.chunk, backend=m.backend)
+    options = {"decay": decay, "chunk": m.config.chunk, "backend": m.backend}
     _, state = state_product(qf, kf, v, causal=call.causal, append_ones=m.normalize, return_state=True, **options)
     states = _all_gather(group, state)
     r = group.rank
