@@ -64,6 +64,9 @@ def cases(world: int) -> list[Case]:
         Case("linear", method="linear", causal=False, lengths=uneven, config={"chunk": 4}),
         Case("linear_causal", method="linear", causal=True, lengths=uneven, config={"chunk": 4}),
         Case("lightning", method="lightning", causal=True, lengths=uneven, config={"chunk": 4}),
+        Case("block_sparse", method="block_sparse", config={"block_size": 4, "top_k": 3}, lengths=(12, 8, 16, 8)),
+        Case("block_sparse_causal", method="block_sparse", config={"block_size": 4, "top_k": 2, "local_blocks": 0}, causal=True,
+             lengths=(12, 8, 16, 8)),
         Case("linear_relu_causal", method="linear", causal=True, lengths=uneven, config={"chunk": 8, "feature_map": "relu"}),
     ]
 
@@ -117,6 +120,8 @@ def _error_cases(rank: int, world: int) -> dict:
         "no_form": _error_of(lambda: azd.attention(q, k, v, "maxvit_grid", grid=(2, 3))),
         "halo_zigzag": _error_of(lambda: azd.attention(q, k, v, "sliding_window", window=3, layout="zigzag")),
         "grid_rows": _error_of(lambda: azd.attention(q, k, v, "neighborhood", grid=(6 * world // 4, 4), kernel_size=3)),
+        "estimator": _error_of(lambda: azd.attention(q, k, v, "block_sparse", block_size=2, estimator="sampled_q")),
+        "blocks": _error_of(lambda: azd.attention(q, k, v, "block_sparse", block_size=4)),
         "single_group_equal": bool(torch.equal(alone, local)),
     }
 
@@ -165,10 +170,17 @@ def traffic(rank: int, world: int, side: int = 256, kernel: int = 13, dim: int =
     with torch.no_grad(), azd.counting() as ring:
         azd.attention(q, k, v, "dense")
     kv_bytes = world * ring_n * 2 * dim * 4  # the whole sequence's K and V
-    ratios = torch.tensor([halo.sent / halo_size, ring.sent / (kv_bytes * (world - 1) / world)], dtype=torch.float64)
+    with torch.no_grad(), azd.counting() as selection:  # top_k 2, causal: only the diagonal and the first block
+        azd.attention(q, k, v, "block_sparse", causal=True, block_size=32, top_k=2, local_blocks=0)
+    first_block = (world - 1) * 32 * 2 * dim * 4 if rank == 0 else 0  # rank 0 sends block 0 to every other rank
+    blocks = ring_n // 32
+    summaries = (world - 1) * (blocks * dim * 4 + world * blocks)  # key block means, then which blocks each rank wants
+    ratios = torch.tensor([halo.sent / halo_size, ring.sent / (kv_bytes * (world - 1) / world),
+                           selection.sent - first_block - summaries, selection.sent / ring.sent], dtype=torch.float64)
     every = [torch.empty_like(ratios) for _ in range(world)]
     dist.all_gather(every, ratios)
-    return {"halo_ratio": [float(r[0]) for r in every], "ring_ratio": [float(r[1]) for r in every]}
+    return {"halo_ratio": [float(r[0]) for r in every], "ring_ratio": [float(r[1]) for r in every],
+            "selection_excess": [float(r[2]) for r in every], "selection_over_ring": [float(r[3]) for r in every]}
 
 
 def worker(rank: int, world: int, port: int, out_path: str) -> None:

@@ -54,17 +54,22 @@ def test_errors_name_the_argument(results, world):
     assert errors["no_form"].startswith("UnsupportedError") and "neighborhood" in errors["no_form"] and "dense" in errors["no_form"]
     assert errors["halo_zigzag"].startswith("InvalidArgumentError: layout:")
     assert errors["grid_rows"].startswith("InvalidArgumentError: shard lengths:")
+    assert errors["estimator"].startswith("UnsupportedError") and "pooled_qk" in errors["estimator"]
+    assert errors["blocks"].startswith("InvalidArgumentError: shard lengths:")
     assert errors["single_group_equal"]
 
 
 def test_traffic_is_counted_and_matches_the_volumes(results):
     """neighborhood 256 x 256, kernel 13, 4 ranks: each rank sends its halo, 6 rows of K and V per
-    neighbour (within 10%); ring attention sends (W - 1) / W of K and V."""
+    neighbour (within 10%); ring attention sends (W - 1) / W of K and V; a block selection moves
+    only the blocks selected."""
     traffic = results[4]["traffic"]
     for rank, ratio in enumerate(traffic["halo_ratio"]):
         assert abs(ratio - 1) <= 0.1, f"rank {rank} sent {ratio:.3f} x its halo"
     for rank, ratio in enumerate(traffic["ring_ratio"]):
         assert abs(ratio - 1) <= 1e-9, f"rank {rank} sent {ratio:.3f} x (W - 1) / W of K and V"
+    assert traffic["selection_excess"] == [0.0] * 4, "block_sparse moved blocks no query selected"
+    assert max(traffic["selection_over_ring"]) < 0.2
 
 
 @pytest.mark.parametrize("world", WORLDS)

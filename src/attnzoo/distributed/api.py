@@ -15,15 +15,17 @@ from .halo import ROW_REACH, halo_attention
 from .layout import check_layout, positions
 from .linear import STATE_METHODS, linear_state_attention
 from .ring import ring_attention, ulysses_attention
+from .selection import SELECTION_METHODS, selection_attention
 
-STRATEGIES = ("auto", "ring", "ulysses", "halo", "state")
+STRATEGIES = ("auto", "ring", "ulysses", "halo", "state", "selection")
 RING_METHODS = ("dense",)
 
 
 def distributed_forms() -> dict[str, str]:
     """Method name -> the strategy ``strategy="auto"`` runs it with (every method also runs with
     ``strategy="ulysses"``, which gives each rank whole sequences of some heads)."""
-    return {**{n: "ring" for n in RING_METHODS}, **{n: "halo" for n in ROW_REACH}, **{n: "state" for n in STATE_METHODS}}
+    return {**{n: "ring" for n in RING_METHODS}, **{n: "halo" for n in ROW_REACH}, **{n: "state" for n in STATE_METHODS},
+            **{n: "selection" for n in SELECTION_METHODS}}
 
 
 def _strategy(m: Method, strategy: str, layout: str) -> str:
@@ -39,7 +41,7 @@ def _strategy(m: Method, strategy: str, layout: str) -> str:
     if strategy != "ulysses" and forms.get(name) != strategy:
         raise InvalidArgumentError("strategy", f"'ulysses' or {forms[name]!r} for method {name!r}" if name in forms
                                    else f"'ulysses' for method {name!r}", repr(strategy))
-    if layout == "zigzag" and strategy in ("halo", "state"):
+    if layout == "zigzag" and strategy in ("halo", "state", "selection"):
         raise InvalidArgumentError("layout", f"'contiguous' for strategy {strategy!r} (it exchanges with neighbouring "
                                    "ranks of a contiguous split)", repr(layout))
     return strategy
@@ -82,7 +84,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str | M
     of one sequence (``layout``: ``contiguous``, lengths may differ, or ``zigzag``, see
     :mod:`attnzoo.distributed.layout`) -> this rank's shard of the output (B, Hq, n_r, Dv), equal to
     the single-process result; differentiable. ``strategy``: ``auto`` (dense: ``ring``; position
-    patterns: ``halo``; linear methods: ``state``), or ``ulysses`` for any method. Every rank of
+    patterns: ``halo``; linear methods: ``state``; ``block_sparse``: ``selection``), or
+    ``ulysses`` for any method. Every rank of
     ``group`` (None: the default group) must make the same call."""
     m = as_method(method, **config)
     layout = check_layout(layout)
@@ -99,4 +102,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str | M
         return ulysses_attention(q, k, v, m, g, lengths, layout=layout, causal=causal, scale=call.scale)
     if chosen == "halo":
         return halo_attention(q, k, v, m, call, g, lengths)
+    if chosen == "selection":
+        return selection_attention(q, k, v, m, call, g, lengths)
     return linear_state_attention(q, k, v, m, call, g, lengths)

@@ -63,7 +63,7 @@ class WorldRun:
 
 def shard_lengths(m, config_call, world: int) -> list[int]:
     """Contiguous shards as even as possible in whole rows (tokens, for 1-D patterns)."""
-    size = row_size(m, config_call) if m.info.name in distributed_forms() and distributed_forms()[m.info.name] == "halo" else 1
+    size = row_size(m, config_call) if distributed_forms().get(m.info.name) == "halo" else 1
     return [rows * size for rows in split_lengths(config_call.len_q // size, world)]
 
 

@@ -142,6 +142,15 @@ def exchange(group: Group, sends, receives, *, anchor: torch.Tensor, pending: Pe
     return list(_Exchange.apply(spec, anchor, *[t for _, t in sends]))
 
 
+def all_gather(group: Group, t: torch.Tensor, sizes: list[int] | None = None) -> list[torch.Tensor]:
+    """Every rank's ``t`` in rank order, differentiable: the same shape on every rank, or rank p's
+    with ``sizes[p]`` entries along axis 2 (tokens or blocks of (B, H, n, D))."""
+    others = [p for p in range(group.size) if p != group.rank]
+    shape = lambda p: t.shape if sizes is None else (*t.shape[:2], sizes[p], *t.shape[3:])  # noqa: E731
+    got = iter(exchange(group, [(p, t) for p in others], [(p, shape(p), t.dtype, t.device) for p in others], anchor=t))
+    return [t if p == group.rank else next(got) for p in range(group.size)]
+
+
 def gather_ints(group: Group, values: list[int], device) -> torch.Tensor:
     """Every rank's list of ``len(values)`` ints -> a (size, len(values)) int64 tensor (one small
     all-gather; the shapes every exchange is sized by)."""

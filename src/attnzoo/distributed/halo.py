@@ -182,8 +182,9 @@ def run_of_rows(m, call: Call, start: int, stop: int) -> tuple[int, int] | None:
 
 
 def _attend_cut(q, keys, values, m, call: Call, start: int, lo: int, hi: int) -> torch.Tensor:
-    """The method itself on tokens [lo, hi) (a grid of those rows), queries outside this rank's zero."""
-    from ..api import attention  # the configured method (and its layouts) is cached there
+    """The method itself on tokens [lo, hi) (a grid of those rows), queries outside this rank's zero
+    (through ``attnzoo.attention``, whose cache keeps the configured method and its layouts)."""
+    from ..api import attention
 
     config = dataclasses.asdict(m.config)
     if "grid" in config:

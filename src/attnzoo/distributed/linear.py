@@ -13,18 +13,11 @@ import torch
 from ..kernels.dense import repeat_kv
 from ..kernels.linear import linear_attention, state_product
 from ..method import Call
-from .comm import Group, attach, exchange
+from .comm import Group, all_gather, attach
 
 # linear methods whose features are per token and position-free, so each rank computes its own
 # (performer is not: its key features are stabilised by a maximum over the whole sequence)
 STATE_METHODS = ("linear", "lightning")
-
-
-def _all_gather(group: Group, t: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's ``t`` (same shape) in rank order, differentiable."""
-    others = [p for p in range(group.size) if p != group.rank]
-    got = iter(exchange(group, [(p, t) for p in others], [(p, t.shape, t.dtype, t.device) for p in others], anchor=t))
-    return [t if p == group.rank else next(got) for p in range(group.size)]
 
 
 def linear_state_attention(q, k, v, m, call: Call, group: Group, lengths: list[int]) -> torch.Tensor:
@@ -34,7 +27,7 @@ def linear_state_attention(q, k, v, m, call: Call, group: Group, lengths: list[i
     decay = m.decay(call)
     options = {"decay": decay, "chunk": m.config.chunk, "backend": m.backend}
     _, state = state_product(qf, kf, v, causal=call.causal, append_ones=m.normalize, return_state=True, **options)
-    states = _all_gather(group, state)
+    states = all_gather(group, state)
     r = group.rank
     if call.causal:
         incoming = None
