@@ -42,8 +42,8 @@ def _strategy(m: Method, strategy: str, layout: str) -> str:
         raise InvalidArgumentError("strategy", f"'ulysses' or {forms[name]!r} for method {name!r}" if name in forms
                                    else f"'ulysses' for method {name!r}", repr(strategy))
     if layout == "zigzag" and strategy in ("halo", "state", "selection"):
-        raise InvalidArgumentError("layout", f"'contiguous' for strategy {strategy!r} (it exchanges with neighbouring "
-                                   "ranks of a contiguous split)", repr(layout))
+        raise InvalidArgumentError("layout", f"'contiguous' for strategy {strategy!r} (its exchange "
+                                   "plan is for a contiguous split)", repr(layout))
     return strategy
 
 
