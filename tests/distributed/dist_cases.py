@@ -63,7 +63,7 @@ def cases(world: int) -> list[Case]:
         Case("maxvit_block", method="maxvit_block", config={"grid": grid_rows, "block_size": 3}, lengths=20),
         Case("linear", method="linear", causal=False, lengths=uneven, config={"chunk": 4}),
         Case("linear_causal", method="linear", causal=True, lengths=uneven, config={"chunk": 4}),
-        Case("lightning", method="lightning", causal=True, lengths=uneven, config={"chunk": 4}),
+        Case("lightning", method="lightning", causal=True, lengths=uneven, config={"chunk": 4, "decay": "alibi"}),
         Case("block_sparse", method="block_sparse", config={"block_size": 4, "top_k": 3}, lengths=(12, 8, 16, 8)),
         Case("block_sparse_causal", method="block_sparse", config={"block_size": 4, "top_k": 2, "local_blocks": 0}, causal=True,
              lengths=(12, 8, 16, 8)),
