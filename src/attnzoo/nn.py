@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .errors import InvalidArgumentError, check_int
 from .kernels.dense import work_dtype
 from .method import Method
@@ -55,11 +56,15 @@ class Attention(nn.Module):
     position embeddings (e.g. 10000.0, see :func:`apply_rope`) applied to q and k at positions
     0..N-1, for self-attention. Computation follows the parameters' dtype (or autocast). Inputs are
     not scanned for NaN / inf (that costs a host sync per layer; call the method directly for it).
+    ``process_group``: a torch.distributed group over which x is sharded along its tokens
+    (contiguously, lengths may differ); attention then runs context-parallel
+    (:func:`attnzoo.distributed.attention`), rotary positions are the shard's own, and the model
+    trains sequence-parallel (sum the parameters' gradients over the group, as data parallelism does).
     """
 
     def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
                  method: str | Method = "dense", causal: bool = False, qkv_bias: bool = False, out_bias: bool = True,
-                 rope: float | None = None, **config: Any):
+                 rope: float | None = None, process_group=None, **config: Any):
         super().__init__()
         self.dim = check_int("dim", dim)
         self.num_heads = check_int("num_heads", num_heads)
@@ -78,6 +83,7 @@ class Attention(nn.Module):
         self.causal = causal
         self.rope = self._check_rope(rope)
         self.method = as_method(method, **config)
+        self.process_group = process_group
 
         inner_q, inner_kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(self.dim, inner_q, bias=qkv_bias)
@@ -102,6 +108,9 @@ class Attention(nn.Module):
             self._check_input("context", context)
             if context.shape[0] != x.shape[0]:
                 raise InvalidArgumentError("context", f"batch size {x.shape[0]} (from x)", context.shape[0])
+            if self.process_group is not None:
+                raise InvalidArgumentError("context", "None with process_group (context parallelism shards self-attention)",
+                                           f"shape {tuple(context.shape)}")
             if self.rope is not None:
                 raise InvalidArgumentError("context", "None when rope is set (rotary embeddings are for self-attention)",
                                            f"shape {tuple(context.shape)}")
@@ -110,9 +119,13 @@ class Attention(nn.Module):
         k = self._heads(self.k_proj(source), self.num_kv_heads)
         v = self._heads(self.v_proj(source), self.num_kv_heads)
         if self.rope is not None:
-            positions = torch.arange(x.shape[1], device=x.device)
+            positions = torch.arange(x.shape[1], device=x.device) if self.process_group is None else \
+                distributed.shard_positions(x.shape[1], group=self.process_group, device=x.device)
             q, k = apply_rope(q, positions, self.rope), apply_rope(k, positions, self.rope)
-        out = self.method(q, k, v, causal=self.causal, check_finite=False)  # (B, H, N, head_dim)
+        if self.process_group is None:
+            out = self.method(q, k, v, causal=self.causal, check_finite=False)  # (B, H, N, head_dim)
+        else:
+            out = distributed.attention(q, k, v, self.method, group=self.process_group, causal=self.causal)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
     def _heads(self, t: torch.Tensor, heads: int) -> torch.Tensor:

@@ -67,6 +67,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--quality", choices=("none", "quick", "full"), default="none",
                    help="quality stage on real models (needs attnzoo[models]); default none")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world-size", type=int, help="context-parallel runs on 1, 2, 4, ... W CPU processes (gloo): time, "
+                                                  "bytes sent per rank, a fitted scaling model (attnzoo.distributed.bench)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT}/)")
     p.add_argument("--store", help=f"SQLite store (default OUT/{STORE_NAME}; runs accumulate)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -108,6 +110,10 @@ def _options(args: argparse.Namespace) -> BenchOptions:
 
 
 def bench_command(args: argparse.Namespace) -> int:
+    if args.world_size:
+        from ..distributed.bench import world_command
+
+        return world_command(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
