@@ -48,7 +48,7 @@ def prompt(rng, batch=2, n=N, pad=(0, 11)):
 def generate(model, ids, mask, new=NEW, **kw):
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                          pad_token_id=0, return_dict_in_generate=True, **kw)
-    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     return out.sequences[:, ids.shape[1]:], cache
 
 

@@ -210,7 +210,7 @@ def cache_bytes(cache) -> int:
 
 
 # ---- the handle --------------------------------------------------------------------------------
-def _cache_argument(model) -> str:
+def cache_argument(model) -> str:
     """The name under which the model's forward takes its KV cache (transformers renamed it)."""
     params = inspect.signature(model.forward).parameters
     for name in ("cache", "past_key_values"):
@@ -227,7 +227,7 @@ class Compression:
     def __init__(self, model, policies: Mapping[int, CachePolicy], budget: Budget, chunk: int | None):
         self.model, self.policies, self.budget, self.chunk = model, dict(policies), budget, chunk
         self.cache = None
-        self._argument = _cache_argument(model)
+        self._argument = cache_argument(model)
         self._signature = inspect.signature(model.forward)
         self._modules = {layer.index: layer.module for layer in attention_modules(model)}
         if any(hasattr(m, CAPTURE_ATTR) for m in self._modules.values()):
