@@ -14,7 +14,7 @@ from attnzoo.integrations.transformers.adapter import CAPTURE_ATTR  # noqa: E402
 from attnzoo.integrations.transformers.compress import CompressedLayer, cache_bytes  # noqa: E402
 
 VOCAB, N, NEW = 97, 40, 8
-POLICIES = [("snapkv", {"window": 4}), ("streaming_llm", {}), ("h2o", {})]
+POLICIES = [("snapkv", {"window": 4}), ("streaming_llm", {}), ("h2o", {}), ("selective", {})]
 
 
 def tiny_llama(heads=4, kv_heads=2, sharpness=4.0):

@@ -77,7 +77,7 @@ def test_streaming_llm_scores_sinks_then_recency(rng):
 
 def test_policies_are_registered_with_papers():
     names = {info.name: info for info in list_policies()}
-    for name in ("snapkv", "streaming_llm", "h2o"):
+    for name in ("snapkv", "streaming_llm", "h2o", "selective"):
         assert names[name].arxiv and "decode" in names[name].family
 
 
@@ -89,3 +89,22 @@ def test_bad_policy_options_name_the_argument(name, options, argument):
     with pytest.raises(InvalidArgumentError) as e:
         get_policy(name, **options)
     assert e.value.argument == argument
+
+
+def test_selective_accumulates_relu_logits_of_one_head(rng):
+    B, Hq, Hkv, N, Nq, D = 1, 4, 2, 10, 6, 8
+    positions = torch.tensor([-1, -1, 0, 1, 2, 3, 4, 5, 6, 7], dtype=torch.int32).expand(B, Hkv, N)
+    v = view(rng, N=N, window=Nq, positions=positions)
+    policy = get_policy("selective", head=2)  # query head 2 reads kv head 1
+    got = policy.accumulate(v.queries, v.keys, positions, v.scale)
+    for j in range(N):
+        expected = 0.0
+        for i in range(Nq):
+            pos = N - Nq + i
+            if j < pos and int(positions[0, 0, j]) > 0 and int(positions[0, 0, pos]) >= 0:
+                expected += max(0.0, float(v.queries[0, 2, i] @ v.keys[0, 1, j]) * v.scale)
+        assert got[0, 0, j].item() == pytest.approx(expected, abs=1e-5)
+        assert got[0, 1, j].item() == pytest.approx(expected, abs=1e-5)  # one selection for every head
+    v.accumulated = got
+    score = policy.score(v)
+    assert torch.isinf(score[..., 2]).all() and torch.equal(score[..., 3:], -got[..., 3:])

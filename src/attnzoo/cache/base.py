@@ -83,6 +83,12 @@ class CachePolicy:
         """The fewest keys per head this policy can keep (the tokens it always protects)."""
         return 1
 
+    def accumulate(self, queries: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
+        """For :attr:`cumulative` policies: (B, Hkv, Nk) what ``queries`` (B, Hq, Nq, D), the tokens
+        of the last Nq ``keys``, add to each key's running total (default: the attention it
+        receives, :func:`attention_votes`)."""
+        return attention_votes(queries, keys, positions, scale)
+
     def score(self, view: CacheView) -> torch.Tensor:
         """(B, Hkv, Nk) importance of each cached key (higher is kept first; +inf: always kept)."""
         raise NotImplementedError  # pragma: no cover - abstract

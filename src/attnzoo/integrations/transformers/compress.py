@@ -43,7 +43,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
     raise ImportError("attnzoo.compress needs Hugging Face transformers: pip install 'attnzoo[models]' (or pip install transformers)") from e
 
 from ...cache import CachePolicy, get_policy
-from ...cache.base import CacheView, attention_votes
+from ...cache.base import CacheView
 from ...errors import InvalidArgumentError, UnsupportedError, check_float, check_int
 from .adapter import CAPTURE_ATTR, attention_modules, current_patch, install, unpatch
 from .padding import bool_mask
@@ -168,7 +168,7 @@ class CompressedLayer(DynamicLayer):
         if self.policy.cumulative:
             zeros = torch.zeros(batch, kv_heads, new, dtype=torch.float32, device=device)
             self.accumulated = self._appended(self.accumulated, zeros)
-            self.accumulated += attention_votes(queries, self.keys, self.positions, scale)
+            self.accumulated += self.policy.accumulate(queries, self.keys, self.positions, scale)
         window = self.policy.observation
         latest = queries.detach() if self.queries is None else torch.cat([self.queries, queries.detach()], dim=2)
         self.queries = latest[:, :, max(0, latest.shape[2] - window):]
