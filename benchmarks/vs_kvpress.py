@@ -37,7 +37,7 @@ def kept_indices(cache, dense) -> list[list[set[int]]]:
     for layer, full in zip(cache.layers, dense.layers):
         heads = []
         for h in range(full.keys.shape[1]):
-            distance = torch.cdist(layer.keys[0, h].float(), full.keys[0, h].float())
+            distance = torch.cdist(layer.keys[0, h].double(), full.keys[0, h].double(), compute_mode="donot_use_mm_for_euclid_dist")
             heads.append(set(distance.argmin(dim=1).tolist()))
         out.append(heads)
     return out

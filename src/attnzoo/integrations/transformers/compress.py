@@ -55,12 +55,14 @@ class Budget:
     """How many keys each head of every layer keeps: ``tokens`` (a fixed budget) or ``ratio`` of
     the longest sequence's real tokens, never fewer than ``floor`` (what the policies always keep);
     ``interval``: decode steps compress once the cache holds that many keys beyond the target
-    (None: only prompts are compressed)."""
+    (None: only prompts are compressed); ``chunked``: prompts are prefilled in chunks. Without
+    either, the latest queries are not kept between calls (nothing later would read them)."""
 
     ratio: float | None
     tokens: int | None
     floor: int
     interval: int | None
+    chunked: bool = False
 
     def target(self, real_tokens: int) -> int:
         if self.tokens is not None:
@@ -176,6 +178,8 @@ class CompressedLayer(DynamicLayer):
         excess = self.stored() - target
         if excess > 0 and (new > 1 or (self.budget.interval is not None and excess >= self.budget.interval)):
             self.keep(target, scale)
+        if self.budget.interval is None and not self.budget.chunked:
+            self.queries = None
 
     @staticmethod
     def _appended(held: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
@@ -417,4 +421,4 @@ def compress(model, policy=None, *, ratio: float | None = None, budget: int | No
             raise InvalidArgumentError("budget", f"at least {floor} keys per head (the tokens the policy always keeps: {needs})", budget)
     interval = None if interval is None else check_int("interval", interval, minimum=1)
     chunk = None if chunk is None else check_int("chunk", chunk, minimum=1)
-    return Compression(model, policies, Budget(ratio, budget, floor, interval), chunk)
+    return Compression(model, policies, Budget(ratio, budget, floor, interval, chunk is not None), chunk)
