@@ -29,7 +29,7 @@ from .perplexity import token_ids
 _PAGE = 4096
 
 
-def _rss() -> int:
+def resident_bytes() -> int:
     """Resident memory of this process in bytes (Linux /proc; 0 where it is unavailable)."""
     try:
         with open("/proc/self/statm", encoding="ascii") as f:
@@ -48,11 +48,11 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
+            self.peak = max(self.peak, resident_bytes())
             self._stop.wait(self.every)
 
     def __enter__(self) -> PeakMemory:
-        self.start = self.peak = _rss()
+        self.start = self.peak = resident_bytes()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -60,7 +60,7 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss())
+        self.peak = max(self.peak, resident_bytes())
 
     @property
     def above(self) -> int:
