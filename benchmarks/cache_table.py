@@ -24,7 +24,11 @@ import torch
 
 import attnzoo
 from attnzoo import models
-from attnzoo.eval.generation import continuation_perplexity, english_ids, generation_cost
+from attnzoo.eval.generation import (
+    continuation_perplexity,
+    english_ids,
+    generation_cost,
+)
 from attnzoo.eval.passkey import passkey
 
 

@@ -90,16 +90,16 @@ def main() -> None:
             dense, dense_s, dense_rss, dense_bytes, dense_answer = prefill_and_answer(model, tokenizer, ids, _Nothing())
             pairs = {
                 "snapkv": (SnapKVPress(compression_ratio=1 - args.keep, window_size=64, kernel_size=5),
-                           lambda: attnzoo.compress(model, "snapkv", budget=budget, window=64, kernel=5, pooling="avg")),
+                           lambda budget=budget: attnzoo.compress(model, "snapkv", budget=budget, window=64, kernel=5, pooling="avg")),
                 "streaming_llm": (StreamingLLMPress(compression_ratio=1 - args.keep, n_sink=4),
-                                  lambda: attnzoo.compress(model, "streaming_llm", budget=budget, sinks=4)),
+                                  lambda budget=budget: attnzoo.compress(model, "streaming_llm", budget=budget, sinks=4)),
             }
             for name, (press, ours) in pairs.items():
                 theirs = prefill_and_answer(model, tokenizer, ids, press(model))
                 mine = prefill_and_answer(model, tokenizer, ids, ours())
                 a, b = kept_indices(mine[0], dense), kept_indices(theirs[0], dense)
                 overlap = sum(len(x & y) for la, lb in zip(a, b) for x, y in zip(la, lb)) / sum(len(y) for lb in b for y in lb)
-                right = lambda text: bool(re.search(r"\d+", text)) and re.search(r"\d+", text).group() == key  # noqa: E731
+                right = lambda text, key=key: bool(re.search(r"\d+", text)) and re.search(r"\d+", text).group() == key
                 rows.append({"policy": name, "context": ids.shape[1], "trial": trial, "overlap": overlap,
                              "same_answer": mine[4].strip() == theirs[4].strip(), "attnzoo_right": right(mine[4]), "kvpress_right": right(theirs[4]),
                              "dense_right": right(dense_answer), "attnzoo_prefill_s": mine[1], "kvpress_prefill_s": theirs[1], "dense_prefill_s": dense_s,

@@ -9,9 +9,9 @@ import attnzoo
 from attnzoo import InvalidArgumentError, UnknownNameError, UnsupportedError
 
 transformers = pytest.importorskip("transformers")
-from attnzoo.integrations.transformers import compress as compress_module  # noqa: E402
-from attnzoo.integrations.transformers.adapter import CAPTURE_ATTR  # noqa: E402
-from attnzoo.integrations.transformers.compress import CompressedLayer, cache_bytes  # noqa: E402
+from attnzoo.integrations.transformers import compress as compress_module
+from attnzoo.integrations.transformers.adapter import CAPTURE_ATTR
+from attnzoo.integrations.transformers.compress import CompressedLayer, cache_bytes
 
 VOCAB, N, NEW = 97, 40, 8
 POLICIES = [("snapkv", {"window": 4}), ("streaming_llm", {}), ("h2o", {}), ("selective", {})]

@@ -9,7 +9,7 @@ import attnzoo
 from attnzoo import InvalidArgumentError
 
 transformers = pytest.importorskip("transformers")
-from attnzoo.eval.generation import continuation_perplexity, generation_cost  # noqa: E402
+from attnzoo.eval.generation import continuation_perplexity, generation_cost
 
 VOCAB = 97
 

@@ -92,7 +92,7 @@ def test_bad_policy_options_name_the_argument(name, options, argument):
 
 
 def test_selective_accumulates_relu_logits_of_one_head(rng):
-    B, Hq, Hkv, N, Nq, D = 1, 4, 2, 10, 6, 8
+    B, Hkv, N, Nq = 1, 2, 10, 6
     positions = torch.tensor([-1, -1, 0, 1, 2, 3, 4, 5, 6, 7], dtype=torch.int32).expand(B, Hkv, N)
     v = view(rng, N=N, window=Nq, positions=positions)
     policy = get_policy("selective", head=2)  # query head 2 reads kv head 1

@@ -196,7 +196,7 @@ class CompressedLayer(DynamicLayer):
         stored = self.keys.shape[-2]
         last = torch.arange(stored - target, stored, device=chosen.device).expand_as(chosen)
         chosen = torch.where((self.real <= target)[:, None, None], last, chosen)
-        gather = lambda t: t.gather(2, chosen[..., None].expand(*chosen.shape, t.shape[-1]))  # noqa: E731
+        gather = lambda t: t.gather(2, chosen[..., None].expand(*chosen.shape, t.shape[-1]))
         self.keys, self.values = gather(self.keys), gather(self.values)
         self.positions = self.positions.gather(2, chosen)
         if self.accumulated is not None:
