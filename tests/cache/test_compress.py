@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -187,3 +189,13 @@ def test_bad_layers_and_models(llama):
                                                           num_attention_heads=4)).eval()
     with pytest.raises(UnsupportedError):
         attnzoo.compress(bert, "h2o", ratio=0.5)
+
+
+def test_a_cache_passed_by_either_name_is_compressed(rng, llama):
+    ids, mask = prompt(rng, batch=1)
+    name = "cache" if "cache" in inspect.signature(llama.forward).parameters else "past_key_values"
+    for argument in {name, "past_key_values"}:
+        cache = transformers.DynamicCache(config=llama.config)
+        with attnzoo.compress(llama, "streaming_llm", budget=8), torch.no_grad():
+            llama(input_ids=ids, **{argument: cache}, use_cache=True)
+        assert isinstance(cache.layers[0], CompressedLayer) and cache.layers[0].keys.shape[2] == 8

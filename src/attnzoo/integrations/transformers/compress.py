@@ -272,6 +272,8 @@ class Compression:
         bound = self._signature.bind_partial(*args, **kwargs)
         call = dict(bound.arguments)
         call.update(call.pop("kwargs", {}) if "kwargs" in self._signature.parameters else {})
+        if self._argument != "past_key_values" and call.get("past_key_values") is not None:  # the old name, still accepted
+            call[self._argument] = call.pop("past_key_values")
         cache = call.get(self._argument)
         if cache is None:
             use_cache = call.get("use_cache")
