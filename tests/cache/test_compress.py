@@ -192,7 +192,7 @@ def test_bad_layers_and_models(llama):
 
 
 def test_a_cache_passed_by_either_name_is_compressed(rng, llama):
-    ids, mask = prompt(rng, batch=1)
+    ids, _ = prompt(rng, batch=1)
     name = "cache" if "cache" in inspect.signature(llama.forward).parameters else "past_key_values"
     for argument in {name, "past_key_values"}:
         cache = transformers.DynamicCache(config=llama.config)
