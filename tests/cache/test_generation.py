@@ -55,3 +55,15 @@ def test_bad_inputs(llama):
         continuation_perplexity(llama, torch.zeros(1, 10, dtype=torch.long), context=8, continuation=8)
     with pytest.raises(InvalidArgumentError):
         generation_cost(llama, torch.zeros(2, 10, dtype=torch.long))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--cache", "snapkv", "--task", "approx"], "--task"),
+    (["eval", "--task", "ppl"], "--method"),
+    (["eval", "--method", "dense", "--task", "cost"], "--task"),
+])
+def test_eval_cli_refuses_bad_combinations_before_loading_a_model(argv, message, capsys):
+    from attnzoo.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
