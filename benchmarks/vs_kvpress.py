@@ -31,13 +31,14 @@ from attnzoo.eval.passkey import passkey_prompt
 from attnzoo.integrations.transformers.compress import cache_argument, cache_bytes
 
 
-def kept_indices(cache, dense) -> list[list[set[int]]]:
-    """[layer][kv head] -> indices of the dense prefill's keys that ``cache`` holds (batch 1)."""
+def kept_indices(kept: list[torch.Tensor], dense: list[torch.Tensor]) -> list[list[set[int]]]:
+    """[layer][kv head] -> indices of the dense prefill's keys (per layer (1, Hkv, N, D)) that
+    the ``kept`` keys (per layer (1, Hkv, S, D), right after prefill) are."""
     out = []
-    for layer, full in zip(cache.layers, dense.layers):
+    for layer, full in zip(kept, dense):
         heads = []
-        for h in range(full.keys.shape[1]):
-            distance = torch.cdist(layer.keys[0, h].double(), full.keys[0, h].double(), compute_mode="donot_use_mm_for_euclid_dist")
+        for h in range(full.shape[1]):
+            distance = torch.cdist(layer[0, h].double(), full[0, h].double(), compute_mode="donot_use_mm_for_euclid_dist")
             heads.append(set(distance.argmin(dim=1).tolist()))
         out.append(heads)
     return out
@@ -45,7 +46,8 @@ def kept_indices(cache, dense) -> list[list[set[int]]]:
 
 @torch.no_grad()
 def prefill_and_answer(model, tokenizer, ids, context_manager, new_tokens: int = 8):
-    """(cache after prefill, prefill seconds, peak RSS above start, answer text) with ``context_manager`` around the prefill only."""
+    """(the keys each layer holds after prefill, prefill seconds, peak RSS above start, the cache's
+    bytes after prefill, answer text) with ``context_manager`` around the prefill only."""
     name = cache_argument(model)
     cache = DynamicCache(config=model.config)
     with PeakMemory() as peak, context_manager:
@@ -53,12 +55,12 @@ def prefill_and_answer(model, tokenizer, ids, context_manager, new_tokens: int =
         out = model(input_ids=ids, **{name: cache}, use_cache=True, logits_to_keep=1)
         seconds = time.perf_counter() - start
     token, answer = out.logits[:, -1:].argmax(-1), []
-    held = cache_bytes(cache)
+    held, kept = cache_bytes(cache), [layer.keys.clone() for layer in cache.layers]
     for _ in range(new_tokens):  # decode outside the compression: neither library compresses it further
         answer.append(int(token))
         out = model(input_ids=token, **{name: cache}, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
-    return cache, seconds, peak.above, held, tokenizer.decode(answer, skip_special_tokens=True)
+    return kept, seconds, peak.above, held, tokenizer.decode(answer, skip_special_tokens=True)
 
 
 class _Nothing:
