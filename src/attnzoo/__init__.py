@@ -30,6 +30,10 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")
+    if name == "compress":  # KV-cache policies in generation (needs transformers)
+        from .integrations.transformers.compress import compress
+
+        return compress
     if name == "search_patterns":  # MInference's per-head pattern search (runs a model: [models] extra)
         from .search import search_patterns
 
@@ -38,5 +42,5 @@ def __getattr__(name: str):
 
 __all__ = [
     "AttnzooError", "CallStats", "InvalidArgumentError", "Method", "MethodInfo", "UnknownNameError",
-    "UnsupportedError", "attention", "attention_with_lse", "get_method", "merge_attention", "list_methods", "patch", "register", "search_patterns", "unpatch",
+    "UnsupportedError", "attention", "attention_with_lse", "compress", "get_method", "merge_attention", "list_methods", "patch", "register", "search_patterns", "unpatch",
 ]

@@ -1,6 +1,13 @@
 """``attnzoo eval``: one method on one real model and one task; a table on screen, JSON on disk.
 
     attnzoo eval --model smollm2-135m --method streaming --set window=1024 --task passkey --context 4096
+    attnzoo eval --cache snapkv --set ratio=0.25 --task cost --context 7168
+
+With ``--cache NAME`` the run measures a KV-cache policy (``attnzoo.compress``; ``--set`` takes
+its options and ratio / budget / interval / chunk) against the dense cache in the same run:
+``passkey`` generates under it, ``ppl`` is the perplexity of a ``--continuation`` teacher-forced
+after a compressed ``--context``, ``cost`` the cache bytes, peak memory, prefill time and decode
+milliseconds per token.
 
 The JSON file (``--out`` folder, default ``attnzoo-results/``) is rewritten after every trial or
 layer, so an interrupted run keeps what it measured.
@@ -17,7 +24,8 @@ from typing import Any
 from ..errors import AttnzooError, InvalidArgumentError
 from ..models import MODELS
 
-TASKS = ("ppl", "passkey", "approx")
+TASKS = ("ppl", "passkey", "approx", "cost")
+COMPRESS_OPTIONS = ("ratio", "budget", "interval", "chunk")
 
 
 def parse_settings(pairs: list[str]) -> dict[str, Any]:
@@ -46,7 +54,11 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="measure a method on a real pretrained model (perplexity, passkey, approximation)",
                               description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", choices=sorted(MODELS), help="smollm2-135m (decoder) or minilm-l6 (encoder: --task approx only)")
-    p.add_argument("--method", required=True, help="registered method name (attnzoo list)")
+    p.add_argument("--method", default=None, help="registered method name (attnzoo list); with --cache: the prefill method, optional")
+    p.add_argument("--cache", default=None, help="KV-cache policy name (attnzoo list --kind caches): compare it with the dense cache")
+    p.add_argument("--method-set", action="append", default=[], metavar="KEY=VALUE", help="with --cache: options of --method")
+    p.add_argument("--continuation", type=int, default=512, help="--cache ppl: continuation tokens scored after the context")
+    p.add_argument("--new", type=int, default=32, help="--cache cost: decode steps timed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method option, JSON value (repeatable)")
     p.add_argument("--task", choices=TASKS, required=True)
     p.add_argument("--context", type=int, default=4096, help="tokens per window / prompt / capture")
@@ -94,7 +106,69 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
+def _cache_table(task: str, result: dict[str, Any]) -> list[tuple[str, ...]]:
+    if task == "passkey":
+        return [("cache", "correct")] + [(name, f"{r['correct']}/{len(r['trials'])}") for name, r in result.items()]
+    if task == "ppl":
+        return [("cache", "context", "continuation", "perplexity")] + [
+            (name, str(r["context"]), str(r["continuation"]), f"{r['perplexity']:.3f}") for name, r in result.items()]
+    return [("cache", "KV bytes", "peak RSS MB", "prefill s", "decode ms/token")] + [
+        (name, str(r["final_cache_bytes"]), f"{r['peak_rss_bytes'] / 2**20:.0f}", f"{r['prefill_s']:.2f}", f"{r['decode_ms']:.1f}")
+        for name, r in result.items()]
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    """``--cache``: the dense cache, then the policy, on the same inputs; one JSON with both."""
+    from .. import models
+    from ..integrations.transformers import patch
+    from ..integrations.transformers.compress import compress
+    from .common import save_json
+    from .generation import continuation_perplexity, english_ids, generation_cost
+    from .passkey import passkey
+
+    if args.task == "approx":
+        raise InvalidArgumentError("--task", "passkey, ppl or cost with --cache", "approx")
+    settings = parse_settings(args.set)
+    options = {k: settings.pop(k) for k in COMPRESS_OPTIONS if k in settings}
+    method_config = parse_settings(args.method_set)
+    model, tokenizer = models.load(args.model)
+    compress(model, args.cache, **options, **settings).close()  # bad names and options fail before any run
+    path = Path(args.out) / f"eval_{args.model}_cache_{args.cache}_{args.task}_{args.context}.json"
+    record: dict[str, Any] = {"model": args.model, "cache": args.cache, "options": options, "config": settings, "method": args.method,
+                              "method_config": method_config, "task": args.task, "context": args.context, "status": "running", "result": {}}
+    show = not args.no_progress
+
+    def measure() -> dict[str, Any]:
+        if args.task == "passkey":
+            return passkey(model, tokenizer, args.context, args.depths, args.n, show_progress=show).as_dict()
+        if args.task == "ppl":
+            ids = english_ids(tokenizer, args.context + args.continuation)
+            return continuation_perplexity(model, ids, args.context, args.continuation).as_dict()
+        return generation_cost(model, english_ids(tokenizer, args.context), args.new).as_dict()
+
+    handle = patch(model, args.method, **method_config) if args.method else None
+    try:
+        record["result"]["dense"] = measure()
+        save_json(path, record)
+        with compress(model, args.cache, **options, **settings):
+            record["result"][args.cache] = measure()
+    finally:
+        if handle is not None:
+            handle.__exit__()
+    record["status"] = "done"
+    save_json(path, record)
+    _print_table(_cache_table(args.task, record["result"]))
+    print(f"saved {path}", file=sys.stderr)
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.cache is not None:
+        return _run_cache(args)
+    if args.method is None:
+        raise InvalidArgumentError("--method", "a registered method name (or --cache NAME)", None)
+    if args.task == "cost":
+        raise InvalidArgumentError("--task", "ppl, passkey or approx without --cache (cost measures a cache policy)", "cost")
     from .. import models
     from ..integrations.transformers import patch
     from ..registry import get_method
