@@ -10,7 +10,7 @@ from torch import nn
 
 from ...errors import InvalidArgumentError, check_float, check_int
 from ...kernels.dense import masked_attention, repeat_kv, work_dtype
-from ...method import Call, Method, MethodInfo
+from ...method import Call, Method, MethodInfo, Stopwatch
 from ...registry import register
 from .base import LearnedPart
 
@@ -87,14 +87,17 @@ class Sparsifiner(LearnedPart, Method):
             return self.part(call)(q, repeat_kv(k, call.groups)).topk(self.keep(call), dim=-1).indices
 
     def _forward(self, q, k, v, call: Call):
+        watch = Stopwatch(call)
         top = self._top(q, k, call)  # (B, H, Nq, K)
+        selection_ms = watch.lap()
         work = work_dtype(q)
         keys, values = repeat_kv(k, call.groups).to(work), repeat_kv(v, call.groups).to(work)
         pick = lambda x: torch.gather(x[:, :, None].expand(-1, -1, call.len_q, -1, -1), 3,  # noqa: E731
                                       top[..., None].expand(-1, -1, -1, -1, x.shape[-1]))
         logits = (q.to(work)[:, :, :, None] * pick(keys)).sum(-1) * call.scale  # (B, H, Nq, K)
         out = (torch.softmax(logits, dim=-1)[..., None] * pick(values)).sum(3)
-        stats = self.call_stats(call, {"computed": top.numel(), "allowed": top.numel(), "backend": "torch", "executor": "gather"})
+        stats = self.call_stats(call, {"computed": top.numel(), "allowed": top.numel(), "backend": "torch", "executor": "gather"},
+                                selection_ms=selection_ms)
         return out.to(q.dtype), stats
 
     def _support(self, q, k, v, call: Call) -> torch.Tensor:
