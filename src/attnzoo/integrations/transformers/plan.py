@@ -244,7 +244,8 @@ class _Methods:
         if self.tokens.num_global and "num_global" not in fields:
             raise UnsupportedError(f"method {name!r} takes no global tokens (no num_global option), so it cannot lay out this model's "
                                    f"{self.tokens.num_global} leading token(s) before its {self.tokens.grid} grid of image tokens")
-        return {"grid": self.tokens.grid, "num_global": self.tokens.num_global, **options}
+        layout = {"grid": self.tokens.grid, "num_global": self.tokens.num_global} if "num_global" in fields else {"grid": self.tokens.grid}
+        return {**layout, **options}
 
 
 def _load_patterns(source: str | os.PathLike | Mapping) -> Mapping:
