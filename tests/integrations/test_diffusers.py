@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import rel_err
-from torch.overrides import TorchFunctionMode
+from integrations.spatial_reference import MaskedSDPA, neighborhood_mask
 
 import attnzoo
 from attnzoo import InvalidArgumentError, UnsupportedError
@@ -83,37 +82,10 @@ def test_dense_equals_native_and_unpatch_restores(kind, rng):
     assert torch.equal(run(model, x), native)
 
 
-class MaskedSDPA(TorchFunctionMode):
-    """Runs every SDPA call under ``mask_for(q)`` (the reference: native processors plus an explicit mask)."""
-
-    def __init__(self, mask_for):
-        super().__init__()
-        self.mask_for = mask_for
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
-            call = {**dict(zip(("query", "key", "value"), args)), **(kwargs or {})}
-            q, k, v = call["query"], call["key"], call["value"]
-            mask = self.mask_for(q) if q.shape[2] == k.shape[2] else None  # UNet cross-attention stays native
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return func(*args, **(kwargs or {}))
-
-
-def neighborhood_mask(n: int, grids: set, text: int, text_last: bool) -> torch.Tensor:
-    """(n, n) 3 x 3 neighbourhood on the one grid of ``grids`` with n - text tokens, text tokens global;
-    written from coordinates, in the native token order (text first, or last for SD3)."""
-    (grid,) = [g for g in grids if g[0] * g[1] == n - text]
-    rows, cols = grid
-    r = torch.arange(rows * cols) // cols
-    c = torch.arange(rows * cols) % cols
-    # NATTEN clamps windows at the borders: the window's start is shifted to stay inside the grid
-    start_r, start_c = (r - 1).clamp(0, rows - 3), (c - 1).clamp(0, cols - 3)
-    image = ((r[None, :] >= start_r[:, None]) & (r[None, :] < start_r[:, None] + 3)
-             & (c[None, :] >= start_c[:, None]) & (c[None, :] < start_c[:, None] + 3))
-    mask = torch.ones(n, n, dtype=torch.bool)
-    span = slice(0, n - text) if text_last else slice(text, n)
-    mask[span, span] = image
-    return mask
+def layer_mask(kind: str):
+    """The reference mask of a layer with n tokens: the one expected grid with n - text tokens."""
+    grids, text = GRIDS[kind]
+    return lambda n: neighborhood_mask(n, next(g for g in grids if g[0] * g[1] == n - text), text, text_last=kind == "sd3")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -123,7 +95,7 @@ def test_spatial_method_sees_the_latent_grid_and_text_tokens(kind, rng):
     the text tokens global wherever the processor puts them."""
     model, x = tiny(kind), inputs(kind, rng)
     grids, text = GRIDS[kind]
-    with MaskedSDPA(lambda q: neighborhood_mask(q.shape[2], grids, text, kind == "sd3")):
+    with MaskedSDPA(layer_mask(kind)):
         expected = run(model, x)
     with attnzoo.patch(model, "neighborhood", kernel_size=3) as patched:
         out = run(model, x)
