@@ -72,7 +72,9 @@ def model_dir(name: str) -> Path:
 
 def _source(name: str) -> ModelSource:
     if name not in MODELS:
-        raise UnknownNameError("model", str(name), MODELS)
+        from .trained import TRAINED
+
+        raise UnknownNameError("model", str(name), [*MODELS, *TRAINED])
     return MODELS[name]
 
 
@@ -87,9 +89,14 @@ def load(name: str, *, dtype: Any = None, cache: bool = False):
     """(model, tokenizer) for a model of :data:`MODELS`, in eval mode, float32 unless ``dtype``.
 
     ``cache=True`` returns the same objects on repeated calls in this process (tests and the CLI
-    reuse one copy; unpatch what you patch)."""
+    reuse one copy; unpatch what you patch). Models this project trains (:data:`attnzoo.trained.TRAINED`,
+    e.g. "vit-digits") return (model, processor) from their own module, loaded with torch alone."""
     if cache:
         return _load_cached(name, dtype)
+    from .trained import TRAINED
+
+    if name in TRAINED:
+        return importlib.import_module(TRAINED[name]).load(dtype=dtype)
     source = _source(name)
     folder = model_dir(name)
     _check_libraries(name, source)
