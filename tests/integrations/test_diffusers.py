@@ -97,7 +97,7 @@ def test_spatial_method_sees_the_latent_grid_and_text_tokens(kind, rng):
     grids, text = GRIDS[kind]
     with MaskedSDPA(layer_mask(kind)):
         expected = run(model, x)
-    with attnzoo.patch(model, "neighborhood", kernel_size=3) as patched:
+    with attnzoo.patch(model, "neighborhood", kernel_size=3):
         out = run(model, x)
         seen = {(layout.grid, layout.num_global) for layout in current_patch(model)._methods}
     assert seen == {(g, text) for g in grids}

@@ -1,0 +1,33 @@
+"""Where the trained models keep their weights: ``NAME.pt`` (the state dict, loaded with torch alone) and
+``NAME.json`` beside it ({"config": ..., "record": ...}: the model's shape and its training record)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+WEIGHTS = Path(__file__).parent / "weights"
+
+
+def save(model: torch.nn.Module, record: dict[str, Any], name: str, folder: str | Path = WEIGHTS) -> Path:
+    """Write ``name.pt`` (the state dict) and ``name.json`` (``model.config``, a dataclass, and ``record``) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / f"{name}.pt")
+    meta = {"config": dataclasses.asdict(model.config), "record": record}
+    (folder / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return folder / f"{name}.pt"
+
+
+def metadata(name: str, folder: str | Path = WEIGHTS) -> dict[str, Any]:
+    """The JSON written beside ``name``'s weights: {"config": ..., "record": ...}."""
+    return json.loads((Path(folder) / f"{name}.json").read_text())
+
+
+def state_dict(name: str, folder: str | Path = WEIGHTS) -> dict[str, torch.Tensor]:
+    """``name``'s saved state dict, on the CPU."""
+    return torch.load(Path(folder) / f"{name}.pt", map_location="cpu", weights_only=True)
