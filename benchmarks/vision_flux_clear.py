@@ -2,8 +2,8 @@
 
     python benchmarks/vision_flux_clear.py [--sides 32 64 128] [--radius 8] [--text 64] [--repeats 3] [--threads 1]
 
-Two readings per size, both medians of ``--repeats`` runs measured in this one process (ratios are what
-matter on a shared machine): the attention call alone at the shapes of the model's layers (joint text +
+Two readings per size, each the median of ``--repeats`` rounds timing dense and CLEAR back to back
+(ratios are what matter on a shared machine): the attention call alone at the shapes of the model's layers (joint text +
 image tokens, the text tokens global), and the whole model forward patched with ``attnzoo.patch`` (one
 double-stream and one single-stream block: attention dominates at these sizes). CLEAR's paper reports
 6.3x over dense attention at 8K resolution on GPU.
@@ -16,7 +16,7 @@ import argparse
 import torch
 
 import attnzoo
-from attnzoo.bench.measure import measure_time
+from vision_swaps import paired_speedup  # benchmarks/ is the script's folder
 
 HEADS, HEAD_DIM = 4, 32
 
@@ -48,7 +48,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     gen = torch.Generator().manual_seed(0)
-    model, cpu = tiny_flux(), torch.device("cpu")
+    model = tiny_flux()
     print(f"tiny FLUX ({HEADS} heads x {HEAD_DIM}, 1 double + 1 single block), {a.text} text tokens, CLEAR radius {a.radius}, "
           f"float32, {a.threads} thread(s), medians of {a.repeats}")
     print("image tokens | attention: dense ms, CLEAR ms, speed-up | model forward: dense ms, CLEAR ms, speed-up")
@@ -56,17 +56,18 @@ def main() -> None:
         n = a.text + side * side
         q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, generator=gen) for _ in range(3))
         clear = attnzoo.get_method("clear", grid=(side, side), num_global=a.text, radius=a.radius)
-        attn = {name: measure_time(fn, cpu, repeats=a.repeats).median_ms for name, fn in (
-            ("dense", lambda: attnzoo.attention(q, k, v, "dense", check_finite=False)),
-            ("clear", lambda: clear(q, k, v, check_finite=False)))}
+        attn = paired_speedup(lambda: attnzoo.attention(q, k, v, "dense", check_finite=False),
+                              lambda: clear(q, k, v, check_finite=False), a.repeats)
         x = flux_inputs(side, a.text, gen)
-        forward = {}
-        with torch.no_grad():
-            for name, config in (("dense", {}), ("clear", {"radius": a.radius})):
-                with attnzoo.patch(model, name, **config):
-                    forward[name] = measure_time(lambda: model(**x), cpu, repeats=a.repeats).median_ms
-        print(f"{side * side:12d} | {attn['dense']:9.1f} {attn['clear']:9.1f} {attn['dense'] / attn['clear']:6.2f}x | "
-              f"{forward['dense']:9.1f} {forward['clear']:9.1f} {forward['dense'] / forward['clear']:6.2f}x")
+
+        def forward(name: str, **config):
+            def run():
+                with torch.no_grad(), attnzoo.patch(model, name, **config):
+                    model(**x)
+            return run
+
+        whole = paired_speedup(forward("dense"), forward("clear", radius=a.radius), a.repeats)
+        print(f"{side * side:12d} | {attn[0]:9.1f} {attn[1]:9.1f} {attn[2]:6.2f}x | {whole[0]:9.1f} {whole[1]:9.1f} {whole[2]:6.2f}x")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 trained here on the digits (no pretrained diffusion model can be reached offline).
 
     model, prepare = attnzoo.models.load("dit-digits")
-    images = model.sample(torch.arange(10), steps=25, generator=torch.Generator().manual_seed(0))  # (10, 1, 32, 32) in [0, 1]
+    images = model.sample(torch.arange(10), steps=25, generator=torch.Generator().manual_seed(0))  # (10, 1, 16, 16) in [0, 1]
 
-Images of 32 x 32 pixels (the digits upscaled, :func:`attnzoo.trained.digits.prepare`, the input of
-``vit-digits``) cut into 4 x 4 patches give 64 tokens on an 8 x 8 grid. Peebles & Xie's DiT: adaLN-Zero
+Images of 16 x 16 pixels (the 8 x 8 digits upscaled, :func:`attnzoo.trained.digits.prepare`) cut into
+2 x 2 patches give 64 tokens on an 8 x 8 grid; :func:`sample_accuracy` upscales samples to the 32 x 32
+input of ``vit-digits``, its judge. Peebles & Xie's DiT: adaLN-Zero
 blocks conditioned on the timestep and the class (a null class for classifier-free guidance), noise
 prediction under a cosine schedule; samples by DDIM. Every block's attention runs ``method``; spatial
 methods get ``grid=model.grid`` unless given. The weights ship in the package (``weights/dit_digits.pt``,
@@ -42,8 +43,8 @@ class DiTConfig:
     """Shape of the model: ``image_size`` pixels per side cut into ``patch_size`` patches, ``depth``
     blocks; ``timesteps`` of the cosine noise schedule."""
 
-    image_size: int = 32
-    patch_size: int = 4
+    image_size: int = 16
+    patch_size: int = 2
     dim: int = 64
     depth: int = 4
     num_heads: int = 4
@@ -162,6 +163,7 @@ class DiTDigits(nn.Module):
             conditional, unconditional = both.chunk(2)
             eps = unconditional + guidance * (conditional - unconditional)
             x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # the noise consistent with the clipped image
             x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
         return ((x + 1) / 2).clamp(0, 1)
 
@@ -175,7 +177,7 @@ def diffusion_loss(model: DiTDigits, images: torch.Tensor, labels: torch.Tensor,
     return nn.functional.mse_loss(model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, labels), noise)
 
 
-def train(config: DiTConfig = DiTConfig(), *, steps: int = 3000, batch_size: int = 48, lr: float = 1e-3, label_dropout: float = 0.1,
+def train(config: DiTConfig = DiTConfig(), *, steps: int = 3500, batch_size: int = 48, lr: float = 1e-3, label_dropout: float = 0.1,
           ema_decay: float = 0.999, seed: int = 0, log: Callable[[str], None] = print) -> tuple[DiTDigits, dict[str, Any]]:
     """Train a dense-attention DiTDigits on the train split (AdamW, warm-up then cosine decay, classes
     dropped to the null class with probability ``label_dropout``); returns the exponential moving
@@ -243,6 +245,9 @@ def sample_accuracy(model: DiTDigits, judge: nn.Module, *, per_class: int = 20, 
     each class, the fraction of them classified as their class, overall and per class."""
     labels = torch.arange(model.config.num_classes).repeat_interleave(per_class)
     images = model.sample(labels, steps=steps, guidance=guidance, generator=torch.Generator().manual_seed(seed))
+    size = judge.config.image_size
+    if images.shape[-1] != size:  # upscaled the way the judge's inputs are (digits.prepare: bilinear)
+        images = nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     judged = judge(images.to(next(judge.parameters()).dtype)).argmax(-1).cpu()
     hits = judged == labels
     return {"accuracy": hits.float().mean().item(),
@@ -252,10 +257,12 @@ def sample_accuracy(model: DiTDigits, judge: nn.Module, *, per_class: int = 20, 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m attnzoo.trained.dit_digits", description="Train dit-digits.")
     parser.add_argument("--out", default=str(WEIGHTS), help="folder for dit_digits.pt / .json (default: the package's)")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=3500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=DiTConfig.image_size)
+    parser.add_argument("--patch-size", type=int, default=DiTConfig.patch_size)
     args = parser.parse_args(argv)
-    model, record = train(steps=args.steps, seed=args.seed)
+    model, record = train(DiTConfig(image_size=args.image_size, patch_size=args.patch_size), steps=args.steps, seed=args.seed)
     print(f"trained {record['steps']} steps in {record['minutes']} min; wrote {save(model, record, args.out)}")
 
 
