@@ -10,7 +10,7 @@ from helpers import rel_err
 
 import attnzoo
 from attnzoo import InvalidArgumentError
-from attnzoo.trained import dit_digits
+from attnzoo.trained import dit_digits, store
 from attnzoo.trained.dit_digits import DiTConfig, DiTDigits
 
 TINY = DiTConfig(image_size=16, patch_size=4, dim=16, depth=2, num_heads=2, mlp_dim=32, timesteps=50)
@@ -47,7 +47,7 @@ def trained(tmp_path_factory):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     folder = tmp_path_factory.mktemp("dit")
-    dit_digits.save(model, record, folder)
+    store.save(model, record, dit_digits.NAME, folder)
     return model, folder
 
 

@@ -33,29 +33,19 @@ from ..method import Method
 from ..nn import Attention
 from ..registry import method_class
 from . import digits, store
+from .vit_digits import ViTConfig
 
 WEIGHTS = store.WEIGHTS
 NAME = "dit_digits"
 
 
 @dataclasses.dataclass(frozen=True)
-class DiTConfig:
-    """Shape of the model: ``image_size`` pixels per side cut into ``patch_size`` patches, ``depth``
-    blocks; ``timesteps`` of the cosine noise schedule."""
+class DiTConfig(ViTConfig):
+    """vit-digits' shape (``grid`` included) at 16 x 16 pixels, plus the ``timesteps`` of the cosine noise schedule."""
 
     image_size: int = 16
-    patch_size: int = 2
-    dim: int = 64
-    depth: int = 4
-    num_heads: int = 4
     mlp_dim: int = 192
-    num_classes: int = 10
     timesteps: int = 1000
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        side = self.image_size // self.patch_size
-        return side, side
 
 
 def alpha_bar(t: torch.Tensor, timesteps: int) -> torch.Tensor:
@@ -214,28 +204,12 @@ def train(config: DiTConfig = DiTConfig(), *, steps: int = 3500, batch_size: int
     return ema.eval(), record
 
 
-def save(model: DiTDigits, record: dict[str, Any], folder: str | Path = WEIGHTS) -> Path:
-    """Write ``NAME.pt`` (the state dict) and ``NAME.json`` (config and record) into ``folder``."""
-    return store.save(model, record, NAME, folder)
-
-
-def metadata(folder: str | Path = WEIGHTS) -> dict[str, Any]:
-    """The JSON written beside the weights: {"config": ..., "record": ...}."""
-    return store.metadata(NAME, folder)
-
-
 def load(*, dtype: torch.dtype | None = None, method: str | Method = "dense", folder: str | Path = WEIGHTS,
          **method_config: Any) -> tuple[DiTDigits, Callable[..., torch.Tensor]]:
     """(model in eval mode, :func:`attnzoo.trained.digits.prepare`, which makes training images from
     raw digits) from the shipped weights (torch only). ``method`` and ``method_config`` choose the
     attention of every block (a learned method's state stays at its init)."""
-    config = DiTConfig(**metadata(folder)["config"])
-    model = DiTDigits(config, method, **method_config)
-    state = store.state_dict(NAME, folder)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(".attn.method." not in key for key in missing):
-        raise InvalidArgumentError("weights", f"the state dict of {NAME} (method state aside)", f"missing {missing}, unexpected {unexpected}")
-    return model.to(dtype or torch.float32).eval(), digits.prepare
+    return store.load_model(DiTDigits, DiTConfig, NAME, folder, method, method_config, dtype), digits.prepare
 
 
 @torch.no_grad()
@@ -263,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patch-size", type=int, default=DiTConfig.patch_size)
     args = parser.parse_args(argv)
     model, record = train(DiTConfig(image_size=args.image_size, patch_size=args.patch_size), steps=args.steps, seed=args.seed)
-    print(f"trained {record['steps']} steps in {record['minutes']} min; wrote {save(model, record, args.out)}")
+    print(f"trained {record['steps']} steps in {record['minutes']} min; wrote {store.save(model, record, NAME, args.out)}")
 
 
 if __name__ == "__main__":

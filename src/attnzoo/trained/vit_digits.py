@@ -162,11 +162,7 @@ def load(*, dtype: torch.dtype | None = None, method: str | Method = "dense", fo
     """(model in eval mode, :func:`attnzoo.trained.digits.prepare`) from the shipped weights (torch only).
 
     ``method`` and ``method_config`` choose the attention of every block (learned state stays at its init)."""
-    config = ViTConfig(**metadata(folder)["config"])
-    model = ViTDigits(config, method, **method_config)
-    state = store.state_dict(NAME, folder)
-    model.load_state_dict(state, strict=False) if method != "dense" else model.load_state_dict(state)
-    return model.to(dtype or torch.float32).eval(), digits.prepare
+    return store.load_model(ViTDigits, ViTConfig, NAME, folder, method, method_config, dtype), digits.prepare
 
 
 def main(argv: list[str] | None = None) -> None:
