@@ -8,7 +8,7 @@ import importlib
 import json
 import sys
 
-COMMAND_MODULES: tuple[str, ...] = ("attnzoo.bench.cli", "attnzoo.eval.cli")
+COMMAND_MODULES: tuple[str, ...] = ("attnzoo.bench.cli", "attnzoo.eval.cli", "attnzoo.distill.cli")
 
 
 def _paper(info) -> str:

@@ -155,6 +155,8 @@ CASES = [
       )],
     Case("block_sparse", dict(top_k=2, block_size=16), bad={"top_k": 0, "block_size": 1}, **SELECTED_BLOCKS),
     Case("block_sparse", dict(top_k=2, block_size=16, estimator="sampled_q"), bad={"estimator": "max", "samples": 0}, **SELECTED_BLOCKS),
+    Case("seer", dict(top_k=2, block_size=16), bad={"top_k": 0, "gate_dim": 3, "rope_base": 1.0}, **SELECTED_BLOCKS),
+    Case("seer", dict(threshold=0.2, block_size=16), bad={"threshold": 1.5}, **SELECTED_BLOCKS),
     Case("hip", dict(top_k=2, block_size=16), bad={"top_k": 0, "block_size": 0, "local_blocks": -1}, **SELECTED_BLOCKS),
     Case("hip", dict(top_k=2, block_size=16, query_samples=4), bad={"query_samples": -1}, **SELECTED_BLOCKS),
     Case("hip", dict(top_k=5, block_size=16, key_block_size=4), bad={"key_block_size": 1}, **SELECTED_BLOCKS),

@@ -7,11 +7,13 @@
 Layers are the model's ``attnzoo.nn.Attention`` submodules in ``model.modules()`` order, indexed from 0. A
 method named by string is built once per layer (learned methods keep per-layer state) and materialised for
 the layer's shapes on its device and dtype; a configured ``Method`` object is used as it is in every layer.
+Checkpoints of recipes that train whole attention layers (``clear``) replace the layers with trained copies.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from copy import deepcopy
 from typing import Any
 
 import torch
@@ -35,7 +37,8 @@ def is_attnzoo_model(model: object) -> bool:
 
 
 class NNPatch:
-    """Handle returned by :func:`patch`: ``methods`` {layer: Method}; ``with`` unpatches on exit."""
+    """Handle returned by :func:`patch`: ``methods`` {layer: Method, or the Attention that replaced the
+    layer}; ``with`` unpatches on exit."""
 
     def __init__(self, model: torch.nn.Module, methods: dict[int, Method], originals: dict[int, Method]):
         self.model, self.methods, self.originals = model, methods, originals
@@ -73,15 +76,33 @@ def _chosen(layers: Iterable[int] | None, count: int) -> list[int]:
     return chosen
 
 
-def install(model: torch.nn.Module, methods: Mapping[int, Method]) -> NNPatch:
-    """Put ``methods`` ({layer index: Method}, already fitted) into the model's attention layers."""
-    found = attention_layers(model)
+def attention_copy(layer: Attention, method: str, config: Mapping[str, Any]) -> Attention:
+    """A trainable copy of ``layer`` (its own projections) running ``method`` (CLEAR-style recipes train these)."""
+    copy = deepcopy(layer)
+    copy.method = fitted(as_method(method, **config), copy)
+    return copy.requires_grad_(True)
+
+
+def _swap(model: torch.nn.Module, index: int, unit: Method | Attention) -> Method | Attention:
+    """Put ``unit`` into attention layer ``index``: a Method becomes its method, an Attention replaces
+    the layer itself (in its parent module). Returns what it replaced."""
+    layer = attention_layers(model)[index]
+    if isinstance(unit, Method):
+        previous, layer.method = layer.method, unit
+        return previous
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if child is layer:
+                setattr(parent, name, unit)
+                return layer
+    raise InvalidArgumentError("model", "attention layers held by a parent module", "the model itself is one")  # pragma: no cover
+
+
+def install(model: torch.nn.Module, units: Mapping[int, Method | Attention]) -> NNPatch:
+    """Put ``units`` ({layer index: a fitted Method, or an Attention that replaces the layer}) into the model."""
     unpatch(model)
-    originals = {}
-    for index, method in methods.items():
-        originals[index] = found[index].method
-        found[index].method = method
-    handle = NNPatch(model, dict(methods), originals)
+    originals = {index: _swap(model, index, unit) for index, unit in units.items()}
+    handle = NNPatch(model, dict(units), originals)
     setattr(model, _STATE, handle)
     return handle
 
@@ -97,14 +118,13 @@ def patch(model: torch.nn.Module, method: str | Method | None = None, *, layers:
     if method is None:
         raise InvalidArgumentError("method", "a registered method name or a configured attnzoo.Method", None)
     if weights is not None:
-        from ..distill.checkpoint import trained_methods
+        from ..distill.checkpoint import trained_units
 
         if layers is not None:
             raise InvalidArgumentError("layers", "None with weights= (the checkpoint names its layers)", repr(layers))
-        shapes = {i: (a.num_heads, a.num_kv_heads, a.head_dim, a.head_dim) for i, a in enumerate(found)}
-        methods = trained_methods(weights, method, config, shapes)
         weight = found[0].q_proj.weight
-        return install(model, {i: m.to(device=weight.device, dtype=weight.dtype) for i, m in methods.items()})
+        units = trained_units(weights, method, config, found)
+        return install(model, {i: u.to(device=weight.device, dtype=weight.dtype) for i, u in units.items()})
     if isinstance(method, Method) and config:
         raise InvalidArgumentError("config", "no method options with a configured Method", sorted(config))
     methods = {i: fitted(as_method(method, **config), found[i]) for i in _chosen(layers, len(found))}
@@ -120,8 +140,7 @@ def unpatch(model: torch.nn.Module) -> bool:
     handle = getattr(model, _STATE, None)
     if handle is None:
         return False
-    found = attention_layers(model)
     for index, original in handle.originals.items():
-        found[index].method = original
+        _swap(model, index, original)
     delattr(model, _STATE)
     return True

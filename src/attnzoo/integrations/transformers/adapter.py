@@ -194,7 +194,7 @@ def install(model, plans: Mapping[int, LayerPlan]) -> Patch:
     return handle
 
 
-def patch(model, method=None, *, layers=None, heads=None, decode: str = "auto", **config) -> Patch:
+def patch(model, method=None, *, layers=None, heads=None, decode: str = "auto", weights=None, **config) -> Patch:
     """Run attention ``method`` inside a transformers ``model``; reversible with :func:`unpatch`.
 
     ``method``: a registered name (configured by ``**config``), a configured :class:`Method`, or
@@ -210,10 +210,22 @@ def patch(model, method=None, *, layers=None, heads=None, decode: str = "auto", 
     unpadded span. Layers with a sliding window run the method only where the window restricts
     nothing (:meth:`LayerPlan.runs`). On a vision model (ViT, DeiT, DINOv2, CLIP, SigLIP), spatial
     methods named without ``grid=`` get the patch grid and the leading CLS / distillation / register
-    tokens as ``num_global`` (:func:`~attnzoo.integrations.transformers.plan.token_layout`). Returns a :class:`Patch`, usable as a
-    context manager.
+    tokens as ``num_global`` (:func:`~attnzoo.integrations.transformers.plan.token_layout`). Returns a
+    :class:`Patch`, usable as a context manager. ``weights``: a folder written by ``attnzoo distill``
+    for ``method``: its trained layers run with their learned state (``config`` overrides inference
+    options; no ``layers``).
     """
-    return install(model, build_plans(attention_modules(model), method, layers, heads, decode, config, token_layout(model)))
+    found = attention_modules(model)
+    if weights is not None:
+        from ...distill.checkpoint import trained_methods
+
+        if layers is not None:
+            raise InvalidArgumentError("layers", "None with weights= (the checkpoint names its layers)", repr(layers))
+        shapes = {a.index: (a.heads, a.kv_heads, a.head_dim, a.head_dim) for a in found}
+        device = next(model.parameters()).device
+        trained = trained_methods(weights, method, config, shapes)
+        method, layers, config = None, {i: m.to(device) for i, m in trained.items()}, {}
+    return install(model, build_plans(found, method, layers, heads, decode, config, token_layout(model)))
 
 
 def unpatch(model) -> bool:

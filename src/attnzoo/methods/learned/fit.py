@@ -19,6 +19,16 @@ def linear_weights(qf: torch.Tensor, kf: torch.Tensor, mask: torch.Tensor | None
     return scores / scores.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
+def mimicry_loss(feature_map: nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Hedgehog's distillation loss: the soft-label cross-entropy of the normalised linear-attention
+    weights of ``feature_map`` against the teacher ``softmax(q k^T * scale)`` (under ``mask``, a bool
+    (Nq, Nk) or None), averaged over queries; q, k (B, H, N, D) with the same heads."""
+    teacher = masked_softmax((q @ k.transpose(-1, -2)) * scale, mask)
+    qf, kf = feature_map(q, k)
+    student = linear_weights(qf, kf, None if mask is None else mask.to(qf.dtype))
+    return -(teacher * torch.log(student.clamp_min(1e-12))).sum(-1).mean()
+
+
 def fit_to_softmax(feature_map: nn.Module, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True,
                    scale: float | None = None, steps: int = 200, lr: float = 1e-2, window: int = 256,
                    windows_per_step: int = 4, seed: int = 0) -> list[float]:
@@ -42,11 +52,7 @@ def fit_to_softmax(feature_map: nn.Module, q: torch.Tensor, k: torch.Tensor, *, 
     losses = []
     for _ in range(steps):
         pick = torch.randperm(q.shape[0], generator=gen)[:windows_per_step].to(q.device)
-        qs, ks = q[pick], k[pick]
-        teacher = masked_softmax((qs @ ks.transpose(-1, -2)) * scale, mask)
-        qf, kf = feature_map(qs, ks)
-        student = linear_weights(qf, kf, None if mask is None else mask.float())
-        loss = -(teacher * torch.log(student.clamp_min(1e-12))).sum(-1).mean()
+        loss = mimicry_loss(feature_map, q[pick], k[pick], mask, scale)
         opt.zero_grad()
         loss.backward()
         opt.step()
