@@ -124,7 +124,7 @@ class RoutedProcessor:
         self.checked = False
 
     def _call(self, attn, args, kwargs):
-        route = _RouteAttention(functools.partial(self._attend, attn))
+        route = _RouteAttention(self._attend)
         with route:
             out = self.native(attn, *args, **kwargs)
         if route.calls != 1:
@@ -133,7 +133,7 @@ class RoutedProcessor:
                                    "set with diffusers' set_attention_backend bypasses it: reset it to 'native'")
         return out
 
-    def _attend(self, attn, q, k, v, scale):
+    def _attend(self, q, k, v, scale):
         """q, k, v (B, H, N, D): the native processor's joint sequence -> (B, H, N, Dv)."""
         text = self.patch.layout.text if self.placement else 0
         if self.placement == "last" and text:  # SD3: [image, text] -> [text, image] for the method
@@ -157,7 +157,8 @@ def _processor_class(native_cls: type) -> type:
     return type(f"Attnzoo{native_cls.__name__}", (RoutedProcessor,), {"__call__": __call__})
 
 
-def _guarded_set_processor(module, original):
+def _guarded_set_processor(original):
+    """A module's ``set_processor`` while patched: only attnzoo's processors pass (to ``original``)."""
     def set_processor(processor):
         if not isinstance(processor, RoutedProcessor):
             raise UnsupportedError(f"attnzoo: this model is patched, so its attention processors cannot change to {type(processor).__name__} "
@@ -269,11 +270,11 @@ def patch(model, method, **config) -> DiffusersPatch:
     modules = attention_modules(denoiser)
     joint = any(TEXT_PLACEMENT[type(m.processor)] for m in modules.values())
     _check_method(method, config, joint)
-    handle = DiffusersPatch(model, denoiser, method, dict(config), modules, {name: m.processor for name, m in modules.items()})
-    spatial = (method.info if isinstance(method, Method) else method_class(method).info).spatial and not isinstance(method, Method)
-    if spatial and "grid" in config:
+    if "grid" in config:
         config = {**config, "grid": tuple(config["grid"])}
-        handle.config = config
+    handle = DiffusersPatch(model, denoiser, method, dict(config), modules, {name: m.processor for name, m in modules.items()})
+    # a spatial method named here is built per call layout (DiffusersPatch.spatial_method); others once per module
+    spatial = not isinstance(method, Method) and method_class(method).info.spatial
     processors = {}
     for name, module in modules.items():
         native = module.processor
@@ -286,7 +287,7 @@ def patch(model, method, **config) -> DiffusersPatch:
         processors[name] = _processor_class(type(native))(native, handle, own, TEXT_PLACEMENT[type(native)])
     _set_processors(denoiser, modules, processors)
     for module in modules.values():
-        module.set_processor = _guarded_set_processor(module, type(module).set_processor.__get__(module))
+        module.set_processor = _guarded_set_processor(type(module).set_processor.__get__(module))
     handle._hook = denoiser.register_forward_pre_hook(lambda m, args, kwargs: handle.layout.record(m, args, kwargs), with_kwargs=True)
     setattr(model, _STATE, handle)
     if denoiser is not model:
