@@ -89,6 +89,7 @@ def _shipped():
     return attnzoo.models.load("dit-digits")[0], judge
 
 
+@pytest.mark.slow
 def test_shipped_samples_are_the_classes_asked_for():
     """vit-digits classifies most dit-digits samples as the class they were sampled for (chance: 0.1)."""
     model, judge = _shipped()
