@@ -1,12 +1,22 @@
-"""Integrations with model libraries. transformers stays optional: it is imported on the first call."""
+"""Integrations with model libraries. transformers and diffusers stay optional: each is imported on the first call."""
 
 from __future__ import annotations
 
 
+def _is_diffusers(model) -> bool:
+    """Whether ``model`` is a diffusers model or pipeline, read from its classes without importing diffusers."""
+    return any(cls.__module__.split(".")[0] == "diffusers" for cls in type(model).__mro__)
+
+
 def patch(model, method=None, **options):
-    """Run an attnzoo method inside a model: one built from ``attnzoo.nn.Attention`` (see
+    """Run an attnzoo method inside a model: a diffusers model or pipeline (see
+    :func:`attnzoo.integrations.diffusers.patch`), one built from ``attnzoo.nn.Attention`` (see
     :func:`attnzoo.integrations.attnzoo_nn.patch`) or a Hugging Face transformers model (see
     :func:`attnzoo.integrations.transformers.patch`)."""
+    if _is_diffusers(model):
+        from .diffusers import patch as _patch_diffusers
+
+        return _patch_diffusers(model, method, **options)
     from .attnzoo_nn import is_attnzoo_model
 
     if is_attnzoo_model(model):
@@ -19,7 +29,11 @@ def patch(model, method=None, **options):
 
 
 def unpatch(model) -> bool:
-    """Restore a patched model's own attention (either kind of model)."""
+    """Restore a patched model's own attention (any of the three kinds of model)."""
+    if _is_diffusers(model):
+        from .diffusers import unpatch as _unpatch_diffusers
+
+        return _unpatch_diffusers(model)
     from .attnzoo_nn import is_attnzoo_model
 
     if is_attnzoo_model(model):

@@ -5,4 +5,4 @@ module has ``load(*, dtype=None) -> (model, processor)``: the model in eval mode
 raw data into its input.
 """
 
-TRAINED = {"vit-digits": "attnzoo.trained.vit_digits"}
+TRAINED = {"vit-digits": "attnzoo.trained.vit_digits", "dit-digits": "attnzoo.trained.dit_digits"}

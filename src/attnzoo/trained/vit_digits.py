@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable
@@ -26,9 +25,9 @@ from torch import nn
 from ..errors import InvalidArgumentError
 from ..method import Method
 from ..nn import Attention
-from . import digits
+from . import digits, store
 
-WEIGHTS = Path(__file__).parent / "weights"
+WEIGHTS = store.WEIGHTS
 NAME = "vit_digits"
 
 
@@ -150,17 +149,12 @@ def train(config: ViTConfig = ViTConfig(), *, epochs: int = 30, batch_size: int 
 
 def save(model: ViTDigits, record: dict[str, Any], folder: str | Path = WEIGHTS) -> Path:
     """Write ``NAME.pt`` (the state dict) and ``NAME.json`` (config and record) into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), folder / f"{NAME}.pt")
-    meta = {"config": dataclasses.asdict(model.config), "record": record}
-    (folder / f"{NAME}.json").write_text(json.dumps(meta, indent=1) + "\n")
-    return folder / f"{NAME}.pt"
+    return store.save(model, record, NAME, folder)
 
 
 def metadata(folder: str | Path = WEIGHTS) -> dict[str, Any]:
     """The JSON written beside the weights: {"config": ..., "record": ...}."""
-    return json.loads((Path(folder) / f"{NAME}.json").read_text())
+    return store.metadata(NAME, folder)
 
 
 def load(*, dtype: torch.dtype | None = None, method: str | Method = "dense", folder: str | Path = WEIGHTS,
@@ -168,13 +162,7 @@ def load(*, dtype: torch.dtype | None = None, method: str | Method = "dense", fo
     """(model in eval mode, :func:`attnzoo.trained.digits.prepare`) from the shipped weights (torch only).
 
     ``method`` and ``method_config`` choose the attention of every block (learned state stays at its init)."""
-    config = ViTConfig(**metadata(folder)["config"])
-    model = ViTDigits(config, method, **method_config)
-    state = torch.load(Path(folder) / f"{NAME}.pt", map_location="cpu", weights_only=True)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(".method." not in key for key in missing):  # only a learned method's own state may be new
-        raise InvalidArgumentError("folder", f"vit-digits weights for this config ({folder})", f"missing {missing}, unexpected {unexpected}")
-    return model.to(dtype or torch.float32).eval(), digits.prepare
+    return store.load_model(ViTDigits, ViTConfig, NAME, folder, method, method_config, dtype), digits.prepare
 
 
 def main(argv: list[str] | None = None) -> None:

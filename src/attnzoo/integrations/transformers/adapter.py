@@ -32,7 +32,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
     raise ImportError("attnzoo.patch needs Hugging Face transformers: pip install 'attnzoo[models]' (or pip install transformers)") from e
 
 from ...errors import InvalidArgumentError, UnsupportedError
-from .plan import AttentionLayer, LayerPlan, TokenLayout, build_plans, layer_index
+from .plan import AttentionLayer, LayerPlan, build_plans, layer_index, token_layout
 
 IMPLEMENTATION = "attnzoo"
 PLAN_ATTR = "_attnzoo_plan"
@@ -91,7 +91,8 @@ def attention_modules(model) -> list[AttentionLayer]:
         raise UnsupportedError(f"attnzoo.patch: {type(model).__name__} (model_type {model_type!r}) has no attention module that calls "
                                "transformers' attention interface (ALL_ATTENTION_FUNCTIONS[config._attn_implementation]): its "
                                "attention is written inline, so attnzoo cannot replace it")
-    names = [name for name, _ in found]
+    # attention pooling heads (SigLIP's: one learned probe query over the patch tokens, cross-attention) stay as they are
+    names = [name for name, _ in found] + [name for name, m in named if "PoolingHead" in type(m).__name__]
     inline = sorted({type(m).__name__ for name, m in named if "Attention" in type(m).__name__ and not _calls_interface(type(m))
                      and not any(name == n or n.startswith(f"{name}.") or name.startswith(f"{n}.") for n in names)})
     if inline:
@@ -105,18 +106,6 @@ def attention_modules(model) -> list[AttentionLayer]:
     else:
         order = list(enumerate(modules))
     return [_describe_layer(i, m, model.config) for i, m in order]
-
-
-def token_layout(model) -> TokenLayout | None:
-    """A ViT-style model's image tokens (the CLS token, then the patch grid of ``config.image_size //
-    config.patch_size``); None for other models."""
-    config = model.config
-    image, patch_size = getattr(config, "image_size", None), getattr(config, "patch_size", None)
-    embeddings = getattr(model.base_model, "embeddings", None)
-    if image is None or patch_size is None or getattr(embeddings, "cls_token", None) is None:
-        return None
-    pair = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x)  # noqa: E731
-    return TokenLayout(tuple(i // p for i, p in zip(pair(image), pair(patch_size))), num_global=1)
 
 
 # ---- the attention function transformers calls ------------------------------------------------
@@ -219,10 +208,12 @@ def patch(model, method=None, *, layers=None, heads=None, decode: str = "auto", 
     patterns and decode-time methods; content-selected prefill methods decode exactly), always
     exact attention (``"exact"``), or the method (``"method"``). Padded batches run each sequence's
     unpadded span. Layers with a sliding window run the method only where the window restricts
-    nothing (:meth:`LayerPlan.runs`). On a ViT, spatial methods named without ``grid=`` get the
-    patch grid and the CLS token as ``num_global=1``. Returns a :class:`Patch`, usable as a
-    context manager. ``weights``: a folder written by ``attnzoo distill`` for ``method``: its trained
-    layers run with their learned state (``config`` overrides inference options; no ``layers``).
+    nothing (:meth:`LayerPlan.runs`). On a vision model (ViT, DeiT, DINOv2, CLIP, SigLIP), spatial
+    methods named without ``grid=`` get the patch grid and the leading CLS / distillation / register
+    tokens as ``num_global`` (:func:`~attnzoo.integrations.transformers.plan.token_layout`). Returns a
+    :class:`Patch`, usable as a context manager. ``weights``: a folder written by ``attnzoo distill``
+    for ``method``: its trained layers run with their learned state (``config`` overrides inference
+    options; no ``layers``).
     """
     found = attention_modules(model)
     if weights is not None:

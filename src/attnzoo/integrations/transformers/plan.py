@@ -55,6 +55,31 @@ class TokenLayout:
         return self.num_global + math.prod(self.grid)
 
 
+# embeddings parameters holding a vision model's leading tokens, in no particular order (they all lead the
+# patch tokens): ViT / DeiT / DINOv2 ``cls_token``, CLIP ``class_embedding``, DeiT ``distillation_token``,
+# DINOv2-with-registers ``register_tokens`` (1, R, D)
+GLOBAL_TOKEN_PARAMETERS = ("cls_token", "class_embedding", "distillation_token", "register_tokens")
+
+
+def token_layout(model) -> TokenLayout | None:
+    """A vision model's image tokens: its leading tokens (CLS, distillation and register tokens, from
+    the embeddings' parameters) then the patch grid ``config.image_size // config.patch_size``;
+    None for models without a patch embedding (text models). ViT, DeiT, DINOv2 (with registers),
+    CLIP and SigLIP vision towers; an input of another resolution needs ``grid=`` (and ``num_global=``)."""
+    config = model.config
+    image, patch_size = getattr(config, "image_size", None), getattr(config, "patch_size", None)
+    embeddings = getattr(model.base_model, "embeddings", None)
+    if image is None or patch_size is None or embeddings is None:
+        return None
+    leading = 0
+    for name in GLOBAL_TOKEN_PARAMETERS:
+        tokens = getattr(embeddings, name, None)
+        if isinstance(tokens, torch.Tensor):
+            leading += 1 if tokens.dim() == 1 else tokens.shape[-2]
+    pair = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x)  # noqa: E731
+    return TokenLayout(tuple(i // p for i, p in zip(pair(image), pair(patch_size))), num_global=leading)
+
+
 # ---- running a plan ---------------------------------------------------------------------------
 @dataclass
 class HeadGroup:
@@ -244,7 +269,8 @@ class _Methods:
         if self.tokens.num_global and "num_global" not in fields:
             raise UnsupportedError(f"method {name!r} takes no global tokens (no num_global option), so it cannot lay out this model's "
                                    f"{self.tokens.num_global} leading token(s) before its {self.tokens.grid} grid of image tokens")
-        return {"grid": self.tokens.grid, "num_global": self.tokens.num_global, **options}
+        layout = {"grid": self.tokens.grid, "num_global": self.tokens.num_global} if "num_global" in fields else {"grid": self.tokens.grid}
+        return {**layout, **options}
 
 
 def _load_patterns(source: str | os.PathLike | Mapping) -> Mapping:
