@@ -25,6 +25,7 @@ FULL = [
     ("hip", dict(top_k=6, block_size=16, query_samples=4)),
     ("hip", dict(top_k=24, block_size=16, key_block_size=4)),
     ("hip", dict(top_k=6, block_size=16, branch_score="bound")),
+    ("hip", dict(top_k=6, block_size=16, branch_score="paper")),
     ("hip", dict(top_k=6, block_size=16, candidates=3)),
     ("biformer", dict(n_win=6, topk=6)),
     ("routing", dict(num_clusters=1, block_size=16)),
@@ -231,12 +232,12 @@ def test_hip_bound_is_an_upper_bound_of_every_logit_in_the_branch(samples, rng):
     qp = torch.randn(B, H, 1, r, D, generator=rng)
     starts = torch.randint(0, nkb, (B, H, 1, 20), generator=rng)
     ends = (starts + torch.randint(1, nkb, (B, H, 1, 20), generator=rng)).clamp(max=nkb)
-    got = _BoundScore(kp, first, nkb)(qp, starts, ends)
+    got = _BoundScore(kp, first, nkb)(qp, None, starts, ends)
     for h in range(H):
         for i in range(20):
             keys = kp[0, h, int(starts[0, h, 0, i]) : int(ends[0, h, 0, i])].flatten(0, 1)
             assert float(got[0, h, 0, i]) >= float((qp[0, h, 0] @ keys.T).max()) - 1e-5
-    single = _BoundScore(kp[..., :1, :], first, nkb)(qp, starts, starts + 1)
+    single = _BoundScore(kp[..., :1, :], first, nkb)(qp, None, starts, starts + 1)
     exact = torch.stack([(qp[0, h, 0] @ kp[0, h, starts[0, h, 0], 0].T).amax(0) for h in range(H)])[None, :, None]
     assert torch.allclose(single, exact, atol=1e-5)
 

@@ -21,6 +21,7 @@ from .scoring import (
     unique_blocks,
 )
 
+BRANCH_SCORES = ("paper", "pooled", "bound")
 _QUERY_CHUNK = 256  # query blocks searched at once: the gathered representatives stay in cache
 _GATHERED = 1 << 22  # at most this many representative key elements gathered at once (16 MB)
 
@@ -28,24 +29,29 @@ _GATHERED = 1 << 22  # at most this many representative key elements gathered at
 @register
 class HiP(BlockSelectionMethod):
     """HiP attention ("HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention
-    Pruning", arXiv 2406.09827): each query block (``block_size`` queries, mean-pooled) finds its
-    ``top_k`` key blocks by a tree search. The visible key blocks are split into ``top_k`` ranges
-    (every block is in one, so none is unreachable); each step halves every range, scores each half
-    by the pooled query against the pooled key of the half's middle block (attention locality: one
-    representative per branch) and keeps the ``top_k`` best halves, until every range is one block.
+    Pruning", arXiv 2406.09827): each query block (``block_size`` queries) finds its ``top_k`` key
+    blocks by a tree search. The visible key blocks are split into ``top_k`` ranges (every block is
+    in one, so none is unreachable); each step halves every range, scores each half by one
+    representative key block, its centre (start + length // 2, HiP's ``sample_method="center"``:
+    attention locality), and keeps the ``top_k`` best halves, until every range is one block.
     The first block (attention sinks) and, when causal, the diagonal block and the ``local_blocks``
     before it are always visited, besides the ``top_k`` found.
-    ``query_samples`` r > 0 scores a branch by the largest logit between r evenly spaced queries of
-    the block and every key token of the representative block, instead of mean query against mean
-    key (HiP max-pools token scores over the query block), which finds a single strong key that
-    the means blur. ``key_block_size`` (default ``block_size``) sets the key granularity on its
-    own: HiP's reference code sizes query and key blocks separately, with key blocks of a few
-    tokens and many branches, which gives a lone key a better chance to survive the first levels of
-    the search (``local_blocks`` then counts key blocks).
+    ``branch_score`` says how a half is scored against its representative block:
+    ``"paper"`` is HiP's (the masking iteration of DeepAuto-AI/hip-attention): the largest logit
+    between the query block's queries (all of them, or ``query_samples`` r > 0 evenly spaced ones,
+    as the official ``block_stride_q`` strides them) and the key tokens of the representative
+    block, causal pairs only. ``"pooled"`` (not in the paper) is the mean query against the mean
+    key of the representative block, one dot product per branch. The default (None) is
+    ``"paper"`` with ``query_samples`` > 0 and ``"pooled"`` without.
+    ``key_block_size`` (default ``block_size``) sets the key granularity on its own: HiP's
+    reference code sizes query and key blocks separately, with key blocks of a few tokens and many
+    branches, which gives a lone key a better chance to survive the first levels of the search
+    (``local_blocks`` then counts key blocks).
     ``branch_score="bound"`` (not in the paper) scores a branch by Quest's upper bound of q . k over
-    all its keys instead of one representative (see :class:`_BoundScore`): a lone strong key among
-    look-alike keys (a passkey in repeated filler) lifts the bound of every range that holds it, where
-    a representative sees only filler.
+    all its keys instead of one representative (see :class:`_BoundScore`; the mean query, or the
+    largest over ``query_samples`` queries): a lone strong key among look-alike keys (a passkey in
+    repeated filler) lifts the bound of every range that holds it, where a representative sees
+    only filler.
     ``candidates`` c > 1 (not in the paper) lets the search keep c ``top_k`` blocks as a shortlist;
     the ``top_k`` of them on which ``rerank_samples`` evenly spaced queries of the query block put
     the most attention mass are kept (the softmax over the shortlisted and always-visited keys,
@@ -53,10 +59,10 @@ class HiP(BlockSelectionMethod):
     final choice; a shortlisted block that is visited anyway is dropped first. On SmolLM2-135M at
     4K tokens and about 15% density, c = 8 takes the perplexity increase from +9.9% to +1.6%
     (``benchmarks/dynamic_quality.py``).
-    q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv). Selection O((N / b) max(r, 1) c k log(N / b) D),
-    i.e. O(N log N) (the bound's sparse table adds O(N log(N) D / b); the re-ranking
-    O(N c k rerank_samples D)); attention O(N k b D). ``top_k`` above the number of key blocks is
-    clamped (warning)."""
+    q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv). Selection O((N / b) r c k log(N / b) D) with r the
+    queries scoring a branch (1 pooled), i.e. O(N log N) (the bound's sparse table adds
+    O(N log(N) D / b); the re-ranking O(N c k rerank_samples D)); attention O(N k b D). ``top_k``
+    above the number of key blocks is clamped (warning)."""
 
     info = MethodInfo(
         name="hip", title="HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention Pruning",
@@ -69,7 +75,7 @@ class HiP(BlockSelectionMethod):
     class Config(TopKConfig):
         query_samples: int = 0
         key_block_size: int | None = None
-        branch_score: str = "representative"
+        branch_score: str | None = None
         candidates: int = 1
         rerank_samples: int = 4
 
@@ -78,8 +84,12 @@ class HiP(BlockSelectionMethod):
             self.query_samples = check_int("query_samples", self.query_samples, minimum=0)
             self.candidates = check_int("candidates", self.candidates)
             self.rerank_samples = check_int("rerank_samples", self.rerank_samples)
-            if self.branch_score not in ("representative", "bound"):
-                raise InvalidArgumentError("branch_score", "'representative' or 'bound'", repr(self.branch_score))
+            if self.branch_score is None:
+                self.branch_score = "paper" if self.query_samples else "pooled"
+            if self.branch_score not in BRANCH_SCORES:
+                raise InvalidArgumentError("branch_score", f"None or one of {BRANCH_SCORES}", repr(self.branch_score))
+            if self.branch_score == "pooled" and self.query_samples:
+                raise InvalidArgumentError("query_samples", "0 with branch_score='pooled' (the mean query)", self.query_samples)
             if self.key_block_size is not None:
                 self.key_block_size = check_int("key_block_size", self.key_block_size, minimum=2)
 
@@ -92,32 +102,36 @@ class HiP(BlockSelectionMethod):
         top_k = clamp_budget(self.info.name, "top_k", self.config.top_k, nkb)
         width = min(top_k * self.config.candidates, nkb)  # blocks the search keeps
         work = work_dtype(q)
-        B, Hq, G = call.batch, call.heads_q, call.groups
-        if self.config.query_samples:  # r sampled queries of each query block
-            rows = sample_rows(call, bq, self.config.query_samples)
+        B, Hq, G, cfg = call.batch, call.heads_q, call.groups, self.config
+        reach = None  # (nQB, r): the last key each scoring query sees, for the paper's causal pairs
+        if cfg.branch_score == "paper" or cfg.query_samples:  # r sampled queries, or all of them
+            rows = sample_rows(call, bq, cfg.query_samples or bq)
             qp = q[:, :, rows.flatten()].unflatten(2, rows.shape).to(work)  # (B, Hq, nQB, r, D)
+            if call.causal and cfg.branch_score == "paper":
+                reach = rows + (call.len_kv - call.len_q)
         else:  # the mean query
             qp = block_means(q, bq)[:, :, :, None]  # (B, Hq, nQB, 1, D)
-        if self.config.branch_score == "bound" or self.config.query_samples:
+        if cfg.branch_score == "pooled":
+            kp = block_means(k, bk)[:, :, :, None]  # (B, Hkv, nKB, 1, D): the mean key
+        else:
             last = k[:, :, -1:].expand(-1, -1, nkb * bk - call.len_kv, -1)  # padding repeats a real key
             kp = torch.cat([k, last], 2).to(work).unflatten(2, (nkb, bk))  # (B, Hkv, nKB, bk, D)
-        else:
-            kp = block_means(k, bk)[:, :, :, None]  # (B, Hkv, nKB, 1, D): the mean key
         # first key block of each query head's key head, in (B * Hkv * nKB) rows
         first = ((torch.arange(B, device=q.device)[:, None] * call.heads_kv + torch.arange(Hq, device=q.device) // G) * nkb)[:, :, None, None]
-        if self.config.branch_score == "bound":
+        if cfg.branch_score == "bound":
             score = _BoundScore(kp, first, nkb)
             gathered = 2 * kp.shape[-1]
         else:
             score = _RepresentativeScore(kp.flatten(0, 2), first, nkb)
-            gathered = kp.shape[3] * kp.shape[4]
+            gathered = kp.shape[3] * max(kp.shape[4], qp.shape[3])
         chunk = max(1, min(_QUERY_CHUNK, _GATHERED // (B * Hq * 2 * width * gathered)))
         diag = last_key_block(call, bq, bk)
         visible = (diag + 1).clamp(min=0)[:, None]  # key blocks [0, visible) per query block
         branch = torch.arange(width + 1, device=q.device)
         bounds = (branch * visible) // width  # (nQB, width + 1): ranges covering everything
         chosen = torch.cat([
-            _search(qp[:, :, a : a + chunk], score, bounds[a : a + chunk], width) for a in range(0, qp.shape[2], chunk)
+            _search(qp[:, :, a : a + chunk], None if reach is None else reach[a : a + chunk], score, bounds[a : a + chunk], width)
+            for a in range(0, qp.shape[2], chunk)
         ], dim=2)
         forced = unique_blocks(forced_blocks(call, bq, bk, self.config.local_blocks)).expand(*chosen.shape[:2], -1, -1)
         if width > top_k:
@@ -135,33 +149,44 @@ class HiP(BlockSelectionMethod):
         return chosen.gather(-1, best)
 
 
-def _search(qp, score, bounds, top_k: int) -> torch.Tensor:
+def _search(qp, reach, score, bounds, top_k: int) -> torch.Tensor:
     """The tree search for query blocks ``qp`` (B, H, c, r, D) over their ``bounds`` (c, top_k + 1):
-    halve every range, keep the ``top_k`` best halves by ``score(qp, starts, ends)``, until every
-    range is one key block. The chosen key block per branch (B, H, c, top_k), -1 where a branch is
-    empty."""
+    halve every range, keep the ``top_k`` best halves by ``score(qp, reach, starts, ends)``, until
+    every range is one key block (``reach`` (c, r) or None: the last key each query may see). The
+    chosen key block per branch (B, H, c, top_k), -1 where a branch is empty."""
     starts = bounds[:, :-1].expand(*qp.shape[:2], -1, -1)
     ends = bounds[:, 1:].expand(*qp.shape[:2], -1, -1)
     while bool((ends - starts > 1).any()):
         mid = (starts + ends + 1) // 2
         starts, ends = torch.cat([starts, mid], -1), torch.cat([mid, ends], -1)
-        scores = score(qp, starts, ends).masked_fill(ends <= starts, float("-inf"))
+        scores = score(qp, reach, starts, ends).masked_fill(ends <= starts, float("-inf"))
         best = scores.topk(top_k, dim=-1).indices
         starts, ends = torch.gather(starts, -1, best), torch.gather(ends, -1, best)
     return torch.where(ends - starts == 1, starts, -1)
 
 
+def representative_block(starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """The key block that stands for the range [starts, ends): its centre, start + length // 2."""
+    return starts + (ends - starts) // 2
+
+
 class _RepresentativeScore:
-    """HiP's branch score: the largest logit between the queries and the key tokens ``flat_keys``
-    (B * Hkv * nKB, t, D) of the branch's middle block."""
+    """A branch's score from its representative block: the largest logit between the queries and
+    the key tokens ``flat_keys`` (B * Hkv * nKB, t, D) of the block (t = 1: the mean key), pairs
+    past a query's ``reach`` excluded."""
 
     def __init__(self, flat_keys, first, nkb: int):
         self.flat_keys, self.first, self.nkb = flat_keys, first, nkb
 
-    def __call__(self, qp, starts, ends):
-        rep = ((starts + ends - 1) // 2).clamp(min=0, max=self.nkb - 1) + self.first
-        keys = self.flat_keys.index_select(0, rep.flatten()).view(*rep.shape, -1, self.flat_keys.shape[-1])  # (B, H, c, n, t, D)
-        return (keys.flatten(3, 4) @ qp.transpose(-1, -2)).unflatten(3, keys.shape[3:5]).amax((-1, -2))
+    def __call__(self, qp, reach, starts, ends):
+        block = representative_block(starts, ends).clamp(min=0, max=self.nkb - 1)
+        t = self.flat_keys.shape[1]
+        keys = self.flat_keys.index_select(0, (block + self.first).flatten()).view(*block.shape, t, -1)  # (B, H, c, n, t, D)
+        logits = (keys.flatten(3, 4) @ qp.transpose(-1, -2)).unflatten(3, keys.shape[3:5])  # (B, H, c, n, t, r)
+        if reach is not None:
+            pos = block[..., None] * t + torch.arange(t, device=block.device)  # (B, H, c, n, t)
+            logits = logits.masked_fill(pos[..., None] > reach[:, None, None, :], float("-inf"))
+        return logits.amax((-1, -2))
 
 
 class _BoundScore:
@@ -185,7 +210,7 @@ class _BoundScore:
         self.hi, self.lo = torch.cat(his), torch.cat(los)  # level j holds the extremes of 2^j blocks from each block
         self.rows, self.first = hi.shape[0], first
 
-    def __call__(self, qp, starts, ends):
+    def __call__(self, qp, reach, starts, ends):
         length = (ends - starts).clamp(min=1)
         level = torch.log2(length.double()).floor().long()
         at_a = level * self.rows + self.first + starts.clamp(min=0)
