@@ -1,6 +1,6 @@
 """Quality of the dynamic methods on SmolLM2-135M (offline; needs the [models] extra and the model files).
 
-    python benchmarks/dynamic_quality.py recall      [--tokens 4096] [--layers 0 5 10 ...] [--density 0.1]
+    python benchmarks/dynamic_quality.py recall      [--tokens 4096] [--layers 0 5 10 ...] [--density 0.1] [--matched-oracle]
     python benchmarks/dynamic_quality.py perplexity  [--tokens 4096] [--windows 2]
     python benchmarks/dynamic_quality.py TASK --defaults    # hip, block_sparse, vertical_slash with no options
     python benchmarks/dynamic_quality.py passkey     [--tokens 7168] [--n 3]
@@ -83,18 +83,24 @@ def recall(a, model, tokenizer) -> None:
     captured = ev.capture_qkv(model, tokenizer, max_tokens=a.tokens, layers=a.layers)
     print(f"SmolLM2-135M, {a.tokens} tokens, layers {sorted(captured)}; means over layers and heads")
     specs = [{"method": name, "config": cfg} for name, cfg in RECALL_CASES]
-    recalls, densities, errors = ([[] for _ in specs] for _ in range(3))
+    recalls, densities, errors, bounds = ([[] for _ in specs] for _ in range(4))
     for c in captured.values():
         exact = sdpa(c.q, c.k, c.v, causal=c.causal, scale=c.scale)
         for i, ((r, d), spec) in enumerate(zip(head_scores(c.q, c.k, c.v, c.causal, c.scale, specs), specs)):
-            out = attnzoo.get_method(spec["method"], **spec["config"])(c.q, c.k, c.v, causal=c.causal, scale=c.scale)
+            method = attnzoo.get_method(spec["method"], **spec["config"])
+            out = method(c.q, c.k, c.v, causal=c.causal, scale=c.scale)
             recalls[i].append(float(r.mean()))
             densities[i].append(float(d.mean()))
             errors[i].append(float((out - exact).norm() / exact.norm()))
-    for (name, cfg), r, d, e in zip(RECALL_CASES, recalls, densities, errors):
+            if a.matched_oracle:  # the best support of the same density made of the same tiles
+                block = spec["config"].get("block_size") or method.budgets_used()[0]["block_size"]
+                bounds[i].append(float(ev.oracle_recall(c.q, c.k, causal=c.causal, scale=c.scale, density=densities[i][-1],
+                                                        block_size=block).mean()))
+    for (name, cfg), r, d, e, o in zip(RECALL_CASES, recalls, densities, errors, bounds):
+        matched = f"  oracle at that density and block {statistics.mean(o):.3f} (ratio {statistics.mean(r) / statistics.mean(o):.3f})" if o else ""
         print(f"{name:15s} density {statistics.mean(d):.3f}  recall {statistics.mean(r):.3f} (worst layer {min(r):.3f})  "
-              f"rel. error {statistics.mean(e):.3f}  {cfg}", flush=True)
-    for block in ORACLE_BLOCKS:
+              f"rel. error {statistics.mean(e):.3f}{matched}  {cfg}", flush=True)
+    for block in [] if a.matched_oracle else ORACLE_BLOCKS:
         kept = [float(ev.oracle_recall(c.q, c.k, causal=c.causal, scale=c.scale, density=a.density, block_size=block).mean())
                 for c in captured.values()]
         tiles = "single entries" if block is None else f"{block}x{block} tiles"
@@ -162,6 +168,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, nargs="+", default=None)
     p.add_argument("--density", type=float, default=0.1, help="recall: density of the bound")
     p.add_argument("--n", type=int, default=3)
+    p.add_argument("--matched-oracle", action="store_true",
+                   help="recall: also the oracle bound at each case's own density and block size (eval.oracle_recall)")
     p.add_argument("--windows", type=int, default=1, help="perplexity: consecutive windows of --tokens tokens")
     p.add_argument("--defaults", action="store_true", help="the three methods with no options instead of the cases")
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.35, 0.65, 0.9])

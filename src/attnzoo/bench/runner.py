@@ -162,7 +162,7 @@ class _Sweep:
         self.opts, self.store, self.run_id, self.device = opts, store, run_id, device
         self.length = None
         self.qkv: list[torch.Tensor] = []
-        self.methods: dict[MethodSpec, Method | Exception] = {}
+        self.methods: dict[tuple[MethodSpec, Pattern], Method | Exception] = {}
         self.stopped: dict[tuple[MethodSpec, Pattern, str], str] = {}  # why longer lengths are skipped
         self.last_call: dict[tuple[MethodSpec, Pattern, str], tuple[int, float]] = {}  # (length, seconds per call)
         self.stats: dict[tuple[MethodSpec, Pattern], Any] = {}
@@ -174,19 +174,19 @@ class _Sweep:
             self.qkv = _inputs(self.opts, length, self.device)
             self.length = length
 
-    def _method(self, spec: MethodSpec, length: int) -> Method | Exception:
-        if spec not in self.methods:
+    def _method(self, spec: MethodSpec, length: int, pattern: Pattern) -> Method | Exception:
+        if (spec, pattern) not in self.methods:
             try:
-                self.methods[spec] = get_method(spec.name, **config_at(spec, length))
+                self.methods[(spec, pattern)] = get_method(spec.name, **config_at(spec, length, pattern))
             except (AttnzooError, TypeError) as exc:
-                self.methods[spec] = exc
-        return self.methods[spec]
+                self.methods[(spec, pattern)] = exc
+        return self.methods[(spec, pattern)]
 
     def measure(self, length: int, spec: MethodSpec, pattern: Pattern, pass_: str) -> dict[str, Any]:
         opts = self.opts
         info = method_class(spec.name).info
         try:
-            config = config_at(spec, length)
+            config = config_at(spec, length, pattern)
         except AttnzooError:
             config = spec.config
         row: dict[str, Any] = dict(
@@ -225,7 +225,7 @@ class _Sweep:
             return {"status": "skipped", "message": "the forward pass failed"}
         try:
             self._set_length(length)
-            method = self._method(spec, length)
+            method = self._method(spec, length, pattern)
             if isinstance(method, Exception):
                 return {"status": "skipped", "message": f"cannot configure: {method}"}
             outcome = self._timed_call(method, spec, pattern, backward)
