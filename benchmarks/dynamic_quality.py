@@ -130,8 +130,9 @@ def shown(method, cfg: dict) -> str:
 
 
 def perplexity(a, model, tokenizer) -> None:
-    dense = ev.perplexity(model, tokenizer, context_len=a.tokens, windows=a.windows, show_progress=False).perplexity
-    print(f"SmolLM2-135M perplexity at {a.tokens} tokens ({a.windows} windows): dense {dense:.3f}", flush=True)
+    dense = a.dense_ppl or ev.perplexity(model, tokenizer, context_len=a.tokens, windows=a.windows, show_progress=False).perplexity
+    given = " (given, --dense-ppl)" if a.dense_ppl else ""
+    print(f"SmolLM2-135M perplexity at {a.tokens} tokens ({a.windows} windows): dense {dense:.3f}{given}", flush=True)
     for name, cfg in PPL_CASES:
         method, densities = counted(name, cfg)
         with attnzoo.patch(model, method):
@@ -174,6 +175,7 @@ def main() -> None:
     p.add_argument("--defaults", action="store_true", help="the three methods with no options instead of the cases")
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.35, 0.65, 0.9])
     p.add_argument("--skip-dense", action="store_true", help="passkey: do not run the dense baseline")
+    p.add_argument("--dense-ppl", type=float, help="perplexity: dense's, measured before with the same --tokens and --windows")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--case", nargs=2, action="append", metavar=("METHOD", "JSON"),
                    help="replace the built-in cases of this task, e.g. --case hip '{\"top_k\": 10}'")

@@ -47,7 +47,7 @@ def check_budget(argument: str, value: object, *, minimum: int = 1) -> int | Non
 
 def block_size_for(n_keys: int) -> int:
     """Block size at ``n_keys`` keys: the power of two nearest n_keys / 256, within [16, 128]."""
-    exponent = round(math.log2(max(n_keys, 1) / TOKENS_PER_BLOCK_STEP)) if n_keys >= 1 else 0
+    exponent = round(math.log2(max(n_keys, 1) / TOKENS_PER_BLOCK_STEP))
     return int(min(MAX_BLOCK, max(MIN_BLOCK, 2 ** exponent)))
 
 
