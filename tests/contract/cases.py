@@ -137,6 +137,7 @@ CASES = [
          bad={"num_global": -1, "grid": (9, 12)}),
     Case("clear", dict(radius=3.5), grid=(16, 16), bad={"radius": 0}),
     Case("clear", dict(radius=2.0, num_global=5), grid=(9, 11), bad={"radius": -1.0}),
+    Case("clear", dict(radius=3.5, down_factor=2), grid=(16, 16), bad={"down_factor": 0}),
     Case("halo", dict(block_size=4, halo=2), grid=(16, 16), bad={"halo": -1}),
     Case("halo", dict(block_size=4, halo=1, num_global=2), grid=(10, 13), bad={"block_size": 0}),
     Case("maxvit_block", dict(block_size=4), grid=(16, 16), bad={"block_size": 0}),
@@ -159,11 +160,14 @@ CASES = [
     Case("hip", dict(top_k=2, block_size=16, query_samples=4), bad={"query_samples": -1}, **SELECTED_BLOCKS),
     Case("hip", dict(top_k=5, block_size=16, key_block_size=4), bad={"key_block_size": 1}, **SELECTED_BLOCKS),
     Case("hip", dict(top_k=2, block_size=16, branch_score="bound"), bad={"branch_score": "max"}, **SELECTED_BLOCKS),
+    Case("hip", dict(top_k=2, block_size=16, branch_score="paper"), bad={"branch_score": "representative"}, **SELECTED_BLOCKS),
     Case("hip", dict(top_k=2, block_size=16, candidates=3, rerank_samples=3), bad={"candidates": 0, "rerank_samples": 0},
          **SELECTED_BLOCKS),
     Case("biformer", dict(n_win=6, topk=2), bad={"n_win": 7, "topk": 0}),
     Case("biformer", dict(n_win=2, topk=2), grid=(8, 12), bad={"n_win": 3, "grid": (8, 12, 1)}),
     Case("routing", dict(num_clusters=3, block_size=16), bad={"num_clusters": 0, "block_size": 0},
+         prefix="k-means centroids are fitted on every query and key of the call, later ones included"),
+    Case("routing", dict(num_clusters=3, block_size=16, balanced=False), bad={"balanced": "yes"},
          prefix="k-means centroids are fitted on every query and key of the call, later ones included"),
     *[Case("hyper", dict(block_size=16, sample_size=8, min_seq_len=40), tokens=n, bad={"sample_size": 0, "min_seq_len": 1},
            prefix="the off-diagonal blocks of the causal recursion are sorted by LSH over all of their queries and "
@@ -172,6 +176,7 @@ CASES = [
     *[Case("sgformer", cfg, grid=grid, bad=bad)
       for cfg, grid, bad in ((dict(n_win=4, num_tokens=20), (16, 12), {"num_tokens": 0, "grid": (7, 7)}),
                              (dict(n_win=6, num_tokens=9), None, {"n_win": 7}))],
+    Case("sgformer", dict(n_win=4, num_tokens=20, reallocation="tiers"), grid=(16, 12), bad={"reallocation": "sorted"}),
     # ---- linear -----------------------------------------------------------------------------
     Case("linear", dict(), bad={"chunk": 0}, **LINEAR),
     Case("linear", dict(feature_map="relu", chunk=16), bad={"eps": 2.0}, **LINEAR),

@@ -60,6 +60,19 @@ def test_lse_dtypes_and_default_scale(rng, softmax):
     assert rel_err(lse, want_lse) <= 1e-2
 
 
+@pytest.mark.parametrize("strided", ["q", "k", "v"])
+def test_inputs_with_a_strided_last_dimension(strided, rng, softmax):
+    """A (B, H, N, D) view whose last dimension is not unit-stride (a transposed layout) gives the
+    same result as its contiguous copy: the fused CPU kernel alone would read it wrongly."""
+    q, k, v = qkv(rng, B=1, Hq=2, Hkv=2, Nq=12, D=8)
+    tensors = {"q": q, "k": k, "v": v}
+    tensors[strided] = tensors[strided].transpose(2, 3).contiguous().transpose(2, 3)
+    assert tensors[strided].stride(-1) != 1
+    out, lse = attention_with_lse(tensors["q"], tensors["k"], tensors["v"])
+    want_out, want_lse = softmax.reference(q, k, v, torch.ones(12, 12, dtype=torch.bool), 8**-0.5)
+    assert rel_err(out, want_out) <= 1e-5 and rel_err(lse, want_lse) <= 1e-5
+
+
 @pytest.mark.parametrize("causal,nq,nk", [(True, 30, 30), (True, 20, 30), (False, 30, 20)])
 def test_gradients_through_out_and_lse(causal, nq, nk, rng, softmax):
     q, k, v = qkv(rng, B=2, Hq=4, Hkv=2, Nq=nq, Nk=nk, D=8, Dv=6, dtype=torch.float64, requires_grad=True)

@@ -29,8 +29,9 @@ FULL = [
     ("hip", dict(top_k=6, block_size=16, candidates=3)),
     ("biformer", dict(n_win=6, topk=6)),
     ("routing", dict(num_clusters=1, block_size=16)),
+    ("routing", dict(num_clusters=1, block_size=16, balanced=False)),
 ]
-FULL_IDS = [name + "".join(f"-{o}={cfg[o]}" for o in ("estimator", "query_samples", "key_block_size", "estimate_queries", "vertical_columns", "branch_score", "candidates") if o in cfg) for name, cfg in FULL]
+FULL_IDS = [name + "".join(f"-{o}={cfg[o]}" for o in ("estimator", "query_samples", "key_block_size", "estimate_queries", "vertical_columns", "branch_score", "candidates", "balanced") if o in cfg) for name, cfg in FULL]
 CLAMPED = [c for c in FULL if c[0] != "routing"]  # routing's budget is a cluster count: 1 is dense
 CLAMPED_IDS = [i for i, c in zip(FULL_IDS, FULL) if c in CLAMPED]
 SELECTING = [case for case in CASES if "dynamic" in case.info.family and "linear" not in case.info.family]
@@ -254,3 +255,34 @@ def test_hip_bound_finds_a_lone_key_among_identical_ones(rng):
     layout = attnzoo.get_method("hip", top_k=1, block_size=16, local_blocks=0, branch_score="bound").selection(q, k, v, causal=True)
     for qb in range(14, 32):
         assert 13 in layout.kv_indices[0, 0, qb, : int(layout.kv_counts[0, 0, qb])].tolist(), qb
+
+
+@pytest.mark.parametrize("nk", [None, 80])
+def test_routing_with_argmax_clusters_runs_its_reference(nk, rng):
+    """``balanced=False`` (every token in its nearest cluster only) still runs on the executor as its
+    reference says, self and cross attention."""
+    m = attnzoo.get_method("routing", num_clusters=3, block_size=16, balanced=False)
+    q, k, v = qkv(rng, Nq=64, Nk=nk, D=16)
+    for causal in (True, False):
+        assert rel_err(m(q, k, v, causal=causal), m.reference(q, k, v, causal=causal)) <= 1e-5, causal
+
+
+def test_routing_options_are_checked():
+    with pytest.raises(InvalidArgumentError, match="window"):
+        attnzoo.get_method("routing", window=0)
+    with pytest.raises(InvalidArgumentError, match="balanced"):
+        attnzoo.get_method("routing", balanced="yes")
+    with pytest.raises(InvalidArgumentError, match="num_clusters"):
+        attnzoo.get_method("routing", num_clusters=63)
+
+
+def test_hip_pooled_score_takes_no_query_samples():
+    with pytest.raises(InvalidArgumentError, match="query_samples"):
+        attnzoo.get_method("hip", branch_score="pooled", query_samples=4)
+    with pytest.raises(InvalidArgumentError, match="branch_score"):
+        attnzoo.get_method("hip", branch_score="representative")
+
+
+def test_sgformer_reallocation_is_checked():
+    with pytest.raises(InvalidArgumentError, match="reallocation"):
+        attnzoo.get_method("sgformer", reallocation="sorted")

@@ -91,3 +91,33 @@ def test_random_feature_value_fit_lowers_error(rng):
 def test_unknown_feature_map_is_named(rng):
     with pytest.raises(UnknownNameError, match="feature map 'gelu'"):
         attnzoo.attention(*qkv(rng, Nq=8), "linear", causal=True, feature_map="gelu")
+
+
+@pytest.mark.parametrize("cfg,argument", [
+    (dict(decay="alibi", layer=3), "layer, num_layers"),
+    (dict(decay="alibi", layer=6, num_layers=6), "layer"),
+    (dict(decay="alibi", layer=0, num_layers=1), "num_layers"),
+    (dict(decay=0.9, layer=1, num_layers=4), "decay"),
+])
+def test_transnormer_layer_settings_are_checked(cfg, argument):
+    with pytest.raises(attnzoo.errors.InvalidArgumentError) as err:
+        attnzoo.get_method("transnormer", **cfg)
+    assert err.value.argument == argument
+
+
+def test_transnormer_decay_falls_with_depth(rng):
+    """TransNormerLLM scales the ALiBi slopes by 1 - l / (L - 1): the last layer barely decays, so
+    it is (nearly) the undecayed attention and the first layer is the plain ALiBi decay."""
+    q, k, v = qkv(rng, B=1, Nq=64)
+    at = lambda **cfg: attnzoo.attention(q, k, v, "transnormer", causal=True, **cfg)  # noqa: E731
+    assert rel_err(at(decay="alibi", layer=0, num_layers=4), at(decay="alibi")) <= 1e-4
+    assert rel_err(at(decay="alibi", layer=3, num_layers=4), at()) <= 1e-3
+    assert rel_err(at(decay="alibi", layer=1, num_layers=4), at(decay="alibi")) > 1e-2
+
+
+def test_agent_grid_must_cover_the_queries(rng):
+    q, k, v = qkv(rng, B=1, Nq=48)
+    with pytest.raises(attnzoo.errors.InvalidArgumentError, match="grid"):
+        attnzoo.attention(q, k, v, "agent", grid=(5, 8))
+    with pytest.raises(attnzoo.errors.InvalidArgumentError, match="grid"):
+        attnzoo.get_method("agent", grid=(48,))

@@ -45,6 +45,7 @@ DEGENERATE = [
     ("maxvit_grid", dict(grid_size=(9, 11)), (9, 11), (False,)),
     ("hilo", dict(alpha=0.0, window=8), (8, 8), (False,)),
     ("hilo", dict(alpha=1.0, window=1), (8, 12), (False,)),
+    ("hilo", dict(alpha=0.25, window=1), (8, 12), (False,)),  # LITv2: window 1 makes every head global
 ]
 
 
@@ -133,3 +134,55 @@ def test_layout_cache_is_bounded_when_decoding(rng):
         _, k, v = qkv(rng, B=1, Hq=2, Hkv=2, Nq=1, Nk=n)
         assert rel_err(m(q1, k, v, causal=True), m.reference(q1, k, v, causal=True)) <= 1e-5
     assert len(m._layouts) == m.cached_layouts
+
+
+def _uniform_queries_one_hot_values(n, dim=4):
+    """q = 0 (every visible key weighs the same) and v_j = e_j: output row i is 1/|keys of i| on them."""
+    q = torch.zeros(1, 1, n, dim)
+    return q, torch.randn(1, 1, n, dim), torch.eye(n)[None, None]
+
+
+def test_clear_window_is_strictly_inside_the_radius():
+    """The official mask is dist^2 < r^2: 193 keys around an inner query at r = 8 (197 with <=)."""
+    q, k, v = _uniform_queries_one_hot_values(17 * 17)
+    m = attnzoo.get_method("clear", grid=(17, 17), radius=8.0)
+    centre = 8 * 17 + 8
+    row = m(q, k, v)[0, 0, centre]
+    assert int((row > 0).sum()) == 193 and torch.allclose(row[row > 0], torch.full((193,), 1 / 193))
+    assert int(m.support(q, k, v)[centre].sum()) == 193
+    assert not m.info.training_free  # CLEAR fine-tunes the model to its window
+
+
+def test_clear_down_sampled_keys_join_the_softmax(rng):
+    """radius 1 leaves each grid query itself and the global tokens; with down_factor f it also sees
+    the f x f average of every cell, all under one softmax: q = 0 gives (v_i + sum of global v + sum
+    of pooled v) / (1 + globals + cells)."""
+    rows, cols, f, g = 6, 8, 2, 2
+    q, k, v = qkv(rng, B=1, Hq=2, Hkv=1, Nq=g + rows * cols, D=8)
+    q = torch.zeros_like(q)
+    m = attnzoo.get_method("clear", grid=(rows, cols), radius=1.0, down_factor=f, num_global=g)
+    grid_v = v[0, 0, g:].view(rows // f, f, cols // f, f, -1)
+    pooled = grid_v.mean(dim=(1, 3)).reshape(-1, v.shape[-1])  # (cells, Dv)
+    want = (v[0, 0, g:] + v[0, 0, :g].sum(0) + pooled.sum(0)) / (1 + g + pooled.shape[0])
+    out = m(q, k, v)
+    assert rel_err(out[0, 0, g:], want) <= 1e-5 and rel_err(out[0, 1, g:], want) <= 1e-5
+    assert rel_err(out[:, :, :g], attnzoo.attention(q, k, v, "dense")[:, :, :g]) <= 1e-5  # text tokens: every key
+    q, k, v = qkv(rng, B=2, Hq=4, Hkv=2, Nq=g + rows * cols, D=8)
+    assert rel_err(m(q, k, v), m.reference(q, k, v)) <= 1e-5
+    assert m.support(q, k, v) is None
+
+
+def test_clear_down_factor_is_checked(rng):
+    q, k, v = qkv(rng, B=1, Nq=48)
+    with pytest.raises(attnzoo.errors.InvalidArgumentError, match="down_factor"):
+        attnzoo.attention(q, k, v, "clear", grid=(6, 8), down_factor=4)
+    with pytest.raises(attnzoo.errors.UnsupportedError, match="2-D grid"):
+        attnzoo.attention(q, k, v, "clear", grid=(2, 4, 6), down_factor=2)
+
+
+def test_hilo_lo_fi_heads_are_int_alpha_h(rng):
+    """LITv2 takes int(alpha H) Lo-Fi heads: 1 of 3 at alpha = 0.5 (round would give 2); they are the last heads."""
+    q, k, v = qkv(rng, B=1, Hq=3, Hkv=3, Nq=64)
+    hilo = lambda alpha: attnzoo.attention(q, k, v, "hilo", grid=(8, 8), alpha=alpha, window=2)  # noqa: E731
+    mixed, hi_fi, lo_fi = hilo(0.5), hilo(0.0), hilo(1.0)
+    assert rel_err(mixed[:, :2], hi_fi[:, :2]) <= 1e-6 and rel_err(mixed[:, 2:], lo_fi[:, 2:]) <= 1e-6

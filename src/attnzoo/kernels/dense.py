@@ -129,6 +129,8 @@ def additive_attention_with_lse(q, k, v, mask: torch.Tensor | None, *, scale: fl
     memory, differentiable through both outputs."""
     fused = q.device.type == "cpu" and q.dim() == 4 and v.shape[-1] == q.shape[-1]
     if fused and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        # the kernel reads the last dimension as unit-stride: other strides give wrong results
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
         if mask is not None:  # the kernel returns 0 for a row with no key
             lse = lse.masked_fill(torch.isneginf(mask).all(-1), float("-inf"))

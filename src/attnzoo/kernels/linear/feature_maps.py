@@ -67,12 +67,13 @@ def favor_features(x: torch.Tensor, proj: torch.Tensor, *, is_query: bool) -> to
 def lrpe(x: torch.Tensor, theta: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """LRPE (TransNormer): (B, H, N, F) -> (B, H, N, 2F) ``[x cos(theta p), x sin(theta p)]``, so
     that ``lrpe(q)_s . lrpe(k)_t = sum_d q_d k_d cos(theta_d (s - t))``; theta (F,) or (H, F)."""
-    angle = positions.to(x.device, torch.float32)[:, None] * theta.to(x.device, torch.float32).unsqueeze(-2)
+    work = work_dtype(x)  # float32 angles (float64 for float64 inputs)
+    angle = positions.to(x.device, work)[:, None] * theta.to(x.device, work).unsqueeze(-2)
     return torch.cat([x * torch.cos(angle).to(x.dtype), x * torch.sin(angle).to(x.dtype)], dim=-1)
 
 
-def lrpe_theta(dim: int, base: float = 10000.0) -> torch.Tensor:
-    """TransNormerLLM's initial LRPE angles ``base^(-2i/d)``."""
-    return base ** (-2 * torch.arange(dim, dtype=torch.float32) / dim)
-
-
+def lrpe_theta(dim: int, base: float = 10000.0, heads: int = 1) -> torch.Tensor:
+    """TransNormerLLM's initial LRPE angles, split across heads: (heads, dim) float64, head h taking
+    ``base^(-2 (h dim + i) / (heads dim))``, i < dim (one head: ``base^(-2i/dim)``)."""
+    index = torch.arange(heads * dim, dtype=torch.float64).view(heads, dim)
+    return base ** (-2 * index / (heads * dim))

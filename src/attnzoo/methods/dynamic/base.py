@@ -92,11 +92,15 @@ class Selection:
     """What a dynamic method chose for one call, for the block executor: ``layout``, optionally in a
     permuted token order (``q_order`` / ``kv_order``: (Nq,) / (Nk,) shared by all heads, or
     (B, Hq, N) per query head; the executor runs on the permuted tokens and the output is put back
-    in the original order)."""
+    in the original order). ``repeats``: the orders are lists (B, Hq, M) in which a token may
+    appear several times or not at all (balanced clusters); a query's results over its copies
+    merge by log-sum-exp into one softmax over the union of their keys, zeros for one never
+    listed."""
 
     layout: BlockLayout
     q_order: torch.Tensor | None = None
     kv_order: torch.Tensor | None = None
+    repeats: bool = False
 
 
 def _take(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -104,6 +108,18 @@ def _take(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     if order.dim() == 1:
         return x.index_select(2, order)
     return torch.gather(x, 2, order[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+
+def _merge_copies(out: torch.Tensor, lse: torch.Tensor, order: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Results (B, H, M, Dv) and lse (B, H, M) of listed query copies, ``order`` (B, H, M) their
+    tokens -> (B, H, n, Dv), (B, H, n): each token's copies merged by log-sum-exp (zeros, -inf
+    for a token with no copy or no key)."""
+    top = lse.new_full((*lse.shape[:2], n), float("-inf")).scatter_reduce(2, order, lse, "amax")
+    weight = torch.exp(lse - top.gather(2, order)).nan_to_num(0.0)  # -inf - -inf: a copy without keys
+    total = torch.zeros_like(top).scatter_add(2, order, weight)
+    merged = torch.zeros(*out.shape[:2], n, out.shape[-1], dtype=lse.dtype, device=out.device)
+    merged = merged.scatter_add(2, order[..., None].expand_as(out), out.to(lse.dtype) * weight[..., None])
+    return (merged / total.clamp(min=torch.finfo(total.dtype).tiny)[..., None]).to(out.dtype), top + total.log()
 
 
 def _put_back(out: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -143,9 +159,12 @@ class DynamicMethod(Method):
             per_head = plan.q_order.dim() > 1
             k, v = (repeat_kv(k, call.groups), repeat_kv(v, call.groups)) if per_head else (k, v)
             q, k, v = _take(q, plan.q_order), _take(k, plan.kv_order), _take(v, plan.kv_order)
+        return_lse = return_lse or plan.repeats
         result = block_sparse_attention(q, k, v, plan.layout, scale=call.scale, backend=backend, static=False, return_lse=return_lse)
         out, lse, counts = result if return_lse else (result[0], None, result[1])
-        if plan.q_order is not None:
+        if plan.repeats:
+            out, lse = _merge_copies(out, lse, plan.q_order, call.len_q)
+        elif plan.q_order is not None:
             out = _put_back(out, plan.q_order)
             lse = None if lse is None else _put_back(lse[..., None], plan.q_order)[..., 0]
         if counts["allowed"] is None:  # executors that do not count: the support's size
@@ -172,6 +191,10 @@ class DynamicMethod(Method):
         mask = plan.layout.dense_mask(call.len_q, call.len_kv)
         if plan.q_order is None:
             return mask
+        if plan.repeats:  # listed copies: a pair is in when some copy of the query sees some copy of the key
+            q_of = torch.nn.functional.one_hot(plan.q_order, call.len_q).to(torch.float32)  # (B, Hq, M, Nq)
+            k_of = torch.nn.functional.one_hot(plan.kv_order, call.len_kv).to(torch.float32)
+            return (q_of.transpose(-1, -2) @ mask.to(torch.float32) @ k_of) > 0
         if plan.q_order.dim() == 1:
             out = torch.empty_like(mask)
             out[:, :, plan.q_order[:, None], plan.kv_order[None, :]] = mask

@@ -40,10 +40,14 @@ class SEAConfig:
 @register
 class SEA(DynamicMethod):
     """SEA ("SEA: Sparse Linear Attention with Estimated Attention Mask", arXiv 2310.01777):
-    estimate the attention matrix with a linear attention (Performer features; each query block's
-    row is ``mean_i phi(q_i) . phi(k_j)``), keep the ``top_k`` keys of every query block, and compute
-    exact softmax attention on those keys with the shared block-sparse executor. Training-free: the
-    paper's learned CNN decoder that refines the estimate is not included. Estimation costs
+    estimate the attention matrix with a linear attention (Performer features), keep the ``top_k``
+    keys of every query block, and compute exact softmax attention on those keys with the shared
+    block-sparse executor. Each query's
+    estimated row is Performer's attention: phi(q_i) . phi(k_j) normalised over the keys q_i sees
+    (so the features' stabilisers cancel); a query block scores a key by the mean of its queries'
+    rows. Training-free: the paper's learned decoder that refines the estimate (a compressed
+    estimate, its mask interpolated back to N columns) is not included, and the paper selects per
+    query row where this selects per ``q_block`` queries. Estimation costs
     O(N^2 M / q_block), attention O(N (k + q_block) D). q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv)."""
 
     info = MethodInfo(
@@ -68,6 +72,7 @@ class SEA(DynamicMethod):
         qf = favor_features(q * root, proj, is_query=True)
         kf = repeat_kv(favor_features(k * root, proj, is_query=False), call.groups)
         nqb, b, off = -(-call.len_q // cfg.q_block), cfg.q_block, call.len_kv - call.len_q
+        qf = qf * _row_normaliser(qf, kf, call)[..., None]
         pad = nqb * b - call.len_q
         block_mean = torch.nn.functional.pad(qf, (0, 0, 0, pad)).unflatten(2, (nqb, b)).sum(3)
         block_mean = block_mean / torch.clamp(call.len_q - torch.arange(nqb, device=dev) * b, max=b)[:, None]
@@ -95,3 +100,15 @@ class SEA(DynamicMethod):
         keys = self.select(q, k, call)
         mask = membership(keys, call.len_kv).repeat_interleave(self.config.q_block, dim=2)[:, :, : call.len_q]
         return mask & causal_mask(call.len_q, call.len_kv, q.device) if call.causal else mask
+
+
+def _row_normaliser(qf: torch.Tensor, kf: torch.Tensor, call: Call) -> torch.Tensor:
+    """(B, Hq, Nq): 1 / sum_j phi(q_i) . phi(k_j) over the keys query i sees (all, or the first
+    i + Nk - Nq + 1 when causal); 0 for a query that sees none."""
+    if not call.causal:
+        total = qf @ kf.sum(2)[..., None]
+        return 1.0 / total[..., 0].clamp(min=torch.finfo(qf.dtype).tiny)
+    reach = torch.arange(call.len_q, device=qf.device) + (call.len_kv - call.len_q)
+    prefix = kf.cumsum(2).index_select(2, reach.clamp(min=0))  # (B, Hq, Nq, M): keys up to each reach
+    total = (qf * prefix).sum(-1).clamp(min=torch.finfo(qf.dtype).tiny)
+    return torch.where(reach >= 0, 1.0 / total, 0.0)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import check_int
-from ...kernels.dense import attention_scores, causal_mask, repeat_kv
+from ...kernels.dense import attention_scores, causal_mask, repeat_kv, work_dtype
 from ...kernels.linear import state_product
 from ...method import Call, MethodInfo
 from ...registry import register
@@ -33,11 +33,13 @@ class InLineConfig(KernelizedConfig):
 @register
 class InLine(Linear):
     """InLine attention ("Bridging the Divide: Reconsidering Softmax and Linear Attention", arXiv
-    2412.06590). Injective weights ``w_ij = phi(q_i) phi(k_j) - (1/n_i) sum_s phi(q_i) phi(k_s) +
-    1/n_i`` (n_i visible keys: subtract the mean instead of dividing by the sum, so rows still sum
-    to one but queries of different norm stay distinguishable), ``O_inline = sum_j w_ij v_j``, plus
-    a local residual. The paper predicts the 9 local weights with an MLP on the block input;
-    attnzoo uses softmax attention over a ``window`` of nearby keys (the ``sliding_window`` method).
+    2412.06590). Injective weights ``w_ij = (scale / n_i) (phi(q_i) phi(k_j) - (1/n_i) sum_s
+    phi(q_i) phi(k_s)) + 1/n_i`` (n_i visible keys: subtract the mean instead of dividing by the
+    sum, so rows still sum to one but queries of different norm stay distinguishable; the factor
+    scale / n_i is the official code's, which Eq. 5 omits "for simplicity"), ``O_inline = sum_j
+    w_ij v_j``, plus a local residual. The paper predicts the 9 local weights with an MLP on the
+    block input; attnzoo uses softmax attention over a ``window`` of nearby keys (the
+    ``sliding_window`` method).
     Causal sums run over j <= i. q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv) -> (B, Hq, Nq, Dv)."""
 
     info = MethodInfo(
@@ -53,23 +55,23 @@ class InLine(Linear):
         self._local = SlidingWindow(window=self.config.window) if self.config.window else None
 
     @staticmethod
-    def _visible(call: Call, device) -> torch.Tensor:
-        """(Nq, 1) number of keys each query sees."""
-        if not call.causal:
-            return torch.full((call.len_q, 1), float(call.len_kv), device=device)
-        pos = torch.arange(call.len_q, device=device)[:, None] + (call.len_kv - call.len_q) + 1
-        return pos.clamp(0, call.len_kv).float()
+    def _visible(call: Call, like: torch.Tensor) -> torch.Tensor:
+        """(Nq, 1) number of keys each query sees (at least 1), in the work dtype of ``like``."""
+        pos = torch.arange(call.len_q, device=like.device)[:, None] + (call.len_kv - call.len_q) + 1
+        seen = pos.clamp(1, call.len_kv) if call.causal else torch.full_like(pos, call.len_kv)
+        return seen.to(work_dtype(like))
 
     def _inline(self, q, k, v, call: Call, product) -> torch.Tensor:
-        """``num + vsum (1 - den) / n`` from the unnormalised product of [v, 1] and of [v] with
-        phi = 1 (the visible value sums); rows that see no key give 0."""
+        """``(scale / n) num + vsum (1 - scale den / n) / n`` from the unnormalised product of [v, 1]
+        and of [v] with phi = 1 (the visible value sums); rows that see no key give 0."""
         qf, kf = self.features(q, k, call)
         ones_q, ones_k = torch.ones_like(q[..., :1]), torch.ones_like(k[..., :1])
         v_aug = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
         num_den = product(qf, kf, v_aug)
         value_sum = product(ones_q, ones_k, v)
-        n = self._visible(call, q.device)
-        return num_den[..., :-1] + value_sum * (1 - num_den[..., -1:]) / n.clamp_min(1)
+        n = self._visible(call, q)
+        injective = num_den * (call.scale / n)
+        return injective[..., :-1] + value_sum * (1 - injective[..., -1:]) / n
 
     def _with_local(self, out, q, k, v, call: Call, reference: bool):
         if self._local is not None:
@@ -88,8 +90,8 @@ class InLine(Linear):
         qf, kf = self.features(q, k, call)
         scores = attention_scores(qf, kf, scale=1.0)  # phi(q_i) phi(k_j), (B, Hq, Nq, Nk)
         allowed = causal_mask(call.len_q, call.len_kv, q.device) if call.causal else torch.ones_like(scores, dtype=torch.bool)
-        n = self._visible(call, q.device).clamp_min(1)
+        n = self._visible(call, q)
         scores = scores * allowed
-        weights = (scores - scores.sum(-1, keepdim=True) / n + 1 / n) * allowed
+        weights = ((scores - scores.sum(-1, keepdim=True) / n) * (call.scale / n) + 1 / n) * allowed
         out = weights @ repeat_kv(v, call.groups).to(weights.dtype)
         return self._with_local(out, q, k, v, call, reference=True)

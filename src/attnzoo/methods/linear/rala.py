@@ -15,8 +15,9 @@ from .base import KernelizedConfig, LinearMethod
 class RALA(LinearMethod):
     """Rank-augmented linear attention ("Breaking the Low-Rank Dilemma of Linear Attention", arXiv
     2411.07635): the KV buffer ``sum_j alpha_j phi(k_j)^T v_j`` weights each key by ``alpha_j = N
-    softmax_j(q_bar k_j * scale)`` with the global query ``q_bar = mean_i q_i``, which raises the
-    buffer's rank; output ``phi(q_i) KV / phi(q_i) sum_j alpha_j phi(k_j)^T`` with ``phi = elu + 1``.
+    softmax_j(phi_bar . phi(k_j) * scale)`` with the mean query feature ``phi_bar = mean_i
+    phi(q_i)`` (on the features, as in the paper's Eq. and code), which raises the buffer's rank;
+    output ``phi(q_i) KV / phi(q_i) sum_j alpha_j phi(k_j)^T`` with ``phi = elu + 1``.
     The paper's output rank augmentation (an elementwise product with a projection of the block
     input) needs the layer input and is left to the caller. Non-causal (q_bar uses every query).
     q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv) -> (B, Hq, Nq, Dv)."""
@@ -29,12 +30,13 @@ class RALA(LinearMethod):
     )
     Config = KernelizedConfig
 
-    def key_weights(self, q, k, call: Call) -> torch.Tensor:
-        """(B, Hq, Nk, 1) weights ``alpha = N softmax(q_bar K^T * scale)``."""
-        q_bar = q.mean(dim=2, keepdim=True)
-        return (call.len_kv * torch.softmax(attention_scores(q_bar, k, scale=call.scale), dim=-1)).transpose(-1, -2)
+    def key_weights(self, qf, kf, call: Call) -> torch.Tensor:
+        """(B, Hq, Nk, 1) weights ``alpha = N softmax(mean_i phi(q_i) phi(K)^T * scale)`` from the
+        features qf (B, Hq, Nq, F), kf (B, Hq, Nk, F)."""
+        q_bar = qf.mean(dim=2, keepdim=True)
+        return (call.len_kv * torch.softmax(attention_scores(q_bar, kf, scale=call.scale), dim=-1)).transpose(-1, -2)
 
     def features(self, q, k, call: Call):
         phi = fixed_map(self.config.feature_map)
-        kf = repeat_kv(phi(k), call.groups)
-        return phi(q), kf * self.key_weights(q, k, call).to(kf.dtype)
+        qf, kf = phi(q), repeat_kv(phi(k), call.groups)
+        return qf, kf * self.key_weights(qf, kf, call).to(kf.dtype)

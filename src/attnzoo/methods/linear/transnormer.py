@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import InvalidArgumentError, UnsupportedError, check_float, check_int
-from ...kernels.dense import causal_mask, masked_attention, sdpa
+from ...kernels.dense import causal_mask, masked_attention, repeat_kv, sdpa
 from ...kernels.linear.feature_maps import fixed_map, lrpe, lrpe_theta
 from ...method import Call, MethodInfo
 from ...registry import register
 from .base import KernelizedConfig, LinearMethod
-from .decay import check_decay, decay_for
+from .decay import check_decay, check_layer, decay_for, layer_scale
 
 MODES = ("norm", "diag")
 
@@ -23,8 +23,11 @@ class TransNormerConfig(KernelizedConfig):
     """``mode``: ``"norm"`` (NormAttention, upper layers) or ``"diag"`` (DiagAttention: softmax
     attention inside non-overlapping blocks of ``block_size`` tokens, lower layers).
     NormAttention: ``feature_map`` (default ``silu``, TransNormerLLM's swish), ``decay`` as in
-    ``lightning`` (the LRPE-d decay; causal only), ``lrpe`` rotates features by position with angles
-    ``lrpe_base^(-2i/F)``; the output is RMS-normalised over the value dimension (SRMSNorm)."""
+    ``lightning`` (the LRPE-d decay; causal only); ``layer`` / ``num_layers`` (with
+    ``decay="alibi"``): this layer's index, which scales the ALiBi slopes by ``1 - layer /
+    (num_layers - 1) + 1e-5`` as TransNormerLLM does; ``lrpe`` rotates features by position with
+    angles split across heads, ``lrpe_base^(-2 (h D + i) / (H D))`` for head h; the output is
+    RMS-normalised over all heads' values of a token (SRMSNorm over the layer's H Dv channels)."""
 
     feature_map: str = "silu"
     mode: str = "norm"
@@ -32,6 +35,8 @@ class TransNormerConfig(KernelizedConfig):
     lrpe: bool = True
     lrpe_base: float = 10000.0
     block_size: int = 64
+    layer: int | None = None
+    num_layers: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -42,20 +47,25 @@ class TransNormerConfig(KernelizedConfig):
             raise InvalidArgumentError("lrpe", "a bool", repr(self.lrpe))
         self.lrpe_base = check_float("lrpe_base", self.lrpe_base, low=1.0, high=1e12)
         self.block_size = check_int("block_size", self.block_size)
+        self.layer, self.num_layers = check_layer(self.layer, self.num_layers, self.decay)
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """SRMSNorm without gain: ``x / sqrt(mean(x^2) + eps)`` over the last axis."""
-    return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
+    """SRMSNorm without gain over every head of a token: x (B, H, N, Dv) divided by
+    ``sqrt(mean_{h, d} x^2 + eps)``, the norm of the (B, N, H Dv) layer output."""
+    return x * torch.rsqrt((x * x).mean(dim=(1, 3), keepdim=True) + eps)
 
 
 @register
 class TransNormer(LinearMethod):
     """TransNormerLLM ("Scaling TransNormer to 175 Billion Parameters", arXiv 2307.14995; TransNormer,
     arXiv 2210.10340). NormAttention: ``O = RMSNorm([(phi(Q) phi(K)^T) * M] V)`` with LRPE features
-    (``q_s k_t cos(theta (s - t))``) and decay ``M_st = lambda^(s-t)``: no division by a
-    normaliser, the norm after the product keeps gradients bounded. DiagAttention: softmax attention
-    inside blocks. q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv) -> (B, Hq, Nq, Dv)."""
+    (``q_s k_t cos(theta_h (s - t))``, angles split across heads) and decay ``M_st =
+    lambda_h^(s-t)``: no division by a normaliser, the norm (across all heads of a token) after the
+    product keeps gradients bounded. The output gate ``sigmoid(x W_u) * O`` multiplies by a
+    projection of the layer input, which the operator does not see: the caller applies it.
+    DiagAttention: softmax attention inside blocks. q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv) ->
+    (B, Hq, Nq, Dv)."""
 
     info = MethodInfo(
         name="transnormer", title="Scaling TransNormer to 175 Billion Parameters", arxiv="2307.14995",
@@ -75,16 +85,16 @@ class TransNormer(LinearMethod):
 
     def features(self, q, k, call: Call):
         phi = fixed_map(self.config.feature_map)
-        qf, kf = phi(q), phi(k)
+        qf, kf = phi(q), repeat_kv(phi(k), call.groups)  # keys take their query head's angles
         if self.config.lrpe:
-            theta = lrpe_theta(call.dim, self.config.lrpe_base)
+            theta = lrpe_theta(call.dim, self.config.lrpe_base, call.heads_q)
             offset = call.len_kv - call.len_q
             qf = lrpe(qf, theta, torch.arange(call.len_q) + offset)
             kf = lrpe(kf, theta, torch.arange(call.len_kv))
         return qf, kf
 
     def decay(self, call: Call):
-        return decay_for(self.config.decay, call)
+        return decay_for(self.config.decay, call, layer_scale(self.config.layer, self.config.num_layers))
 
     def finish(self, out, q, k, v, call: Call):
         return rms_normalize(out, self.config.eps)

@@ -18,7 +18,8 @@ from .base import SpatialConfig
 @dataclass
 class HiLoConfig(SpatialConfig):
     """``alpha``: fraction of query heads in the Lo-Fi group (attending to s x s average-pooled keys
-    and values); the other (Hi-Fi) heads attend inside non-overlapping s x s windows; ``window`` = s."""
+    and values); the other (Hi-Fi) heads attend inside non-overlapping s x s windows; ``window`` = s
+    (1: every head attends globally, as in LITv2)."""
 
     alpha: float = 0.5
     window: int = 2
@@ -35,7 +36,8 @@ class HiLo(Method):
     split into Hi-Fi (window self-attention within s x s windows, run by maxvit_block on the shared
     block-sparse executor) and Lo-Fi (every query attends to the s x s average-pooled keys and values;
     pooling k = W_k pool(x) is LITv2's pooling of x, since projection is linear). Non-causal, 2-D
-    grid, no global tokens. q (B, Hq, N, D), N = H * W; the last round(alpha * Hq) heads are Lo-Fi."""
+    grid, no global tokens. q (B, Hq, N, D), N = H * W; the last int(alpha * Hq) heads are Lo-Fi
+    (LITv2's count), and with ``window=1`` every head is (plain global attention, as in LITv2)."""
 
     info = MethodInfo(
         name="hilo", title="Fast Vision Transformers with HiLo Attention", arxiv="2205.13213", family=("local",),
@@ -54,7 +56,8 @@ class HiLo(Method):
 
     def _split(self, call: Call) -> tuple[int, int]:
         """(Hi-Fi query heads, Hi-Fi key/value heads)."""
-        lo = round(self.config.alpha * call.heads_q)
+        # LITv2: int(alpha H) Lo-Fi heads; window 1 makes every head Lo-Fi (global attention, no pooling)
+        lo = call.heads_q if self.config.window == 1 else int(self.config.alpha * call.heads_q)
         hi = call.heads_q - lo
         if hi % call.groups:
             raise InvalidArgumentError(
@@ -91,7 +94,7 @@ class HiLo(Method):
         hi, hi_kv = self._split(call)
         parts = []
         if hi:
-            parts.append(self._hifi(q[:, :hi], k[:, :hi_kv], v[:, :hi_kv], check_finite=False))  # checked once, above
+            parts.append(self._hifi(q[:, :hi], k[:, :hi_kv], v[:, :hi_kv], scale=call.scale, check_finite=False))  # checked once, above
         if hi < call.heads_q:
             kp, vp = self._pool(k[:, hi_kv:], call), self._pool(v[:, hi_kv:], call)
             parts.append(sdpa(q[:, hi:], kp, vp, causal=False, scale=call.scale))

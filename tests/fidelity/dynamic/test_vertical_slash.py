@@ -1,0 +1,45 @@
+"""MInference vertical-slash against its literal reference estimate and selection, and the wrong rules it must catch."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+from fidelity.dynamic.checks import assert_matches_reference, lowest_scored, mutant_test
+from fidelity.dynamic.references import vertical_slash_support
+from fidelity.mutation import Mutant
+
+from attnzoo.methods.dynamic import vertical_slash
+
+SHAPES = [(1, 2, 2, 96, 96, 8, True), (2, 4, 2, 96, 96, 8, True), (1, 2, 1, 64, 96, 8, True)]
+CONFIGS = [
+    dict(vertical_blocks=2, slash_blocks=3, block_size=16, local_blocks=1, last_q=16, vertical_columns=0),
+    dict(vertical_blocks=1, slash_blocks=2, block_size=8, local_blocks=0, last_q=24, vertical_columns=5),
+    dict(vertical_blocks=2, slash_blocks=3, block_size=16, local_blocks=1, last_q=7, vertical_columns=0, estimate_queries="spread"),
+]
+
+
+def check(config: dict, seed: int) -> None:
+    assert_matches_reference("vertical_slash", config, functools.partial(vertical_slash_support, **config), seed, SHAPES)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_selection_is_the_papers(config, rng):
+    check(config, rng.initial_seed())
+
+
+_estimate = vertical_slash.VerticalSlash.estimate
+
+
+def _slash_scores_replaced(self, q, k, call):
+    """The vertical scores stand in for the slash scores (offset j read as key j)."""
+    vertical, _ = _estimate(self, q, k, call)
+    return vertical, vertical.clone()
+
+
+MUTANTS = [
+    Mutant("vertical_slash-slash-scores-replaced", vertical_slash.VerticalSlash, "estimate", _slash_scores_replaced),
+    Mutant("vertical_slash-lowest-scored", vertical_slash, "top_blocks", lowest_scored),
+]
+
+test_mutant_is_caught = mutant_test(MUTANTS, lambda seed: check(CONFIGS[0], seed))
