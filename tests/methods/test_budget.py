@@ -67,6 +67,9 @@ def test_explicit_values_win(rng):
     m = attnzoo.get_method("block_sparse", top_k=3)
     m(q, k, v, causal=True)
     assert m.budgets_used() == [{"block_size": 16}]
+    m = attnzoo.get_method("block_sparse", block_size=32)  # K counts blocks of the size given
+    m(q, k, v, causal=True)
+    assert m.budgets_used() == [{"top_k": budget.blocks_for(budget.density_for(512), 512, 512, 32, True)}]
     m = attnzoo.get_method("vertical_slash", slash_blocks=3)
     m(q, k, v, causal=True)
     assert m.budgets_used()[0]["vertical_columns"] == 0 and "slash_blocks" not in m.budgets_used()[0]

@@ -96,9 +96,10 @@ class Budget:
     key_blocks: int
 
 
-def budget_at(call: Call) -> Budget:
-    """The rule at this call's shape (the number of keys sets the block size and density)."""
-    block = block_size_for(call.len_kv)
+def budget_at(call: Call, block_size: int | None = None) -> Budget:
+    """The rule at this call's shape (the number of keys sets the density, and the block size
+    unless ``block_size`` is given: K then counts blocks of that size)."""
+    block = block_size or block_size_for(call.len_kv)
     density = density_for(call.len_kv)
     return Budget(block, density, blocks_for(density, call.len_q, call.len_kv, block, call.causal))
 
@@ -118,7 +119,7 @@ class LengthBudget:
         unset = [name for name, value in config.items() if value is None]
         if not unset:
             return self
-        filled = {name: value for name, value in self.budget_config(budget_at(call), call).items() if name in unset}
+        filled = {name: value for name, value in self.budget_config(budget_at(call, self.config.block_size), call).items() if name in unset}
         if not filled:
             return self
         key = tuple(sorted(filled.items()))
