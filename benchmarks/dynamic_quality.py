@@ -1,7 +1,8 @@
 """Quality of the dynamic methods on SmolLM2-135M (offline; needs the [models] extra and the model files).
 
-    python benchmarks/dynamic_quality.py recall      [--tokens 4096] [--layers 0 5 10 ...] [--density 0.1]
-    python benchmarks/dynamic_quality.py perplexity  [--tokens 4096]
+    python benchmarks/dynamic_quality.py recall      [--tokens 4096] [--layers 0 5 10 ...] [--density 0.1] [--matched-oracle]
+    python benchmarks/dynamic_quality.py perplexity  [--tokens 4096] [--windows 2]
+    python benchmarks/dynamic_quality.py TASK --defaults    # hip, block_sparse, vertical_slash with no options
     python benchmarks/dynamic_quality.py passkey     [--tokens 7168] [--n 3]
 
 ``recall``: on q/k/v captured from the model (post-RoPE), each method's density actually used,
@@ -75,22 +76,31 @@ PASSKEY_CASES = [
 ]
 
 
+DEFAULT_CASES = [("block_sparse", {}), ("hip", {}), ("vertical_slash", {})]
+
+
 def recall(a, model, tokenizer) -> None:
     captured = ev.capture_qkv(model, tokenizer, max_tokens=a.tokens, layers=a.layers)
     print(f"SmolLM2-135M, {a.tokens} tokens, layers {sorted(captured)}; means over layers and heads")
     specs = [{"method": name, "config": cfg} for name, cfg in RECALL_CASES]
-    recalls, densities, errors = ([[] for _ in specs] for _ in range(3))
+    recalls, densities, errors, bounds = ([[] for _ in specs] for _ in range(4))
     for c in captured.values():
         exact = sdpa(c.q, c.k, c.v, causal=c.causal, scale=c.scale)
         for i, ((r, d), spec) in enumerate(zip(head_scores(c.q, c.k, c.v, c.causal, c.scale, specs), specs)):
-            out = attnzoo.get_method(spec["method"], **spec["config"])(c.q, c.k, c.v, causal=c.causal, scale=c.scale)
+            method = attnzoo.get_method(spec["method"], **spec["config"])
+            out = method(c.q, c.k, c.v, causal=c.causal, scale=c.scale)
             recalls[i].append(float(r.mean()))
             densities[i].append(float(d.mean()))
             errors[i].append(float((out - exact).norm() / exact.norm()))
-    for (name, cfg), r, d, e in zip(RECALL_CASES, recalls, densities, errors):
+            if a.matched_oracle:  # the best support of the same density made of the same tiles
+                block = spec["config"].get("block_size") or method.budgets_used()[0]["block_size"]
+                bounds[i].append(float(ev.oracle_recall(c.q, c.k, causal=c.causal, scale=c.scale, density=densities[i][-1],
+                                                        block_size=block).mean()))
+    for (name, cfg), r, d, e, o in zip(RECALL_CASES, recalls, densities, errors, bounds):
+        matched = f"  oracle at that density and block {statistics.mean(o):.3f} (ratio {statistics.mean(r) / statistics.mean(o):.3f})" if o else ""
         print(f"{name:15s} density {statistics.mean(d):.3f}  recall {statistics.mean(r):.3f} (worst layer {min(r):.3f})  "
-              f"rel. error {statistics.mean(e):.3f}  {cfg}", flush=True)
-    for block in ORACLE_BLOCKS:
+              f"rel. error {statistics.mean(e):.3f}{matched}  {cfg}", flush=True)
+    for block in [] if a.matched_oracle else ORACLE_BLOCKS:
         kept = [float(ev.oracle_recall(c.q, c.k, causal=c.causal, scale=c.scale, density=a.density, block_size=block).mean())
                 for c in captured.values()]
         tiles = "single entries" if block is None else f"{block}x{block} tiles"
@@ -103,8 +113,8 @@ def counted(name: str, cfg: dict):
     densities = []
     base = type(attnzoo.get_method(name, **cfg))
 
-    def call(self, q, k, v, *, causal=False, scale=None, return_stats=False):
-        out, stats = base.__call__(self, q, k, v, causal=causal, scale=scale, return_stats=True)
+    def call(self, q, k, v, *, return_stats=False, **options):
+        out, stats = base.__call__(self, q, k, v, return_stats=True, **options)
         if q.shape[2] > 1:  # prefill calls, not decoding steps
             densities.append(stats.density)
         return (out, stats) if return_stats else out
@@ -112,14 +122,23 @@ def counted(name: str, cfg: dict):
     return type(f"Counted{base.__name__}", (base,), {"__call__": call})(**cfg), densities
 
 
+def shown(method, cfg: dict) -> str:
+    """The config as given, or for defaults the prefill budgets the rule chose."""
+    if cfg or not hasattr(method, "budgets_used"):
+        return str(cfg)
+    return f"defaults, prefill budgets {[b for b in method.budgets_used() if b.get('block_size')][:3]}"
+
+
 def perplexity(a, model, tokenizer) -> None:
-    dense = ev.perplexity(model, tokenizer, context_len=a.tokens, show_progress=False).perplexity
-    print(f"SmolLM2-135M perplexity at {a.tokens} tokens: dense {dense:.3f}", flush=True)
+    dense = a.dense_ppl or ev.perplexity(model, tokenizer, context_len=a.tokens, windows=a.windows, show_progress=False).perplexity
+    given = " (given, --dense-ppl)" if a.dense_ppl else ""
+    print(f"SmolLM2-135M perplexity at {a.tokens} tokens ({a.windows} windows): dense {dense:.3f}{given}", flush=True)
     for name, cfg in PPL_CASES:
         method, densities = counted(name, cfg)
         with attnzoo.patch(model, method):
-            ppl = ev.perplexity(model, tokenizer, context_len=a.tokens, show_progress=False).perplexity
-        print(f"{name:15s} ppl {ppl:.3f} ({(ppl / dense - 1) * 100:+.2f}% vs dense)  density {statistics.mean(densities):.3f}  {cfg}", flush=True)
+            ppl = ev.perplexity(model, tokenizer, context_len=a.tokens, windows=a.windows, show_progress=False).perplexity
+        print(f"{name:15s} ppl {ppl:.3f} ({(ppl / dense - 1) * 100:+.2f}% vs dense)  density {statistics.mean(densities):.3f}  "
+              f"{shown(method, cfg)}", flush=True)
 
 
 def passkey(a, model, tokenizer) -> None:
@@ -139,8 +158,8 @@ def passkey(a, model, tokenizer) -> None:
         if dense is not None:
             both = sum(t.correct and d.correct for t, d in zip(result.trials, dense.trials))
             kept = f"  found {both} of the {dense.correct} keys dense finds"
-        print(f"{name:15s} accuracy {result.accuracy:.2f}  {trials(result)}{kept}  density {statistics.mean(densities):.3f}  {cfg}",
-              flush=True)
+        print(f"{name:15s} accuracy {result.accuracy:.2f}  {trials(result)}{kept}  density {statistics.mean(densities):.3f}  "
+              f"{shown(method, cfg)}", flush=True)
 
 
 def main() -> None:
@@ -150,14 +169,19 @@ def main() -> None:
     p.add_argument("--layers", type=int, nargs="+", default=None)
     p.add_argument("--density", type=float, default=0.1, help="recall: density of the bound")
     p.add_argument("--n", type=int, default=3)
+    p.add_argument("--matched-oracle", action="store_true",
+                   help="recall: also the oracle bound at each case's own density and block size (eval.oracle_recall)")
+    p.add_argument("--windows", type=int, default=1, help="perplexity: consecutive windows of --tokens tokens")
+    p.add_argument("--defaults", action="store_true", help="the three methods with no options instead of the cases")
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.35, 0.65, 0.9])
     p.add_argument("--skip-dense", action="store_true", help="passkey: do not run the dense baseline")
+    p.add_argument("--dense-ppl", type=float, help="perplexity: dense's, measured before with the same --tokens and --windows")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--case", nargs=2, action="append", metavar=("METHOD", "JSON"),
                    help="replace the built-in cases of this task, e.g. --case hip '{\"top_k\": 10}'")
     a = p.parse_args()
-    if a.case:
-        cases = [(name, json.loads(cfg)) for name, cfg in a.case]
+    if a.case or a.defaults:
+        cases = [(name, json.loads(cfg)) for name, cfg in a.case or []] + (DEFAULT_CASES if a.defaults else [])
         globals()[{"recall": "RECALL_CASES", "perplexity": "PPL_CASES", "passkey": "PASSKEY_CASES"}[a.what]] = cases
     a.tokens = a.tokens or (7168 if a.what == "passkey" else 4096)
     torch.set_num_threads(a.threads)

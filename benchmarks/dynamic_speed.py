@@ -1,6 +1,7 @@
 """Speed of the dynamic methods on CPU, selection included, against dense SDPA in the same run.
 
     python benchmarks/dynamic_speed.py speed [--n 16384] [--heads 8] [--dim 64] [--threads 2] [--repeats 3]
+    python benchmarks/dynamic_speed.py speed --defaults     # the three methods with no options (budget rule)
     python benchmarks/dynamic_speed.py hip-scaling [--lengths 4096 8192 16384 32768 65536]
 
 ``speed``: causal float32, vertical_slash, block_sparse and hip at about 5% density, medians of
@@ -34,6 +35,7 @@ SPEED_CASES = [  # about 5% density at N = 16,384
     ("hip", dict(top_k=5, branch_score="bound")),
     ("hip", dict(top_k=5, candidates=8)),
 ]
+DEFAULT_CASES = [("vertical_slash", {}), ("block_sparse", {}), ("hip", {})]
 
 
 def inputs(n: int, heads: int, dim: int, seed: int = 0):
@@ -56,14 +58,19 @@ def speed(a) -> None:
     dense, _ = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), a.repeats)
     print(f"causal float32 N={a.n} H={a.heads} D={a.dim}, {a.threads} threads, medians of {a.repeats}")
     print(f"{'dense SDPA':16s} {dense * 1e3:9.1f} ms")
-    for name, cfg in SPEED_CASES:
+    for name, cfg in DEFAULT_CASES if a.defaults else SPEED_CASES:
         method = attnzoo.get_method(name, **cfg)
         t, results = timed(lambda: method(q, k, v, causal=True, return_stats=True), a.repeats)
         stats = [s for _, s in results]
         sel = statistics.median(s.selection_ms for s in stats)
         att = statistics.median(s.attention_ms for s in stats)
         print(f"{name:16s} {t * 1e3:9.1f} ms  {dense / t:5.2f}x dense  density {stats[0].density:.3f}  "
-              f"selection {sel:7.1f} ms  attention {att:8.1f} ms  {cfg}")
+              f"selection {sel:7.1f} ms  attention {att:8.1f} ms  {cfg or configured(method)}")
+
+
+def configured(method) -> str:
+    """The budget a default-configured method ran with (its None fields as the budget rule set them)."""
+    return f"defaults: {method.budgets_used()}"
 
 
 def hip_scaling(a) -> None:
@@ -86,6 +93,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
+    p.add_argument("--defaults", action="store_true", help="speed: the methods with no options instead of the cases")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     (speed if a.what == "speed" else hip_scaling)(a)

@@ -1,7 +1,8 @@
 """Quality of local attention methods on SmolLM2-135M-Instruct, on CPU, offline.
 
-For ``dense`` and each local method that runs causal attention (sliding_window, streaming, s2,
-moa; configs below, each sparse at 4K): perplexity at 4096 tokens on the Python language reference
+For ``dense``, each local method that runs causal attention (sliding_window, streaming, s2,
+moa; configs below, each sparse at 4K) and the dynamic methods hip, block_sparse and
+vertical_slash with their defaults (``attnzoo.patch(model, "hip")``, no options): perplexity at 4096 tokens on the Python language reference
 (``attnzoo.eval.english_text``) and passkey accuracy at 4096 tokens (depths 0.1, 0.5, 0.9) and 7168
 tokens (depths 0.1, 0.9; one random key per depth, greedy decode; decode steps run the method's own
 pattern over the cache). Also checks that the model patched with ``dense`` matches the unpatched
@@ -33,6 +34,10 @@ METHODS: dict[str, dict] = {
     "streaming": {"sinks": 4, "window": 1024},
     "s2": {"block_size": 64, "local_blocks": 16, "vert_stride": 8},
     "moa": {"spans": [512, 1024, 2048] * 3, "sinks": 64},
+    # the dynamic methods with no options: their budgets follow methods/dynamic/budget.py
+    "hip": {},
+    "block_sparse": {},
+    "vertical_slash": {},
 }
 TASKS = [("ppl", 4096, ()), ("passkey", 4096, (0.1, 0.5, 0.9)), ("passkey", 7168, (0.1, 0.9))]
 

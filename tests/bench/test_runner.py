@@ -6,6 +6,7 @@ import torch
 from attnzoo.bench.runner import BenchOptions, run_bench
 from attnzoo.bench.specs import MethodSpec, config_at, near_square_grid, parse_method_spec
 from attnzoo.bench.store import Store
+from attnzoo.registry import get_method
 from attnzoo.errors import InvalidArgumentError, UnknownNameError
 
 
@@ -55,7 +56,7 @@ def test_failing_method_does_not_stop_the_run(tmp_path, test_methods):
 
 def test_refused_shapes_and_modes_are_skipped_with_reasons(tmp_path):
     _, _, rows = _run(tmp_path, methods=_specs("hilo", "neighborhood:grid=(8,8)", "streaming"), mode="both",
-                      dense_max_len=64)
+                      dense_max_len=64, max_call_seconds=1e9)  # no time-based skips on a loaded machine
     by = {(r["method"], r["length"], r["causal"]): r for r in rows}
     assert by[("hilo", 64, 1)]["status"] == "skipped" and "non-causal only" in by[("hilo", 64, 1)]["message"]
     assert by[("streaming", 64, 0)]["status"] == "skipped" and "causal only" in by[("streaming", 64, 0)]["message"]
@@ -71,7 +72,8 @@ def test_method_specs():
     assert spec.key == "neighborhood:dilation=(1,2),grid=(128,128),kernel_size=13"
     assert config_at(parse_method_spec("neighborhood:grid=1d"), 100)["grid"] == (100,)
     assert config_at(MethodSpec("maxvit_block"), 4096) == {"block_size": 8, "grid": (64, 64)}
-    assert config_at(MethodSpec("sliding_window"), 4096) == {}
+    assert config_at(MethodSpec("hip"), 4096) == {}  # the budget rule is its own default
+    assert config_at(parse_method_spec("sliding_window:window=9"), 4096) == {"window": 9}
     assert near_square_grid(2048) == (32, 64) and near_square_grid(1000) == (25, 40) and near_square_grid(4096, 3) == (16, 16, 16)
     with pytest.raises(UnknownNameError, match="did you mean 'sliding_window'"):
         parse_method_spec("sliding_windw")
@@ -101,3 +103,22 @@ def test_lengths_predicted_too_slow_are_skipped():
     assert "predicted too slow" in sweep._predicted_too_slow(4096, spec, False, "forward")
     assert sweep._predicted_too_slow(2048, spec, False, "forward") is None  # ~8 s
     assert sweep._predicted_too_slow(4096, spec, True, "forward") is None  # nothing measured causal yet
+
+
+def test_methods_with_one_budget_number_run_at_the_rules_density():
+    """sliding_window, streaming and neighborhood get the window / kernel whose density is the budget
+    rule's target (0.15 at 4K keys, 0.15 * 4096 / N beyond), measured by the methods themselves: within
+    5% for the windows (a centred window loses up to window / 4 keys per row at the two ends: 3.7%),
+    25% for the kernel (the largest odd side whose square fits: 23^2 = 529 of 614 keys)."""
+    from attnzoo.bench.patterns import CAUSAL_SELF, NONCAUSAL_SELF
+    from attnzoo.methods.dynamic.budget import density_for
+
+    n = 4096
+    q = k = v = torch.randn(1, 1, n, 8)
+    for text, pattern, tolerance in (("sliding_window", NONCAUSAL_SELF, 0.05), ("sliding_window", CAUSAL_SELF, 0.05),
+                                     ("streaming", CAUSAL_SELF, 0.05), ("neighborhood", NONCAUSAL_SELF, 0.25)):
+        spec = parse_method_spec(text)
+        method = get_method(spec.name, **config_at(spec, n, pattern))
+        _, stats = method(q, k, v, causal=pattern.causal, return_stats=True)
+        assert abs(stats.density / density_for(n) - 1) < tolerance, (text, pattern.name, stats.density)
+    assert config_at(MethodSpec("sliding_window"), 16384, CAUSAL_SELF)["window"] == round(density_for(16384) * (16384 + 1) / 2)

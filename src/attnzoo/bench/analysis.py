@@ -1,6 +1,7 @@
 """Numbers derived from stored measurements: speed-up over dense measured in the same run, sparse
 efficiency (dense time x density / method time; 1.0 is ideal), efficiency length (CAB: the shortest
-length from which the method stays faster than dense) and the growth exponent of peak memory."""
+length from which the method stays faster than dense), the growth exponent of peak memory, and the
+compatibility matrix (which method runs which of CAB's patterns, and its efficiency length there)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import math
 from collections import defaultdict
 from typing import Any
 
-SHAPE_KEY = ("causal", "pass", "batch", "heads_q", "heads_kv", "length", "dim", "dtype", "device")
-CURVE_KEY = ("spec", "causal", "pass", "batch", "heads_q", "heads_kv", "dim", "dtype", "device")
+from .patterns import BY_NAME
+
+PATTERN_NAMES = tuple(BY_NAME)
+
+SHAPE_KEY = ("pattern", "causal", "pass", "batch", "heads_q", "heads_kv", "length_q", "length", "dim", "dtype", "device")
+CURVE_KEY = ("spec", "pattern", "causal", "pass", "batch", "heads_q", "heads_kv", "dim", "dtype", "device")
 
 
 def _key(row: dict[str, Any], fields: tuple[str, ...]) -> tuple:
@@ -73,7 +78,8 @@ def summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         last = compared[-1] if compared else None
         ok = [r for r in curve if r["status"] == "ok"]
         rows.append({
-            "spec": first["spec"], "method": first["method"], "family": first["family"], "causal": first["causal"],
+            "spec": first["spec"], "method": first["method"], "family": first["family"], "pattern": first["pattern"],
+            "causal": first["causal"],
             "pass": first["pass"], "dtype": first["dtype"], "device": first["device"],
             "lengths": [r["length"] for r in ok], "failed": [(r["length"], r["status"]) for r in curve if r["status"] != "ok"],
             "efficiency_length": efficiency_length(curve),
@@ -85,7 +91,36 @@ def summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "memory_exponent": growth_exponent(curve, "peak_bytes"),
             "max_peak_bytes": max((r["peak_bytes"] for r in ok if r.get("peak_bytes") is not None), default=None),
         })
-    return sorted(rows, key=lambda r: (r["method"] != "dense", r["family"], r["spec"], r["causal"], r["pass"]))
+    return sorted(rows, key=lambda r: (r["method"] != "dense", r["family"], r["spec"], pattern_order(r["pattern"]), r["pass"]))
+
+
+def pattern_order(name: str) -> int:
+    return PATTERN_NAMES.index(name) if name in PATTERN_NAMES else len(PATTERN_NAMES)
+
+
+def compatibility(results: list[dict[str, Any]], declared: dict[str, dict[str, bool]]) -> list[dict[str, Any]]:
+    """One row per method spec of the run: for each of CAB's patterns, whether the method declares it
+    (``declared[method][pattern]``; None when the method is unknown) and, from its forward rows, the
+    efficiency length, the speed-up at the longest length and the last failure, if it never ran."""
+    forward = [s for s in summary(results) if s["pass"] == "forward"]
+    rows = []
+    for spec in dict.fromkeys(s["spec"] for s in summary(results)):
+        method = next(r["method"] for r in results if r["spec"] == spec)
+        cells = {}
+        for pattern in PATTERN_NAMES:
+            measured = [s for s in forward if s["spec"] == spec and s["pattern"] == pattern]
+            tried = [r for r in results if r["spec"] == spec and r["pattern"] == pattern and r["pass"] == "forward"]
+            ok = [s for s in measured if s["lengths"]]
+            cells[pattern] = {
+                "declared": declared.get(method, {}).get(pattern),
+                "measured": bool(ok),
+                "efficiency_length": ok[0]["efficiency_length"] if ok else None,
+                "speedup": ok[0]["speedup"] if ok else None,
+                "at_length": ok[0]["at_length"] if ok else None,
+                "failure": None if ok or not tried else f"{tried[-1]['status']}: {tried[-1]['message'] or ''}",
+            }
+        rows.append({"spec": spec, "method": method, "cells": cells})
+    return rows
 
 
 def compare_runs(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[dict[str, Any]]:

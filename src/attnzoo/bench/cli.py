@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from ..errors import AttnzooError, InvalidArgumentError
-from .analysis import compare_runs, summary, with_dense
-from .report import save_plots, write_report
+from .analysis import compare_runs, compatibility, summary, with_dense
+from .patterns import BY_NAME, CROSS_QUERY_DIVISOR, parse_patterns
+from .report import declared_support, matrix_cell, save_plots, write_report
 from .runner import CPU_LENGTHS, CUDA_LENGTHS, DTYPES, MODES, BenchOptions, run_bench
 from .specs import default_specs, parse_method_spec
 from .store import NotStoredError, Store
@@ -31,6 +32,13 @@ def parse_lengths(text: str) -> tuple[int, ...]:
             raise argparse.ArgumentTypeError(f"--lengths: expected positive integers like 1024 or 4K, got {part!r}")
         out.append(int(digits) * mult)
     return tuple(out)
+
+
+def _patterns(text: str) -> tuple[str, ...]:
+    try:
+        return parse_patterns(text)
+    except AttnzooError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _human(n: int) -> str:
@@ -56,6 +64,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--causal", dest="mode", action="store_const", const="causal", default="auto", help="every method causal (= --mode causal)")
     p.add_argument("--mode", choices=MODES, default="auto",
                    help="auto: each method non-causal where it can, else causal; dense in every mode needed")
+    p.add_argument("--pattern", type=_patterns, metavar="NAME[,NAME...]",
+                   help=f"CAB's patterns every method runs, instead of --mode: {', '.join(BY_NAME)} or all "
+                        f"(cross: N keys, N/{CROSS_QUERY_DIVISOR} queries); unsupported ones are recorded as skipped")
     p.add_argument("--backward", action="store_true", help="also time forward+backward")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats after the setup call (median reported)")
     p.add_argument("--max-seconds", type=float, default=10.0, help="stop repeating (after 3) once repeats took this long")
@@ -104,7 +115,7 @@ def _options(args: argparse.Namespace) -> BenchOptions:
         methods=specs, lengths=args.lengths or (CUDA_LENGTHS if device.type == "cuda" else CPU_LENGTHS),
         batch=args.batch, heads=args.heads, heads_kv=args.kv_heads, dim=args.dim,
         dtype=args.dtype or ("bfloat16" if device.type == "cuda" else "float32"), device=args.device,
-        mode=args.mode, backward=args.backward, repeats=args.repeats, max_seconds=args.max_seconds,
+        mode=args.mode, patterns=args.pattern, backward=args.backward, repeats=args.repeats, max_seconds=args.max_seconds,
         max_call_seconds=args.max_call_seconds,
         memory=args.memory, dense_max_len=args.dense_max_len, seed=args.seed)
 
@@ -151,24 +162,29 @@ def bench_command(args: argparse.Namespace) -> int:
 
 def print_results(results: list[dict]) -> None:
     """The on-screen table: one line per measurement, then one per method (efficiency length etc.)."""
-    rows = [("N", "method", "mode", "pass", "ms", "x dense", "density", "sparse eff", "TFLOP/s", "peak MiB", "status")]
+    rows = [("N", "method", "pattern", "pass", "ms", "x dense", "density", "sparse eff", "TFLOP/s", "peak MiB", "status")]
     f = lambda x, fmt: "-" if x is None else format(x, fmt)  # noqa: E731
     for r in with_dense(results):
-        rows.append((str(r["length"]), r["spec"], "causal" if r["causal"] else "non-causal", r["pass"],
+        rows.append((str(r["length"]), r["spec"], r["pattern"], r["pass"],
                      f(r["median_ms"], ".2f"), f(r["speedup"], ".2f"), f(r["density"], ".3f"),
                      f(r["sparse_efficiency"], ".2f"), f(r["tflops"], ".3f"),
                      "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.1f}",
                      r["status"] if r["status"] == "ok" else f"{r['status']}: {(r['message'] or '')[:60]}"))
     _print_table(rows)
     print()
-    rows = [("method", "mode", "pass", "efficiency length", "x dense @N", "sparse eff", "time ~N^x", "memory ~N^x")]
+    rows = [("method", "pattern", "pass", "efficiency length", "x dense @N", "sparse eff", "time ~N^x", "memory ~N^x")]
     for s in summary(results):
         if s["method"] == "dense":
             continue
-        rows.append((s["spec"], "causal" if s["causal"] else "non-causal", s["pass"],
+        rows.append((s["spec"], s["pattern"], s["pass"],
                      "-" if s["efficiency_length"] is None else str(s["efficiency_length"]),
                      "-" if s["speedup"] is None else f"{s['speedup']:.2f} @{s['at_length']}",
                      f(s["sparse_efficiency"], ".2f"), f(s["time_exponent"], ".2f"), f(s["memory_exponent"], ".2f")))
+    _print_table(rows)
+    print()
+    rows = [("compatibility", *BY_NAME)]
+    for row in compatibility(results, declared_support(results)):
+        rows.append((row["spec"], *(matrix_cell(row["cells"][p], row["method"])[:48] for p in BY_NAME)))
     _print_table(rows)
 
 
@@ -229,10 +245,10 @@ def compare_command(args: argparse.Namespace) -> int:
         print(f"{label}: {run['id']} ({run['status']}) {m.get('cpu')}, {m.get('threads')} threads, gpu {m.get('gpu')}, "
               f"torch {m.get('torch')}, attnzoo {m.get('attnzoo')}, commit {(m.get('git_commit') or '-')[:12]}")
     f = lambda x, fmt: "-" if x is None else format(x, fmt)  # noqa: E731
-    table = [("method", "N", "mode", "pass", "ms A", "ms B", "time B/A", "peak B/A", "status A -> B")]
+    table = [("method", "N", "pattern", "pass", "ms A", "ms B", "time B/A", "peak B/A", "status A -> B")]
     for r in rows:
         status = r["status_a"] if r["status_a"] == r["status_b"] else f"{r['status_a']} -> {r['status_b']}"
-        table.append((r["spec"], str(r["length"]), "causal" if r["causal"] else "non-causal", r["pass"],
+        table.append((r["spec"], str(r["length"]), r["pattern"], r["pass"],
                       f(r["ms_a"], ".2f"), f(r["ms_b"], ".2f"), f(r["time_ratio"], ".2f"), f(r["memory_ratio"], ".2f"),
                       str(status)))
     _print_table(table)

@@ -25,6 +25,7 @@ from ..kernels.dense import exact_probabilities
 from ..progress import Progress
 from ..registry import get_method, method_class
 from .runner import BenchOptions, is_out_of_memory
+from .patterns import CAUSAL_SELF, self_pattern
 from .specs import MethodSpec, config_at
 from .store import Store
 
@@ -114,7 +115,7 @@ class _Stage:
         self._heatmaps(name, captured)
         for spec in self.opts.methods:
             info = method_class(spec.name).info
-            config = config_at(spec, tokens)
+            config = config_at(spec, tokens, self_pattern(causal))
             if (causal and not info.causal) or (not causal and not info.non_causal):
                 continue  # the method cannot run this model's attention
             try:
@@ -137,7 +138,7 @@ class _Stage:
             info = method_class(spec.name).info
             if not info.causal:
                 continue
-            config = config_at(spec, tokens)
+            config = config_at(spec, tokens, CAUSAL_SELF)
             metric = "perplexity"
             try:
                 if spec.name != "dense":

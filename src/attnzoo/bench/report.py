@@ -13,10 +13,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .analysis import curves, summary, with_dense
+from ..errors import UnknownNameError
+from ..registry import method_class
+from .analysis import compatibility, curves, summary, with_dense
 from .measure import FLOP_MODEL, MEMORY_METHOD
+from .patterns import BY_NAME, CROSS_QUERY_DIVISOR, support_matrix
 from .store import Store
 
+DENSE_STYLES = {"noncausal-self": "--", "causal-self": ":", "noncausal-cross": "-.", "causal-cross": (0, (1, 4))}
 PLOTS_HINT = "Plots need matplotlib: pip install attnzoo[report]"
 QUALITY_HINT = "No quality results in this run: run attnzoo bench --quality quick for approximation error, recall and the speed-versus-error chart."
 
@@ -58,8 +62,8 @@ def _table(headers: list[str], rows: list[str], cls: str = "") -> str:
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
-def _mode(causal: Any) -> str:
-    return "causal" if causal else "non-causal"
+def _pattern(name: str) -> str:
+    return BY_NAME[name].title if name in BY_NAME else str(name)
 
 
 # ---- plots -----------------------------------------------------------------------------------
@@ -107,8 +111,8 @@ def _length_plots(results: list[dict[str, Any]], plt) -> list[str]:
                     if not pts:
                         continue
                     xs, ys = zip(*pts)
-                    dense = {"color": "k", "linestyle": ":" if r0["causal"] else "--"} if r0["method"] == "dense" else {}
-                    ax.plot(xs, ys, marker="o", ms=3, label=f"{r0['spec']} ({_mode(r0['causal'])})", **dense)
+                    dense = {"color": "k", "linestyle": DENSE_STYLES.get(r0["pattern"], "-")} if r0["method"] == "dense" else {}
+                    ax.plot(xs, ys, marker="o", ms=3, label=f"{r0['spec']} ({_pattern(r0['pattern'])})", **dense)
                     drawn += 1
                 if not drawn:
                     plt.close(fig)
@@ -180,13 +184,13 @@ def _summary_table(results) -> str:
     rows = []
     for s in summary(results):
         rows.append(
-            f'<tr><td class="l">{_esc(s["spec"])}</td><td class="l">{_esc(s["family"])}</td><td class="l">{_mode(s["causal"])}</td>'
+            f'<tr><td class="l">{_esc(s["spec"])}</td><td class="l">{_esc(s["family"])}</td><td class="l">{_pattern(s["pattern"])}</td>'
             f'<td class="l">{_esc(s["pass"])}</td>'
             + _num(s["efficiency_length"], "never" if s["efficiency_length"] is None and s["speedup"] is not None else None)
             + _num(s["at_length"]) + _num(s["speedup"]) + _num(s["density"]) + _num(s["sparse_efficiency"])
             + _num(s["time_exponent"]) + _num(s["memory_exponent"]) + _num(s["max_peak_bytes"], _mib(s["max_peak_bytes"]))
             + f'<td class="l">{_esc(", ".join(f"{n}: {st}" for n, st in s["failed"]))}</td></tr>')
-    return _table(["method", "family", "mode", "pass", "efficiency length", "at N", "speed-up vs dense", "density",
+    return _table(["method", "family", "pattern", "pass", "efficiency length", "at N", "speed-up vs dense", "density",
                    "sparse efficiency", "time ~ N^x", "memory ~ N^x", "max peak MiB", "not ok"], rows, "summary")
 
 
@@ -194,16 +198,52 @@ def _results_table(results) -> str:
     rows = []
     for r in with_dense(results):
         rows.append(
-            f'<tr class="{_esc(r["status"])}" data-id="{r["id"]}"><td class="l">{_esc(r["spec"])}</td><td class="l">{_mode(r["causal"])}</td>'
+            f'<tr class="{_esc(r["status"])}" data-id="{r["id"]}"><td class="l">{_esc(r["spec"])}</td><td class="l">{_pattern(r["pattern"])}</td>'
             f'<td class="l">{_esc(r["pass"])}</td>' + _num(r["length"]) + f'<td class="l">{_esc(r["status"])}</td>'
             + _num(r["median_ms"]) + _num(r["min_ms"]) + _num(r["setup_ms"]) + _num(r["repeats"])
             + _num(r["speedup"]) + _num(r["density"]) + _num(r["sparse_efficiency"]) + _num(r["tflops"])
             + _num(r["peak_bytes"], _mib(r["peak_bytes"]))
             + f'<td class="l">{_esc(r["backend"])}</td><td class="l">{_esc(json.dumps(r["config"]))}</td>'
             f'<td class="l">{_esc(r["message"])}</td></tr>')
-    return _table(["method", "mode", "pass", "N", "status", "median ms", "min ms", "setup ms", "repeats",
+    return _table(["method", "pattern", "pass", "N", "status", "median ms", "min ms", "setup ms", "repeats",
                    "speed-up vs dense", "density", "sparse efficiency", "TFLOP/s", "peak MiB", "backend", "config",
                    "message"], rows, "results")
+
+
+def declared_support(results) -> dict[str, dict[str, bool]]:
+    """Method name -> pattern name -> declared support, for the registered methods of ``results``."""
+    out = {}
+    for name in {r["method"] for r in results}:
+        try:
+            out[name] = support_matrix(method_class(name).info)
+        except UnknownNameError:  # a stored run of a method this install does not have
+            pass
+    return out
+
+
+def matrix_cell(cell: dict[str, Any], method: str) -> str:
+    """The text of one compatibility cell: no / not run / the efficiency length / why it did not run."""
+    if cell["declared"] is False:
+        return "no"
+    if cell["measured"]:
+        if method == "dense":
+            return "yes (the baseline)"
+        if cell["efficiency_length"] is not None:
+            return f"yes, faster from N={cell['efficiency_length']}"
+        if cell["speedup"] is None:
+            return "yes (dense not measured)"
+        return f"yes, never faster ({cell['speedup']:.2f}x at N={cell['at_length']})"
+    if cell["failure"] is not None:
+        return f"did not run: {cell['failure'][:120]}"
+    return "yes (not run)" if cell["declared"] else "? (not run)"
+
+
+def _compatibility_table(results) -> str:
+    rows = []
+    for row in compatibility(results, declared_support(results)):
+        cells = "".join(f'<td class="l">{_esc(matrix_cell(row["cells"][p], row["method"]))}</td>' for p in BY_NAME)
+        rows.append(f'<tr><td class="l">{_esc(row["spec"])}</td>{cells}</tr>')
+    return _table(["method"] + [p.title for p in BY_NAME.values()], rows, "compatibility")
 
 
 def _quality_table(quality) -> str:
@@ -246,6 +286,11 @@ def render(export: dict[str, Any]) -> str:
         f"Efficiency length: the shortest measured N from which the method stays faster than dense (CAB). "
         f"FLOP model: {_esc(FLOP_MODEL)} Peak memory: {_esc(MEMORY_METHOD.get(device, MEMORY_METHOD['cpu']))}. "
         "N^x: least-squares growth exponent over the measured lengths (1 = linear).</p>")
+    parts.append("<h2>Compatibility: CAB's four patterns</h2><p class='note'>Whether each method supports each "
+                 "pattern of the Comprehensive Attention Benchmark (its declared support) and, where this run measured "
+                 "it, its efficiency length there (forward). Cross-attention: N keys and N/"
+                 f"{CROSS_QUERY_DIVISOR} queries, causal aligned bottom-right. attnzoo bench --pattern all measures "
+                 "every cell.</p>" + _compatibility_table(results))
     parts.append("<h2>Summary</h2>" + _summary_table(results))
     parts.append("<h2>Plots</h2>")
     points = _pareto_points(results, quality)

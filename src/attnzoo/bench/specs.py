@@ -3,6 +3,9 @@
 A method spec is ``name`` or ``name:key=value,key=value`` (values are Python literals, e.g.
 ``neighborhood:kernel_size=13`` or ``halo:block_size=(8,8)``). Spatial methods without a ``grid`` get a
 near-square 2-D grid whose product is the length (``grid=1d`` / ``grid=3d`` ask for another rank).
+Methods whose budget is one number the user did not set run at comparable density: the density
+target of the block-selection methods' budget rule (``methods/dynamic/budget.py``: 0.15 at 4K
+keys, falling as 1 / N), which hip, block_sparse and vertical_slash follow by default.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidArgumentError
+from ..methods.dynamic.budget import density_for
 from ..registry import list_methods, method_class
+from .patterns import NONCAUSAL_SELF, Pattern
 
 # Defaults a sweep needs where a method's own default cannot run on the default grids (powers of two).
 SWEEP_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -109,9 +114,37 @@ def near_square_grid(n: int, rank: int = 2) -> tuple[int, ...]:
     return (first, *near_square_grid(n // first, rank - 1))
 
 
-def config_at(spec: MethodSpec, length: int) -> dict[str, Any]:
-    """The config the method runs with at sequence ``length``: sweep defaults, the user's config, and for
-    spatial methods a grid of ``length - num_global`` tokens (near-square 2-D unless told otherwise)."""
+def keys_per_query(length: int, pattern: Pattern) -> int:
+    """Keys a query attends to at the budget rule's density: the density target times the keys a
+    query sees on average in ``pattern`` (all N; causal: N - (Nq - 1) / 2, bottom-right aligned)."""
+    len_q = pattern.query_length(length)
+    seen = length - (len_q - 1) / 2 if pattern.causal else length
+    return max(1, round(density_for(length) * seen))
+
+
+def _odd_at_most(x: float) -> int:
+    k = max(1, int(x))
+    return k if k % 2 else k - 1
+
+
+def comparable_budget(name: str, config: dict[str, Any], length: int, pattern: Pattern) -> dict[str, Any]:
+    """Options giving a method whose budget is one number (a window, a kernel) the budget rule's
+    density at ``length``; empty for other methods and where ``config`` sets the budget."""
+    keys = keys_per_query(length, pattern)
+    if name == "sliding_window" and not {"window", "left", "right"} & set(config):
+        return {"window": keys}
+    if name == "streaming" and "window" not in config:
+        return {"window": max(1, keys - int(config.get("sinks", 4)))}
+    if name == "neighborhood" and "kernel_size" not in config and isinstance(config.get("grid"), tuple):
+        grid = config["grid"]  # a k^rank box of keys, inside the grid
+        return {"kernel_size": min(_odd_at_most(keys ** (1 / len(grid))), _odd_at_most(min(grid)))}
+    return {}
+
+
+def config_at(spec: MethodSpec, length: int, pattern: Pattern = NONCAUSAL_SELF) -> dict[str, Any]:
+    """The config the method runs with at sequence ``length`` in ``pattern``: sweep defaults, the
+    user's config, for spatial methods a grid of ``length - num_global`` tokens (near-square 2-D
+    unless told otherwise), and the comparable budget (:func:`comparable_budget`)."""
     config = {**SWEEP_DEFAULTS.get(spec.name, {}), **spec.config}
     if method_class(spec.name).info.spatial:
         grid = config.get("grid", "2d")
@@ -119,7 +152,7 @@ def config_at(spec: MethodSpec, length: int) -> dict[str, Any]:
             if grid not in GRID_RANKS:
                 raise InvalidArgumentError("grid", f"a tuple of ints or one of {sorted(GRID_RANKS)}", repr(grid))
             config["grid"] = near_square_grid(length - int(config.get("num_global", 0)), GRID_RANKS[grid])
-    return config
+    return {**config, **comparable_budget(spec.name, config, length, pattern)}
 
 
 def config_json(config: dict[str, Any]) -> str:

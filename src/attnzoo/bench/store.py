@@ -29,9 +29,12 @@ CREATE TABLE IF NOT EXISTS results (
     family TEXT NOT NULL,
     config TEXT NOT NULL,            -- JSON of the config the method ran with
     causal INTEGER NOT NULL,
+    pattern TEXT,                    -- CAB's: noncausal-self | causal-self | noncausal-cross | causal-cross
     pass TEXT NOT NULL,              -- forward | forward+backward
     batch INTEGER NOT NULL, heads_q INTEGER NOT NULL, heads_kv INTEGER NOT NULL,
-    length INTEGER NOT NULL, dim INTEGER NOT NULL,
+    length INTEGER NOT NULL,         -- keys (the swept length)
+    length_q INTEGER,                -- queries (= length for self-attention)
+    dim INTEGER NOT NULL,
     dtype TEXT NOT NULL, device TEXT NOT NULL,
     status TEXT NOT NULL,            -- ok | error | oom | skipped
     message TEXT,
@@ -61,8 +64,16 @@ CREATE INDEX IF NOT EXISTS results_run ON results(run_id);
 CREATE INDEX IF NOT EXISTS quality_run ON quality(run_id);
 """
 
+# Columns added after the first stores were written: added to an older store on opening, and its
+# rows (all self-attention then) filled in.
+ADDED_COLUMNS = {
+    "pattern": ("TEXT", "CASE WHEN causal THEN 'causal-self' ELSE 'noncausal-self' END"),
+    "length_q": ("INTEGER", "length"),
+}
+
 RESULT_FIELDS = (
-    "method", "spec", "family", "config", "causal", "pass", "batch", "heads_q", "heads_kv", "length", "dim",
+    "method", "spec", "family", "config", "pattern", "causal", "pass", "batch", "heads_q", "heads_kv", "length_q",
+    "length", "dim",
     "dtype", "device", "status", "message", "backend", "setup_ms", "median_ms", "min_ms", "times_ms", "repeats",
     "peak_bytes", "density", "flops", "tflops",
 )
@@ -83,6 +94,11 @@ class Store:
         self.conn.row_factory = sqlite3.Row
         with self.conn:
             self.conn.executescript(SCHEMA)
+            have = {r["name"] for r in self.conn.execute("PRAGMA table_info(results)")}
+            for column, (kind, fill) in ADDED_COLUMNS.items():
+                if column not in have:
+                    self.conn.execute(f"ALTER TABLE results ADD COLUMN {column} {kind}")
+                    self.conn.execute(f"UPDATE results SET {column} = {fill}")
 
     def close(self) -> None:
         self.conn.close()

@@ -19,11 +19,12 @@ CONFIGS = [
     dict(top_k=3, block_size=16, query_samples=3),
     dict(top_k=3, block_size=16, branch_score="bound", query_samples=2),
 ]
+CONFIGS = [dict(c, candidates=1) for c in CONFIGS]  # the search alone (the default re-ranks a shortlist of 8 top_k)
 
 
 def check(config: dict, seed: int) -> None:
     default_score = "paper" if config.get("query_samples") else "pooled"  # the documented default
-    options = dict(local_blocks=1, key_block_size=None, branch_score=default_score) | {k: config[k] for k in config if k != "top_k"}
+    options = dict(local_blocks=1, key_block_size=None, branch_score=default_score) | {k: config[k] for k in config if k not in ("top_k", "candidates")}
     support = functools.partial(hip_support, top_k=config["top_k"], **options)
     assert_matches_reference("hip", config, support, seed)
 

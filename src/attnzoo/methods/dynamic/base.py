@@ -28,6 +28,7 @@ from ...kernels.block_sparse import (
 from ...kernels.block_sparse.builders import compact
 from ...kernels.dense import masked_attention, repeat_kv
 from ...method import Call, Method, Stopwatch
+from .budget import check_budget
 
 
 def clamp_budget(method: str, argument: str, value: int, available: int, unit: str = "key blocks") -> int:
@@ -45,15 +46,16 @@ def clamp_budget(method: str, argument: str, value: int, available: int, unit: s
 class TopKConfig:
     """``top_k`` key blocks per query block, blocks of ``block_size`` tokens (queries and keys);
     ``local_blocks``: when causal, the key blocks just before the diagonal block that are always
-    visited (every query keeps at least its ``local_blocks * block_size`` nearest predecessors)."""
+    visited (every query keeps at least its ``local_blocks * block_size`` nearest predecessors).
+    ``top_k`` / ``block_size`` None: set per call by the budget rule (:mod:`.budget`)."""
 
     top_k: int = 8
     block_size: int = 64
     local_blocks: int = 1
 
     def __post_init__(self):
-        self.top_k = check_int("top_k", self.top_k)
-        self.block_size = check_int("block_size", self.block_size, minimum=2)
+        self.top_k = check_budget("top_k", self.top_k)
+        self.block_size = check_budget("block_size", self.block_size, minimum=2)
         self.local_blocks = check_int("local_blocks", self.local_blocks, minimum=0)
 
 

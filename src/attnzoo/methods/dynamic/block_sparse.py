@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from attnzoo.methods.dynamic.base import BlockSelectionMethod, TopKConfig, clamp_budget
+from attnzoo.methods.dynamic.budget import Budget, LengthBudget
 
 from ...errors import InvalidArgumentError, check_int
 from ...method import Call, MethodInfo
@@ -22,7 +23,7 @@ ESTIMATORS = ("pooled_qk", "sampled_q")
 
 
 @register
-class BlockSparse(BlockSelectionMethod):
+class BlockSparse(LengthBudget, BlockSelectionMethod):
     """MInference's block-sparse pattern ("MInference 1.0: Accelerating Pre-filling for Long-Context
     LLMs via Dynamic Sparse Attention", arXiv 2407.02490): queries and keys are mean-pooled over
     blocks of ``block_size`` tokens, each query block scores every key block with the pooled
@@ -48,7 +49,9 @@ class BlockSparse(BlockSelectionMethod):
 
     @dataclass
     class Config(TopKConfig):
-        estimator: str = "pooled_qk"
+        top_k: int | None = None  # None: the budget rule (methods/dynamic/budget.py) at each call's length
+        block_size: int | None = None
+        estimator: str = "sampled_q"
         samples: int = 4
 
         def __post_init__(self):
@@ -56,6 +59,10 @@ class BlockSparse(BlockSelectionMethod):
             if self.estimator not in ESTIMATORS:
                 raise InvalidArgumentError("estimator", f"one of {ESTIMATORS}", repr(self.estimator))
             self.samples = check_int("samples", self.samples)
+
+    def budget_config(self, budget: Budget, call: Call) -> dict:
+        """The rule's blocks: ``top_k`` counts the always-visited ones."""
+        return {"top_k": budget.key_blocks, "block_size": budget.block_size}
 
     def _select(self, q, k, call: Call) -> torch.Tensor:
         b = self.config.block_size

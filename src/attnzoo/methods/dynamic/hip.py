@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from attnzoo.methods.dynamic.base import BlockSelectionMethod, TopKConfig, clamp_budget
+from attnzoo.methods.dynamic.budget import Budget, LengthBudget
 
 from ...errors import InvalidArgumentError, check_int
 from ...kernels.dense import work_dtype
@@ -27,7 +28,7 @@ _GATHERED = 1 << 22  # at most this many representative key elements gathered at
 
 
 @register
-class HiP(BlockSelectionMethod):
+class HiP(LengthBudget, BlockSelectionMethod):
     """HiP attention ("HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention
     Pruning", arXiv 2406.09827): each query block (``block_size`` queries) finds its ``top_k`` key
     blocks by a tree search. The visible key blocks are split into ``top_k`` ranges (every block is
@@ -73,10 +74,12 @@ class HiP(BlockSelectionMethod):
 
     @dataclass
     class Config(TopKConfig):
+        top_k: int | None = None  # None: the budget rule (methods/dynamic/budget.py) at each call's length
+        block_size: int | None = None
         query_samples: int = 0
         key_block_size: int | None = None
         branch_score: str | None = None
-        candidates: int = 1
+        candidates: int = 8
         rerank_samples: int = 4
 
         def __post_init__(self):
@@ -92,6 +95,12 @@ class HiP(BlockSelectionMethod):
                 raise InvalidArgumentError("query_samples", "0 with branch_score='pooled' (the mean query)", self.query_samples)
             if self.key_block_size is not None:
                 self.key_block_size = check_int("key_block_size", self.key_block_size, minimum=2)
+
+    def budget_config(self, budget: Budget, call: Call) -> dict:
+        """The rule's blocks less the always-visited ones (block 0; causal: the diagonal and
+        ``local_blocks``), which ``top_k`` does not count."""
+        forced = 1 + (1 + self.config.local_blocks if call.causal else 0)
+        return {"top_k": max(1, budget.key_blocks - forced), "block_size": budget.block_size}
 
     def kv_block(self, call: Call) -> int:
         return self.config.key_block_size or self.config.block_size
