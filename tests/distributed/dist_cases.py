@@ -64,8 +64,8 @@ def cases(world: int) -> list[Case]:
         Case("linear", method="linear", causal=False, lengths=uneven, config={"chunk": 4}),
         Case("linear_causal", method="linear", causal=True, lengths=uneven, config={"chunk": 4}),
         Case("lightning", method="lightning", causal=True, lengths=uneven, config={"chunk": 4, "decay": "alibi"}),
-        Case("block_sparse", method="block_sparse", config={"block_size": 4, "top_k": 3}, lengths=(12, 8, 16, 8)),
-        Case("block_sparse_causal", method="block_sparse", config={"block_size": 4, "top_k": 2, "local_blocks": 0}, causal=True,
+        Case("block_sparse", method="block_sparse", config={"block_size": 4, "top_k": 3, "estimator": "pooled_qk"}, lengths=(12, 8, 16, 8)),
+        Case("block_sparse_causal", method="block_sparse", config={"block_size": 4, "top_k": 2, "local_blocks": 0, "estimator": "pooled_qk"}, causal=True,
              lengths=(12, 8, 16, 8)),
         Case("linear_relu_causal", method="linear", causal=True, lengths=uneven, config={"chunk": 8, "feature_map": "relu"}),
     ]
@@ -121,7 +121,8 @@ def _error_cases(rank: int, world: int) -> dict:
         "halo_zigzag": _error_of(lambda: azd.attention(q, k, v, "sliding_window", window=3, layout="zigzag")),
         "grid_rows": _error_of(lambda: azd.attention(q, k, v, "neighborhood", grid=(6 * world // 4, 4), kernel_size=3)),
         "estimator": _error_of(lambda: azd.attention(q, k, v, "block_sparse", block_size=2, estimator="sampled_q")),
-        "blocks": _error_of(lambda: azd.attention(q, k, v, "block_sparse", block_size=4)),
+        "blocks": _error_of(lambda: azd.attention(q, k, v, "block_sparse", block_size=4, estimator="pooled_qk")),
+        "block_size": _error_of(lambda: azd.attention(q, k, v, "block_sparse", estimator="pooled_qk")),
         "single_group_equal": bool(torch.equal(alone, local)),
     }
 
@@ -171,7 +172,7 @@ def traffic(rank: int, world: int, side: int = 256, kernel: int = 13, dim: int =
         azd.attention(q, k, v, "dense")
     kv_bytes = world * ring_n * 2 * dim * 4  # the whole sequence's K and V
     with torch.no_grad(), azd.counting() as selection:  # top_k 2, causal: only the diagonal and the first block
-        azd.attention(q, k, v, "block_sparse", causal=True, block_size=32, top_k=2, local_blocks=0)
+        azd.attention(q, k, v, "block_sparse", causal=True, block_size=32, top_k=2, local_blocks=0, estimator="pooled_qk")
     first_block = (world - 1) * 32 * 2 * dim * 4 if rank == 0 else 0  # rank 0 sends block 0 to every other rank
     blocks = ring_n // 32
     summaries = (world - 1) * (blocks * dim * 4 + world * blocks)  # key block means, then which blocks each rank wants

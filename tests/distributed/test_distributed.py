@@ -56,6 +56,7 @@ def test_errors_name_the_argument(results, world):
     assert errors["grid_rows"].startswith("InvalidArgumentError: shard lengths:")
     assert errors["estimator"].startswith("UnsupportedError") and "pooled_qk" in errors["estimator"]
     assert errors["blocks"].startswith("InvalidArgumentError: shard lengths:")
+    assert errors["block_size"].startswith("InvalidArgumentError: block_size:")
     assert errors["single_group_equal"]
 
 

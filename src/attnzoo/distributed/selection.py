@@ -22,8 +22,11 @@ SELECTION_METHODS = ("block_sparse",)
 def _check(m, lengths: list[int]) -> int:
     if m.config.estimator != "pooled_qk":
         raise UnsupportedError(f"method {m.info.name!r} with estimator={m.config.estimator!r} scores blocks with exact "
-                               "attention over every key; its distributed form needs estimator='pooled_qk'")
+                               "attention over every key (the default); its distributed form needs estimator='pooled_qk'")
     b = m.config.block_size
+    if b is None:
+        raise InvalidArgumentError("block_size", "an explicit block size with the distributed form (the default follows the "
+                                   "whole sequence's length, which a rank does not see, and every rank must cut the same blocks)", None)
     if any(n % b for n in lengths):
         raise InvalidArgumentError("shard lengths", f"multiples of block_size = {b} (selection is per block)", lengths)
     return b
