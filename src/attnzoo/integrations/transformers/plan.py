@@ -68,7 +68,9 @@ def token_layout(model) -> TokenLayout | None:
     CLIP and SigLIP vision towers; an input of another resolution needs ``grid=`` (and ``num_global=``)."""
     config = model.config
     image, patch_size = getattr(config, "image_size", None), getattr(config, "patch_size", None)
-    embeddings = getattr(model.base_model, "embeddings", None)
+    base = model.base_model
+    # CLIP/SigLIP vision towers: under .vision_model where the tower is its own base model (transformers 5.2)
+    embeddings = getattr(base, "embeddings", None) or getattr(getattr(base, "vision_model", None), "embeddings", None)
     if image is None or patch_size is None or embeddings is None:
         return None
     leading = 0
