@@ -21,6 +21,9 @@ def test_rule_values():
         assert budget.density_for(n) == pytest.approx(min(1.0, 0.15 * 4096 / n))
         assert budget.estimate_queries_for(n) * n >= min(1 << 20, 64 * n)
     assert [budget.block_size_for(n) for n in (4096, 8192, 16384, 32768)] == [16, 32, 64, 128]
+    for n in (1024, 4096, 6144, 7168, 8192, 12288, 16384, 65536):  # hip's: the power of two at most N / 256
+        assert budget.block_size_for(n, round_down=True) == min(128, max(16, 2 ** math.floor(math.log2(n / 256)))), n
+    assert [budget.block_size_for(n, round_down=True) for n in (7168, 8192, 12288, 16384)] == [16, 32, 32, 64]
     assert budget.density_for(2048) == 0.3 and budget.density_for(16384) == pytest.approx(0.0375)
     with pytest.raises(attnzoo.AttnzooError, match="top_k"):
         attnzoo.get_method("block_sparse", top_k=0)
@@ -54,12 +57,23 @@ def test_defaults_run_as_the_method_configured_by_the_rule(name, rng):
     default = attnzoo.get_method(name)
     out = default(q, k, v, causal=True)
     (chosen,) = default.budgets_used()
-    assert chosen["block_size"] == budget.block_size_for(512)
+    assert chosen["block_size"] == budget.block_size_for(512, default.round_block_down)
     explicit = attnzoo.get_method(name, **chosen)
     assert torch.equal(out, explicit(q, k, v, causal=True)), rng.initial_seed()
     assert torch.equal(default.support(q, k, v, causal=True), explicit.support(q, k, v, causal=True))
     default(q, k, v, causal=True)
     assert len(default.budgets_used()) == 1  # the configured copy is kept
+
+
+def test_hip_default_rounds_the_block_size_down_and_scores_by_the_bound(rng):
+    """At 6K keys the shared rule's nearest power of two is 32; hip's default takes 16 (the 7K
+    passkey, README "Defaults") and the bound branch score."""
+    q, k, v = (torch.randn(1, 1, 6144, 16, generator=rng) for _ in range(3))
+    hip, block_sparse = attnzoo.get_method("hip"), attnzoo.get_method("block_sparse")
+    assert hip.config.branch_score == "bound"
+    for method in (hip, block_sparse):
+        method(q[:, :, -64:], k, v, causal=True)
+    assert hip.budgets_used()[0]["block_size"] == 16 and block_sparse.budgets_used()[0]["block_size"] == 32
 
 
 def test_explicit_values_win(rng):

@@ -23,7 +23,7 @@ CONFIGS = [dict(c, candidates=1) for c in CONFIGS]  # the search alone (the defa
 
 
 def check(config: dict, seed: int) -> None:
-    default_score = "paper" if config.get("query_samples") else "pooled"  # the documented default
+    default_score = "paper" if config.get("query_samples") else "bound"  # the documented default
     options = dict(local_blocks=1, key_block_size=None, branch_score=default_score) | {k: config[k] for k in config if k not in ("top_k", "candidates")}
     support = functools.partial(hip_support, top_k=config["top_k"], **options)
     assert_matches_reference("hip", config, support, seed)
@@ -34,8 +34,8 @@ def test_selection_is_the_papers(config, rng):
     check(config, rng.initial_seed())
 
 
-def test_the_default_without_query_samples_is_pooled_and_with_them_the_paper():
-    assert hip.HiP().config.branch_score == "pooled"
+def test_the_default_without_query_samples_is_the_bound_and_with_them_the_paper():
+    assert hip.HiP().config.branch_score == "bound"
     assert hip.HiP(query_samples=4).config.branch_score == "paper"
 
 

@@ -4,10 +4,12 @@ a density target that falls as the number of keys N grows, and a block size that
 At a call with N keys:
 
 - block size b: the power of two nearest N / 256, within [16, 128] (16 up to 4K keys, 32 at 8K,
-  64 at 16K, 128 from 32K). Small blocks keep what short texts attend to (on SmolLM2 at 4K,
-  16-token blocks keep 0.88 of the attention mass at 10% density where 64-token blocks keep 0.80:
-  ``eval.oracle_recall``); long inputs need larger blocks, or the block executor's per-block
-  overhead and the selection's per-block scoring outgrow the attention they save.
+  64 at 16K, 128 from 32K); ``hip``: the largest power of two not above N / 256 (16 below 8K, so
+  16 at 7K where the nearest, 32, loses SmolLM2's far passkeys; the same at 4K, 8K, 16K, ...).
+  Small blocks keep what short texts attend to (on SmolLM2 at 4K, 16-token blocks keep 0.88 of
+  the attention mass at 10% density where 64-token blocks keep 0.80: ``eval.oracle_recall``); long
+  inputs need larger blocks, or the block executor's per-block overhead and the selection's
+  per-block scoring outgrow the attention they save.
 - density target d = min(1, 0.15 * 4096 / N): a fixed number of attended keys per query whatever N,
   as HiP keeps a fixed k and MInference fixed vertical and slash counts; 15% at 4K, 3.75% at 16K,
   0.94% at 64K (density is measured against the dense area, the causal triangle when causal).
@@ -45,9 +47,10 @@ def check_budget(argument: str, value: object, *, minimum: int = 1) -> int | Non
     return None if value is None else check_int(argument, value, minimum=minimum)
 
 
-def block_size_for(n_keys: int) -> int:
-    """Block size at ``n_keys`` keys: the power of two nearest n_keys / 256, within [16, 128]."""
-    exponent = round(math.log2(max(n_keys, 1) / TOKENS_PER_BLOCK_STEP))
+def block_size_for(n_keys: int, round_down: bool = False) -> int:
+    """Block size at ``n_keys`` keys: the power of two nearest n_keys / 256 (``round_down``: the
+    largest not above it), within [16, 128]."""
+    exponent = (math.floor if round_down else round)(math.log2(max(n_keys, 1) / TOKENS_PER_BLOCK_STEP))
     return int(min(MAX_BLOCK, max(MIN_BLOCK, 2 ** exponent)))
 
 
@@ -96,10 +99,11 @@ class Budget:
     key_blocks: int
 
 
-def budget_at(call: Call, block_size: int | None = None) -> Budget:
+def budget_at(call: Call, block_size: int | None = None, round_down: bool = False) -> Budget:
     """The rule at this call's shape (the number of keys sets the density, and the block size
-    unless ``block_size`` is given: K then counts blocks of that size)."""
-    block = block_size or block_size_for(call.len_kv)
+    unless ``block_size`` is given: K then counts blocks of that size; ``round_down``: see
+    :func:`block_size_for`)."""
+    block = block_size or block_size_for(call.len_kv, round_down)
     density = density_for(call.len_kv)
     return Budget(block, density, blocks_for(density, call.len_q, call.len_kv, block, call.causal))
 
@@ -108,6 +112,8 @@ class LengthBudget:
     """Mixin for a block-selection method whose ``Config`` leaves budget fields None: each call runs
     as the same method with those fields set by :meth:`budget_config` at the call's shape (one
     configured copy per distinct budget, kept), explicit values untouched."""
+
+    round_block_down = False  # the default block size: the power of two nearest N / 256, or below it
 
     def budget_config(self, budget: Budget, call: Call) -> dict:  # pragma: no cover - abstract
         """The budget fields of this method for ``budget`` (each used only where the config is None)."""
@@ -119,7 +125,8 @@ class LengthBudget:
         unset = [name for name, value in config.items() if value is None]
         if not unset:
             return self
-        filled = {name: value for name, value in self.budget_config(budget_at(call, self.config.block_size), call).items() if name in unset}
+        rule = budget_at(call, self.config.block_size, self.round_block_down)
+        filled = {name: value for name, value in self.budget_config(rule, call).items() if name in unset}
         if not filled:
             return self
         key = tuple(sorted(filled.items()))
