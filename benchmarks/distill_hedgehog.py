@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import attnzoo
 from attnzoo import eval as ev
 from attnzoo.distill import distill, text_examples
-from distill_seer import calibration_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from any folder: the seer script sits beside this one
+from distill_seer import calibration_text  # noqa: E402
 
 DEFAULT_LAYERS = (3, 6, 9, 12, 15, 18, 21, 24)
 
