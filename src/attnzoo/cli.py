@@ -8,6 +8,8 @@ import importlib
 import json
 import sys
 
+from .errors import AttnzooError
+
 COMMAND_MODULES: tuple[str, ...] = ("attnzoo.bench.cli", "attnzoo.eval.cli", "attnzoo.distill.cli", "attnzoo.analysis.cli")
 
 
@@ -57,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except (AttnzooError, ImportError) as e:  # bad input or a missing extra: the message, not a traceback
+        print(f"attnzoo {args.command}: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

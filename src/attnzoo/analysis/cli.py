@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from ..errors import AttnzooError
 from ..models import MODELS
 from ..progress import progress
 
@@ -41,7 +40,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except (AttnzooError, ImportError, OSError) as e:
+    except OSError as e:  # an unreadable --text file or unwritable --out (attnzoo.cli.main reports the rest)
         print(f"attnzoo analyze: {e}", file=sys.stderr)
         return 2
 

@@ -11,12 +11,11 @@ or a ``.pt`` file holding a tensor of inputs (one example per row).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from ..errors import AttnzooError, InvalidArgumentError
+from ..errors import InvalidArgumentError
 from ..eval.cli import parse_settings
 from .harness import check_text, text_examples
 from .recipes import RECIPES
@@ -78,16 +77,6 @@ def load_examples(model, processor, data: str, seq_len: int, val_fraction: float
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (AttnzooError, ImportError) as e:
-        print(f"attnzoo distill: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-def _run(args: argparse.Namespace) -> int:
     from .. import models
     from .harness import distill
 

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import AttnzooError, InvalidArgumentError
+from ..errors import InvalidArgumentError
 from ..models import MODELS
 
 TASKS = ("ppl", "passkey", "approx", "cost")
@@ -98,14 +98,6 @@ def _table(task: str, result: dict[str, Any]) -> list[tuple[str, ...]]:
                     number(result["mean_bound"], ".4f"))]
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (AttnzooError, ImportError) as e:
-        print(f"attnzoo eval: {e}", file=sys.stderr)
-        return 2
-
-
 def _cache_table(task: str, result: dict[str, Any]) -> list[tuple[str, ...]]:
     if task == "passkey":
         return [("cache", "correct")] + [(name, f"{r['correct']}/{len(r['trials'])}") for name, r in result.items()]
@@ -162,7 +154,7 @@ def _run_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     if args.cache is not None:
         return _run_cache(args)
     if args.method is None:
