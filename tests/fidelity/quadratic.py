@@ -45,6 +45,13 @@ def row_normalized(weights: torch.Tensor, eps: float) -> torch.Tensor:
     return weights / (weights.sum(-1, keepdim=True) + eps)
 
 
+def positive_random_features(x: torch.Tensor, proj: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Performer's positive random features exp(w . x' - |x'|^2 / 2) / sqrt(M) of x' = x scale^0.5,
+    x (..., N, D), proj (M, D) -> (..., N, M) (FAVOR+, arXiv 2009.14794, Lemma 1)."""
+    x = x * scale ** 0.5
+    return torch.exp(x @ proj.transpose(-1, -2) - (x * x).sum(-1, keepdim=True) / 2) / proj.shape[-2] ** 0.5
+
+
 def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
     """``elu(x) + 1``: x + 1 for x > 0, exp(x) otherwise."""
     return torch.where(x > 0, x + 1, torch.exp(x))

@@ -11,6 +11,7 @@ from fidelity.quadratic import (
     assert_matches,
     expand_heads,
     fidelity_tests,
+    positive_random_features,
     row_normalized,
     visible,
 )
@@ -22,17 +23,12 @@ from attnzoo.methods.linear import performer as performer_module
 NUM_FEATURES = 32
 
 
-def positive_features(x, proj, scale):
-    x = x * scale ** 0.5
-    return torch.exp(x @ proj.transpose(-1, -2) - (x * x).sum(-1, keepdim=True) / 2) / proj.shape[-2] ** 0.5
-
-
 def check(gen):
     m = attnzoo.get_method("performer", num_features=NUM_FEATURES, chunk=16, seed=3)
 
     def reference(q, k, v, *, causal, scale):
         proj, heads = m.projection(q.shape[-1]).double(), q.shape[1]
-        qf, kf = positive_features(q, proj, scale), positive_features(expand_heads(k, heads), proj, scale)
+        qf, kf = positive_random_features(q, proj, scale), positive_random_features(expand_heads(k, heads), proj, scale)
         weights = (qf @ kf.transpose(-1, -2)) * visible(q.shape[2], k.shape[2], causal)
         return row_normalized(weights, 0.0) @ expand_heads(v, heads)
 

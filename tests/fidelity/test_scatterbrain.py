@@ -13,6 +13,7 @@ from fidelity.quadratic import (
     assert_matches,
     expand_heads,
     fidelity_tests,
+    positive_random_features,
     row_normalized,
     visible,
 )
@@ -21,11 +22,6 @@ import attnzoo
 from attnzoo.methods.linear import scatterbrain as scatterbrain_module
 
 CHUNK = 8
-
-
-def performer_features(x, proj, scale):
-    x = x * scale ** 0.5
-    return torch.exp(x @ proj.transpose(-1, -2) - (x * x).sum(-1, keepdim=True) / 2) / proj.shape[-2] ** 0.5
 
 
 def buckets_and_chunks(x, rotation):
@@ -50,7 +46,7 @@ def check(gen):
         k, v = expand_heads(k, heads), expand_heads(v, heads)
         (bq, cq), (bk, ck) = buckets_and_chunks(q, rotation), buckets_and_chunks(k, rotation)
         in_set = (bq[..., :, None] == bk[..., None, :]) & (cq[..., :, None] == ck[..., None, :])
-        low_rank = performer_features(q, proj, scale) @ performer_features(k, proj, scale).transpose(-1, -2)
+        low_rank = positive_random_features(q, proj, scale) @ positive_random_features(k, proj, scale).transpose(-1, -2)
         weights = torch.where(in_set, torch.exp(q @ k.transpose(-1, -2) * scale), low_rank)
         return row_normalized(weights * visible(q.shape[2], k.shape[2], causal), 0.0) @ v
 

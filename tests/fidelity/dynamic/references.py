@@ -10,12 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
-
-
-def expand_heads(x: torch.Tensor, heads_q: int) -> torch.Tensor:
-    """Key heads (B, Hkv, N, D) repeated for grouped queries: query head h reads key head h // (Hq / Hkv)."""
-    group = heads_q // x.shape[1]
-    return torch.stack([x[:, h // group] for h in range(heads_q)], 1)
+from fidelity.quadratic import expand_heads, positive_random_features
 
 
 def attend(q, k, v, support: torch.Tensor, scale: float) -> torch.Tensor:
@@ -387,12 +382,6 @@ def weighted_attention(q, k, v, log_weights: torch.Tensor, scale: float) -> torc
 
 
 # ---- SEA ---------------------------------------------------------------------------------------
-def performer_features(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
-    """FAVOR+ positive features exp(w . x - |x|^2 / 2) / sqrt(M) of x (N, D), proj (M, D), float64."""
-    x = x.double()
-    return torch.exp(x @ proj.double().T - 0.5 * (x * x).sum(-1, keepdim=True)) / math.sqrt(proj.shape[0])
-
-
 def sea_support(q, k, *, top_k: int, q_block: int, proj: torch.Tensor, causal: bool, scale: float):
     """SEA's estimate, training-free: each query's row of Performer attention (features of
     q scale^0.5 and k scale^0.5, normalised over the keys it sees), averaged over a query block;
@@ -404,7 +393,7 @@ def sea_support(q, k, *, top_k: int, q_block: int, proj: torch.Tensor, causal: b
     support = torch.zeros(B, H, nq, nk, dtype=torch.bool)
     for bi in range(B):
         for h in range(H):
-            qf, kf = performer_features(q[bi, h] * scale ** 0.5, proj), performer_features(k[bi, h] * scale ** 0.5, proj)
+            qf, kf = (positive_random_features(x[bi, h].double(), proj.double(), scale) for x in (q, k))
             for i in range(math.ceil(nq / q_block)):
                 rows = range(i * q_block, min(nq, (i + 1) * q_block))
                 estimate = torch.zeros(nk, dtype=torch.float64)
