@@ -49,7 +49,7 @@ class Sparsifiner(LearnedPart, Method):
     info = MethodInfo(
         name="sparsifiner", title="Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient Vision Transformers",
         arxiv="2303.13755", family=("dynamic", "learned"), causal=False, non_causal=True, cross=True, gqa=True, training_free=False,
-        time="O(N^2 r + N k D)", memory="O(N^2) predictor scores per head + O(N k D) gathered keys",
+        time="O(N^2 (r + D))", memory="O(256 N) predictor scores and logits per head (256 queries at a time)",
         summary="learned low-rank connectivity predictor, top-k keys per query, exact softmax on them",
     )
     part_name = "predictor"
@@ -87,18 +87,24 @@ class Sparsifiner(LearnedPart, Method):
             return self.part(call)(q, repeat_kv(k, call.groups)).topk(self.keep(call), dim=-1).indices
 
     def _forward(self, q, k, v, call: Call):
+        """Exact softmax over each query's kept keys, ``rows`` queries at a time: the predictor's top
+        keys become a boolean row mask over the exact logits (one q k^T per chunk, O(rows Nk)
+        memory), which on a CPU beats gathering a (rows, keep, D) copy of the keys per query."""
         watch = Stopwatch(call)
-        top = self._top(q, k, call)  # (B, H, Nq, K)
-        selection_ms = watch.lap()
-        work = work_dtype(q)
-        keys, values = repeat_kv(k, call.groups).to(work), repeat_kv(v, call.groups).to(work)
-        pick = lambda x: torch.gather(x[:, :, None].expand(-1, -1, call.len_q, -1, -1), 3,  # noqa: E731
-                                      top[..., None].expand(-1, -1, -1, -1, x.shape[-1]))
-        logits = (q.to(work)[:, :, :, None] * pick(keys)).sum(-1) * call.scale  # (B, H, Nq, K)
-        out = (torch.softmax(logits, dim=-1)[..., None] * pick(values)).sum(3)
-        stats = self.call_stats(call, {"computed": top.numel(), "allowed": top.numel(), "backend": "torch", "executor": "gather"},
-                                selection_ms=selection_ms)
-        return out.to(q.dtype), stats
+        selection_ms, rows = 0.0, 256
+        keys, values = repeat_kv(k, call.groups), repeat_kv(v, call.groups)
+        out = []
+        for start in range(0, call.len_q, rows):
+            chunk = q[:, :, start:start + rows]
+            watch.lap()
+            top = self._top(chunk, k, call)
+            kept = torch.zeros(*top.shape[:3], call.len_kv, dtype=torch.bool, device=q.device).scatter_(-1, top, True)
+            selection_ms += watch.lap()
+            out.append(masked_attention(chunk, keys, values, kept, scale=call.scale))
+        kept_pairs = call.batch * call.heads_q * call.len_q * self.keep(call)
+        stats = self.call_stats(call, {"computed": call.batch * call.heads_q * call.len_q * call.len_kv, "allowed": kept_pairs,
+                                       "backend": "torch", "executor": "masked dense"}, selection_ms=selection_ms)
+        return torch.cat(out, dim=2), stats
 
     def _support(self, q, k, v, call: Call) -> torch.Tensor:
         top = self._top(q, k, call)
