@@ -74,14 +74,17 @@ def choose_rules(losses: np.ndarray, spans: np.ndarray, limits: np.ndarray) -> n
 @torch.no_grad()
 def moa_search(model, ids: torch.Tensor, *, density: float = 0.25, lengths: Sequence[int] | None = None,
                alphas: Sequence[float] = (0, 32, 64, 128, 256), betas: Sequence[float] = (0.0, 0.0625, 0.125, 0.25, 0.5),
-               sinks: int = 64, path: str | os.PathLike | None = None) -> dict:
+               sinks: int = 64, kv_groups: bool = False, path: str | os.PathLike | None = None) -> dict:
     """Search MoA's per-head elastic rules for a transformers ``model`` on calibration ``ids`` (1, N).
 
     ``density``: the average span over heads at each profiled length is at most density * length;
     ``lengths``: the prefix lengths profiled (default N/4, N/2, N); ``alphas``, ``betas``: the
-    candidate rules' grid; ``sinks``: leading keys every head keeps. Returns (and with ``path``
+    candidate rules' grid; ``sinks``: leading keys every head keeps; ``kv_groups``: one rule per
+    KV head, shared by its query heads (their dropped mass summed), so that the cache policy
+    ``moa_cache``, which keeps each KV head's span, holds the budgeted keys. Returns (and with ``path``
     writes) the ``attnzoo-patterns/1`` config, whose ``search`` entry records the choice, the
     dropped attention mass and that of uniform spans (alpha 0, beta ``density``) at equal budget."""
+    from ..integrations.transformers.adapter import attention_modules
     from ..integrations.transformers.capture import capture
 
     density = check_float("density", density, low=0.0, high=1.0, low_open=True)
@@ -96,12 +99,15 @@ def moa_search(model, ids: torch.Tensor, *, density: float = 0.25, lengths: Sequ
     uniform = rule_spans([0], [density], lengths)[1]
     with capture(model, probs=True) as cap:
         model(input_ids=ids)
+    kv_heads = {layer.index: layer.kv_heads for layer in attention_modules(model)}
     layers, chosen, dropped, dropped_uniform = {}, {}, 0.0, 0.0
     for index, records in sorted(cap.records.items()):
         probs = records[0].probs[0]
         losses = dropped_mass(probs, np.concatenate([spans, uniform]), lengths, sinks)
-        limits = np.array([density * x for x in lengths]) * probs.shape[0]
-        picks = choose_rules(losses[:, :-1], spans, limits)
+        group = probs.shape[0] // kv_heads[index] if kv_groups else 1
+        grouped = losses.reshape(-1, group, losses.shape[1]).sum(axis=1)
+        limits = np.array([density * x for x in lengths]) * grouped.shape[0]
+        picks = choose_rules(grouped[:, :-1], spans, limits).repeat(group)
         dropped += float(losses[np.arange(len(picks)), picks].sum())
         dropped_uniform += float(losses[:, -1].sum())
         alpha = [rules[p][0] for p in picks]
@@ -110,7 +116,7 @@ def moa_search(model, ids: torch.Tensor, *, density: float = 0.25, lengths: Sequ
         layers[str(index)] = [spec] * len(picks)
         chosen[str(index)] = [list(rules[p]) for p in picks]
     config = {"format": PATTERNS_FORMAT, "layers": layers,
-              "search": {"method": "moa", "density": density, "lengths": lengths, "sinks": sinks, "rules": chosen,
+              "search": {"method": "moa", "density": density, "lengths": lengths, "sinks": sinks, "kv_groups": kv_groups, "rules": chosen,
                          "dropped_mass": dropped, "dropped_mass_uniform": dropped_uniform}}
     if path is not None:
         with open(path, "w", encoding="utf-8") as f:

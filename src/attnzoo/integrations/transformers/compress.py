@@ -704,6 +704,8 @@ def compress(model, policy=None, *, ratio: float | None = None, budget: int | Se
         budgets[i] = _budget(policies[i], layer_ratio, layer_budget, kv_heads[i], interval, chunk is not None, where)
         if isinstance(policies[i], DiffQKV):
             key_groups(kv_heads[i], policies[i].config.k_heads)  # refuses more K heads than the layer has
+        elif policies[i].sets_budget:
+            policies[i].head_budgets(i, kv_heads[i], 1)  # refuses rules that do not fit the layer
     needs = _ragged_reason(policies, budgets)
     if ragged is None:
         ragged = needs is not None
