@@ -6,8 +6,8 @@ Searches MoA's elastic rules (``moa_search(..., kv_groups=True)``: one rule per 
 calibration text (standard-library docstrings, ``distill_seer.calibration_text``), then scores the
 perplexity of a ``--continuation``-token continuation teacher-forced after a ``--context``-token
 context of the evaluation text (:func:`attnzoo.eval.english_text`, never seen by the search) with
-the dense cache, ``moa_cache`` under the searched rules and ``moa_cache`` under uniform spans
-(alpha 0, beta = density, the same sinks). Reports the keys each cache holds per head after the
+the dense cache, ``moa_cache`` under uniform spans (alpha 0, beta = density, the same sinks) and
+under the searched rules (the budget holding in every layer, and over the whole model). Reports the keys each cache holds per head after the
 context (the budgets compared) and writes the JSON after every measurement.
 """
 
@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--continuation", type=int, default=512)
     parser.add_argument("--sinks", type=int, default=64)
+    parser.add_argument("--scopes", nargs="+", default=["layer", "model"], choices=["layer", "model"], help="where the search's budget holds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/moa_spans.json")
     args = parser.parse_args()
@@ -65,20 +66,21 @@ def main() -> None:
     dense = continuation_perplexity(model, ids, args.context, args.continuation)
     record({"cache": "dense", "ppl": dense.perplexity, "nll": dense.nll, "seconds": time.perf_counter() - start})
     for density in args.densities:
-        start = time.perf_counter()
-        found = moa_search(model, calibration, density=density, sinks=args.sinks, kv_groups=True)
-        searched = {"config": found}
         uniform = {"alpha": 0.0, "beta": density, "sinks": args.sinks}
-        record({"search": density, "seconds": time.perf_counter() - start, "rules": found["search"]["rules"],
-                "dropped_mass": found["search"]["dropped_mass"], "dropped_mass_uniform": found["search"]["dropped_mass_uniform"]})
-        for name, options in (("moa searched", searched), ("moa uniform", uniform)):
+        caches = {"moa uniform": uniform}
+        for scope in args.scopes:
+            start = time.perf_counter()
+            found = moa_search(model, calibration, density=density, sinks=args.sinks, kv_groups=True, scope=scope)
+            record({"search": density, "scope": scope, "seconds": time.perf_counter() - start, "rules": found["search"]["rules"],
+                    "dropped_mass": found["search"]["dropped_mass"], "dropped_mass_uniform": found["search"]["dropped_mass_uniform"]})
+            caches[f"moa searched ({scope})"] = {"config": found}
+        for name, options in caches.items():
             start = time.perf_counter()
             with attnzoo.compress(model, "moa_cache", **options):
                 keys, size = held_keys(model, ids[:, :args.context])
                 ppl = continuation_perplexity(model, ids, args.context, args.continuation)
             record({"cache": name, "density": density, "ppl": ppl.perplexity, "nll": ppl.nll, "mean_keys_per_head": keys,
                     "cache_bytes_after_context": size, "seconds": time.perf_counter() - start})
-
 
 if __name__ == "__main__":
     main()
