@@ -4,7 +4,7 @@ How it works, through transformers' public pieces only:
 
 - a forward pre-hook on the model swaps each ``DynamicLayer`` of the cache it is given (or
   creates) for a :class:`CompressedLayer`, which stores each key / value head's kept keys densely
-  (B, Hkv, S, D): every head keeps its own S keys, and evicted keys are freed, not masked;
+  (B, Hkv, S, D) (or per head, ragged, below): evicted keys are freed, not masked;
 - the layer reports the tokens seen as its sequence length (so positions and RoPE stay those of
   the uncompressed sequence) and the mask sizes of what it stores (``get_mask_sizes``: S keys
   at offset seen - S);
@@ -17,13 +17,22 @@ How it works, through transformers' public pieces only:
 Prefill and decode are told apart by how many keys a call appends: a call that appends more than
 one (a prompt, or a prompt's chunk) compresses to the target at once; single-token decode steps
 compress every ``interval`` tokens beyond it. The attention of the call that compresses still
-sees every key; the cache after it holds S. Every layer holds the same S (transformers builds one
-mask for all layers from layer 0's sizes), so every attention layer gets a policy and one budget.
+sees every key; the cache after it holds S.
+
+Two storages. The uniform :class:`CompressedLayer` keeps one S for every head of every layer
+(transformers builds one mask for all layers from layer 0's sizes) and lets the model attend over
+its (B, Hkv, S, D) tensors with that mask. A ragged cache (:class:`RaggedLayer`, chosen when heads
+or layers keep different numbers of keys, ``ragged=True``, or by policies that set their own
+per-head budgets) stores each KV head's keys in its own tensor and attends itself: the capture
+hook returns its output, computed per KV head (GQA folded, keys never copied) under a mask built
+from its own positions; transformers' mask then covers only the keys a call appends, and is read
+only for which of them are padding. :class:`DiffQKVLayer` (Sigma's DiffQKV) attends itself the
+same way over fewer K heads than V heads. The layers of one cache all attend themselves or none.
 
 Padding (left, as ``generate`` pads): a sequence with at most S real tokens keeps its last S
 entries (its real tokens and the padding just before them); a longer one keeps S real tokens. So
 every sequence's stored padding comes first, and the mask transformers builds for the stored
-length stays right.
+length stays right (a ragged head does the same with its own S).
 """
 
 from __future__ import annotations
