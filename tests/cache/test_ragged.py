@@ -9,7 +9,7 @@ import attnzoo
 from attnzoo import InvalidArgumentError, UnsupportedError
 
 transformers = pytest.importorskip("transformers")
-from attnzoo.integrations.transformers.compress import CompressedLayer, RaggedLayer, cache_bytes
+from attnzoo.integrations.transformers.compress import CompressedLayer, RaggedLayer, cache_argument, cache_bytes
 from cache.test_compress import N, NEW, POLICIES, generate, prompt, tiny_llama
 
 
@@ -144,3 +144,17 @@ def test_bad_layer_sizes_and_policies(llama):
     assert e.value.argument == "ragged"
     with pytest.raises(UnsupportedError, match="same tokens on every head"):
         attnzoo.compress(llama, "selective", budget=[8, 12])
+
+
+@pytest.mark.parametrize("name, options", [("snapkv", {"window": 4, "ratio": 1.0, "ragged": True}), ("diffqkv", {"k_heads": 2})])
+def test_a_filled_dense_cache_is_adopted(rng, llama, name, options):
+    ids = torch.randint(1, 97, (1, N), generator=rng)
+    with torch.no_grad():
+        whole = llama(input_ids=ids).logits[:, 30:]
+        cache = transformers.DynamicCache(config=llama.config)
+        argument = cache_argument(llama)
+        llama(input_ids=ids[:, :30], **{argument: cache}, use_cache=True)
+        with attnzoo.compress(llama, name, **options):
+            rest = llama(input_ids=ids[:, 30:], **{argument: cache}, use_cache=True).logits
+    assert isinstance(cache.layers[0], CompressedLayer)
+    assert torch.allclose(rest, whole, atol=1e-4)

@@ -105,12 +105,8 @@ class CompressedLayer(DynamicLayer):
         self.seen = 0
         self.pending = 0  # keys appended by the last update, not yet labelled
 
-    @classmethod
-    def adopt(cls, layer: DynamicLayer, policy: CachePolicy, budget: Budget) -> CompressedLayer:
-        """A compressed layer holding what ``layer`` holds (every token taken as real)."""
-        return cls(policy, budget)._adopt(layer)
-
-    def _adopt(self, layer: DynamicLayer) -> CompressedLayer:
+    def adopt(self, layer: DynamicLayer) -> CompressedLayer:
+        """This layer, now holding what ``layer`` holds (every token taken as real)."""
         if layer.is_initialized and layer.keys.numel():
             self.update(layer.keys, layer.values)
             b, n = layer.keys.shape[0], layer.keys.shape[-2]
@@ -496,7 +492,7 @@ class Compression:
             if type(layer) is not DynamicLayer:
                 raise UnsupportedError(f"attnzoo.compress: cache layer {i} is a {type(layer).__name__}; only full-attention "
                                        "DynamicLayer caches are compressed")
-            cache.layers[i] = self._new_layer(i, policy)._adopt(layer)
+            cache.layers[i] = self._new_layer(i, policy).adopt(layer)
         self.cache = cache
 
     def _new_layer(self, index: int, policy: CachePolicy) -> CompressedLayer:
