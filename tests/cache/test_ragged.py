@@ -27,8 +27,7 @@ def stored_bytes(layer: RaggedLayer) -> int:
     return per_head + accumulated + batch * 8
 
 
-@pytest.mark.parametrize("name, options", POLICIES)
-@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (4, 4)])
+@pytest.mark.parametrize("name, options, heads, kv_heads", [(*p, 4, 2) for p in POLICIES] + [(*POLICIES[0], 4, 4)])
 def test_keeping_everything_ragged_generates_what_dense_does(rng, name, options, heads, kv_heads):
     model = tiny_llama(heads, kv_heads)
     ids, mask = prompt(rng)
