@@ -9,8 +9,9 @@ variant per round, so all see the same machine load) and prints median ms/token,
 dense cache, and the bytes each cache holds after the prefill; ``--ppl-context``: also the
 perplexity of a ``--continuation``-token continuation teacher-forced after that context. Variants:
 ``uniform`` (snapkv at ``--budget``, the (B, Hkv, S, D) layer), ``ragged`` (the same with
-``ragged=True``: per-head tensors, the layer attending itself), ``diffqkv`` (one K head per layer,
-every V head), ``diffqkv-top`` (also V read for the ``--v-top`` best keys only). ``--model tiny``:
+``ragged=True``: per-head tensors, the layer attending itself), ``diffqkv`` (``--k-heads`` merged K
+heads per layer, every V head), ``diffqkv-top`` (also V read for the ``--v-top`` best keys only),
+``v-top-only`` (no K merged, V read for the ``--v-top`` best keys). ``--model tiny``:
 a random-init llama (9 heads, 3 KV heads like SmolLM2's, 4 layers) on random tokens.
 """
 
@@ -29,10 +30,12 @@ from attnzoo.eval.generation import continuation_perplexity, english_ids
 from attnzoo.integrations.transformers.compress import cache_argument, cache_bytes
 
 
-def variants(args) -> dict[str, dict | None]:
+def variants(args, kv_heads: int) -> dict[str, dict | None]:
     known = {"dense": None, "uniform": {"policy": "snapkv", "budget": args.budget},
              "ragged": {"policy": "snapkv", "budget": args.budget, "ragged": True},
-             "diffqkv": {"policy": "diffqkv", "k_heads": 1}, "diffqkv-top": {"policy": "diffqkv", "k_heads": 1, "v_top": args.v_top}}
+             "diffqkv": {"policy": "diffqkv", "k_heads": args.k_heads},
+             "diffqkv-top": {"policy": "diffqkv", "k_heads": args.k_heads, "v_top": args.v_top},
+             "v-top-only": {"policy": "diffqkv", "k_heads": kv_heads, "v_top": args.v_top}}
     return {name: known[name] for name in ["dense", *args.variants]}
 
 
@@ -55,10 +58,11 @@ def compression(model, setting: dict | None):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny")
-    p.add_argument("--variants", nargs="+", default=["uniform", "ragged"], choices=["uniform", "ragged", "diffqkv", "diffqkv-top"])
+    p.add_argument("--variants", nargs="+", default=["uniform", "ragged"], choices=["uniform", "ragged", "diffqkv", "diffqkv-top", "v-top-only"])
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--budget", type=int, default=512)
     p.add_argument("--v-top", type=int, default=256)
+    p.add_argument("--k-heads", type=int, default=1)
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--ppl-context", type=int, default=0)
     p.add_argument("--continuation", type=int, default=256)
@@ -69,7 +73,7 @@ def main() -> None:
     model, tokenizer = load(args.model)
     total = max(args.context, args.ppl_context + args.continuation)
     ids = torch.randint(0, 1000, (1, total), generator=torch.Generator().manual_seed(0)) if tokenizer is None else english_ids(tokenizer, total)
-    name, settings = cache_argument(model), variants(args)
+    name, settings = cache_argument(model), variants(args, model.config.num_key_value_heads)
     caches, tokens, held = {}, {}, {}
     for key, setting in settings.items():
         handle = compression(model, setting)
