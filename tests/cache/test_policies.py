@@ -77,7 +77,7 @@ def test_streaming_llm_scores_sinks_then_recency(rng):
 
 def test_policies_are_registered_with_papers():
     names = {info.name: info for info in list_policies()}
-    for name in ("snapkv", "streaming_llm", "h2o", "selective"):
+    for name in ("snapkv", "streaming_llm", "h2o", "selective", "moa_cache", "diffqkv"):
         assert names[name].arxiv and "decode" in names[name].family
 
 

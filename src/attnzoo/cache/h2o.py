@@ -40,6 +40,6 @@ class H2O(CachePolicy):
     cumulative = True
 
     def score(self, view: CacheView) -> torch.Tensor:
-        recent = int(self.config.recent * view.budget)
+        recent = torch.as_tensor(view.budget, device=view.positions.device).mul(self.config.recent).floor()
         newest = view.positions.amax(dim=-1, keepdim=True)
         return torch.where(view.positions > newest - recent, float("inf"), view.accumulated)

@@ -71,20 +71,38 @@ def choose_rules(losses: np.ndarray, spans: np.ndarray, limits: np.ndarray) -> n
     return result.x.reshape(heads, rules).argmax(axis=1)
 
 
+def _choose(grouped: dict[int, np.ndarray], spans: np.ndarray, density_spans: np.ndarray, scope: str) -> dict[int, np.ndarray]:
+    """{layer: (units,) rule index per unit} from ``grouped`` {layer: (units, R) losses} under an
+    average span of ``density_spans`` (L,) per unit, in each layer or over the whole model."""
+    if scope == "layer":
+        return {i: choose_rules(g, spans, density_spans * g.shape[0]) for i, g in grouped.items()}
+    stacked = np.concatenate(list(grouped.values()))
+    flat = choose_rules(stacked, spans, density_spans * stacked.shape[0])
+    bounds = np.cumsum([0] + [g.shape[0] for g in grouped.values()])
+    return {i: flat[start:end] for i, start, end in zip(grouped, bounds[:-1], bounds[1:])}
+
+
 @torch.no_grad()
 def moa_search(model, ids: torch.Tensor, *, density: float = 0.25, lengths: Sequence[int] | None = None,
                alphas: Sequence[float] = (0, 32, 64, 128, 256), betas: Sequence[float] = (0.0, 0.0625, 0.125, 0.25, 0.5),
-               sinks: int = 64, path: str | os.PathLike | None = None) -> dict:
+               sinks: int = 64, kv_groups: bool = False, scope: str = "layer", path: str | os.PathLike | None = None) -> dict:
     """Search MoA's per-head elastic rules for a transformers ``model`` on calibration ``ids`` (1, N).
 
     ``density``: the average span over heads at each profiled length is at most density * length;
     ``lengths``: the prefix lengths profiled (default N/4, N/2, N); ``alphas``, ``betas``: the
-    candidate rules' grid; ``sinks``: leading keys every head keeps. Returns (and with ``path``
+    candidate rules' grid; ``sinks``: leading keys every head keeps; ``kv_groups``: one rule per
+    KV head, shared by its query heads (their dropped mass summed), so that the cache policy
+    ``moa_cache``, which keeps each KV head's span, holds the budgeted keys; ``scope``: the budget
+    holds in every ``"layer"``, or on average over all the ``"model"``'s heads (layers may then
+    differ, as MoA's search allots it). Returns (and with ``path``
     writes) the ``attnzoo-patterns/1`` config, whose ``search`` entry records the choice, the
     dropped attention mass and that of uniform spans (alpha 0, beta ``density``) at equal budget."""
+    from ..integrations.transformers.adapter import attention_modules
     from ..integrations.transformers.capture import capture
 
     density = check_float("density", density, low=0.0, high=1.0, low_open=True)
+    if scope not in ("layer", "model"):
+        raise InvalidArgumentError("scope", "'layer' or 'model'", repr(scope))
     sinks = check_int("sinks", sinks, minimum=0)
     if ids.dim() != 2 or ids.shape[0] != 1:
         raise InvalidArgumentError("ids", "calibration token ids of shape (1, N)", tuple(ids.shape))
@@ -96,21 +114,26 @@ def moa_search(model, ids: torch.Tensor, *, density: float = 0.25, lengths: Sequ
     uniform = rule_spans([0], [density], lengths)[1]
     with capture(model, probs=True) as cap:
         model(input_ids=ids)
-    layers, chosen, dropped, dropped_uniform = {}, {}, 0.0, 0.0
+    kv_heads = {layer.index: layer.kv_heads for layer in attention_modules(model)}
+    losses, grouped = {}, {}  # per layer: (Hq, R + 1) dropped mass (the last rule: uniform spans), and summed per rule's unit
     for index, records in sorted(cap.records.items()):
         probs = records[0].probs[0]
-        losses = dropped_mass(probs, np.concatenate([spans, uniform]), lengths, sinks)
-        limits = np.array([density * x for x in lengths]) * probs.shape[0]
-        picks = choose_rules(losses[:, :-1], spans, limits)
-        dropped += float(losses[np.arange(len(picks)), picks].sum())
-        dropped_uniform += float(losses[:, -1].sum())
-        alpha = [rules[p][0] for p in picks]
-        beta = [rules[p][1] for p in picks]
-        spec = {"method": "moa", "config": {"alpha": alpha, "beta": beta, "sinks": sinks}}
-        layers[str(index)] = [spec] * len(picks)
-        chosen[str(index)] = [list(rules[p]) for p in picks]
+        losses[index] = dropped_mass(probs, np.concatenate([spans, uniform]), lengths, sinks)
+        group = probs.shape[0] // kv_heads[index] if kv_groups else 1
+        grouped[index] = losses[index].reshape(-1, group, losses[index].shape[1]).sum(axis=1)[:, :-1]
+    cap.records.clear()
+    picks = _choose(grouped, spans, np.array([density * x for x in lengths]), scope)
+    layers, chosen, dropped, dropped_uniform = {}, {}, 0.0, 0.0
+    for index, units in picks.items():
+        heads = units.repeat(losses[index].shape[0] // len(units))
+        dropped += float(losses[index][np.arange(len(heads)), heads].sum())
+        dropped_uniform += float(losses[index][:, -1].sum())
+        spec = {"method": "moa", "config": {"alpha": [rules[p][0] for p in heads], "beta": [rules[p][1] for p in heads], "sinks": sinks}}
+        layers[str(index)] = [spec] * len(heads)
+        chosen[str(index)] = [list(rules[p]) for p in heads]
     config = {"format": PATTERNS_FORMAT, "layers": layers,
-              "search": {"method": "moa", "density": density, "lengths": lengths, "sinks": sinks, "rules": chosen,
+              "search": {"method": "moa", "density": density, "lengths": lengths, "sinks": sinks, "kv_groups": kv_groups, "scope": scope,
+                         "rules": chosen,
                          "dropped_mass": dropped, "dropped_mass_uniform": dropped_uniform}}
     if path is not None:
         with open(path, "w", encoding="utf-8") as f:

@@ -43,6 +43,7 @@ class Selective(CachePolicy):
                          family=("decode",), summary="prune the keys one head's ReLU logits mask most (accumulated)")
     Config = SelectiveConfig
     cumulative = True
+    per_head = False  # one head's selection prunes the same tokens on every head
 
     def accumulate(self, queries: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
         head = self.config.head

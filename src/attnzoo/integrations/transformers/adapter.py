@@ -132,8 +132,11 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
         runs = plan is not None and plan.runs(query.shape[2], key.shape[2], window)
         if runs:
             _check_call(dropout, kwargs)
-        if recorder is not None:
-            recorder(query, key, value, attention_mask, causal, scale, plan if runs else None)
+        if recorder is not None:  # a recorder may attend itself (a compressed cache layer): its (B, Hq, Nq, Dv) output wins
+            out = recorder(query, key, value, attention_mask, causal, scale, plan if runs else None)
+            if out is not None:
+                _check_call(dropout, {})
+                return out.transpose(1, 2).contiguous(), None
         if runs:
             return plan(query, key, value, attention_mask, causal, scale, window).transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

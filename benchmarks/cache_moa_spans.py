@@ -1,0 +1,86 @@
+"""MoA's searched per-head spans against uniform spans at equal average KV budget, as KV caches (SmolLM2-135M).
+
+    OMP_NUM_THREADS=1 python benchmarks/cache_moa_spans.py --densities 0.25 0.125 --out runs/moa_spans.json
+
+Searches MoA's elastic rules (``moa_search(..., kv_groups=True)``: one rule per KV head) on a
+calibration text (standard-library docstrings, ``distill_seer.calibration_text``), then scores the
+perplexity of a ``--continuation``-token continuation teacher-forced after a ``--context``-token
+context of the evaluation text (:func:`attnzoo.eval.english_text`, never seen by the search) with
+the dense cache, ``moa_cache`` under uniform spans (alpha 0, beta = density, the same sinks) and
+under the searched rules (the budget holding in every layer, and over the whole model). Reports the keys each cache holds per head after the
+context (the budgets compared) and writes the JSON after every measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import attnzoo
+from attnzoo.cache.moa_search import moa_search
+from attnzoo.eval.common import save_json
+from attnzoo.eval.generation import continuation_perplexity, english_ids
+from attnzoo.integrations.transformers.compress import cache_bytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from any folder: the seer script sits beside this one
+from distill_seer import calibration_text  # noqa: E402
+
+
+@torch.no_grad()
+def held_keys(model, ids: torch.Tensor) -> tuple[float, int]:
+    """(mean keys per KV head, cache bytes) of the cache after prefilling ``ids`` under the active compression."""
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    lengths = [n for layer in cache.layers for n in layer.head_lengths()]
+    return sum(lengths) / len(lengths), cache_bytes(cache)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.125])
+    parser.add_argument("--calibration", type=int, default=2048, help="calibration tokens searched on")
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--continuation", type=int, default=512)
+    parser.add_argument("--sinks", type=int, default=64)
+    parser.add_argument("--scopes", nargs="+", default=["layer", "model"], choices=["layer", "model"], help="where the search's budget holds")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="runs/moa_spans.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = attnzoo.models.load("smollm2-135m")
+    calibration = tokenizer(calibration_text(), return_tensors="pt").input_ids[:, :args.calibration]
+    ids = english_ids(tokenizer, args.context + args.continuation)
+    result = {"model": "smollm2-135m", "context": args.context, "continuation": args.continuation, "calibration": calibration.shape[1],
+              "sinks": args.sinks, "threads": args.threads, "runs": []}
+
+    def record(entry: dict) -> None:
+        result["runs"].append(entry)
+        save_json(args.out, result)
+        print(entry, flush=True)
+
+    start = time.perf_counter()
+    dense = continuation_perplexity(model, ids, args.context, args.continuation)
+    record({"cache": "dense", "ppl": dense.perplexity, "nll": dense.nll, "seconds": time.perf_counter() - start})
+    for density in args.densities:
+        uniform = {"alpha": 0.0, "beta": density, "sinks": args.sinks}
+        caches = {"moa uniform": uniform}
+        for scope in args.scopes:
+            start = time.perf_counter()
+            found = moa_search(model, calibration, density=density, sinks=args.sinks, kv_groups=True, scope=scope)
+            record({"search": density, "scope": scope, "seconds": time.perf_counter() - start, "rules": found["search"]["rules"],
+                    "dropped_mass": found["search"]["dropped_mass"], "dropped_mass_uniform": found["search"]["dropped_mass_uniform"]})
+            caches[f"moa searched ({scope})"] = {"config": found}
+        for name, options in caches.items():
+            start = time.perf_counter()
+            with attnzoo.compress(model, "moa_cache", **options):
+                keys, size = held_keys(model, ids[:, :args.context])
+                ppl = continuation_perplexity(model, ids, args.context, args.continuation)
+            record({"cache": name, "density": density, "ppl": ppl.perplexity, "nll": ppl.nll, "mean_keys_per_head": keys,
+                    "cache_bytes_after_context": size, "seconds": time.perf_counter() - start})
+
+if __name__ == "__main__":
+    main()

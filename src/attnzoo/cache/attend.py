@@ -1,0 +1,40 @@
+"""Attention a cache layer computes itself, over one KV head's stored keys (ragged and DiffQKV layers)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.dense import causal_mask
+
+
+def head_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scale: float,
+                   v_top: int | None = None) -> torch.Tensor:
+    """(B, G, Nq, Dv) attention of one KV head's query group ``queries`` (B, G, Nq, D), the tokens
+    of the last Nq of its ``keys`` (B, S, D) / ``values`` (B, S, Dv), folded as G * Nq rows (keys
+    not copied per query head). Keys with ``positions`` (B, S) -1 are hidden, the appended ones
+    causally; a row that sees no key (a padding query, never read) attends to every key.
+    ``v_top``: each row's softmax runs over its ``v_top`` highest logits only and reads only those
+    keys' values (Sigma's selective V loading); None: every key."""
+    batch, groups, nq, dim = queries.shape
+    stored = keys.shape[1]
+    rows = queries.reshape(batch, groups * nq, dim)
+    padding = positions < 0
+    if nq == 1 and not bool(padding.any()):
+        allowed = None
+    else:
+        allowed = causal_mask(nq, stored, keys.device)[None] & ~padding[:, None, :]
+        allowed = (allowed | ~allowed.any(dim=-1, keepdim=True)).repeat(1, groups, 1)  # (B, G * Nq, S)
+    if v_top is None or v_top >= stored:
+        mask = None if allowed is None else allowed[:, None]
+        out = F.scaled_dot_product_attention(rows[:, None], keys[:, None], values[:, None], attn_mask=mask, scale=scale)[:, 0]
+    else:
+        logits = torch.matmul(rows, keys.transpose(1, 2)) * scale
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        top, index = logits.topk(v_top, dim=-1)  # (B, G * Nq, v_top)
+        weights = torch.softmax(top, dim=-1)
+        chosen = values[:, None].expand(batch, groups * nq, stored, values.shape[-1]).gather(
+            2, index[..., None].expand(*index.shape, values.shape[-1]))
+        out = torch.matmul(weights[:, :, None], chosen)[:, :, 0]
+    return out.reshape(batch, groups, nq, -1)
