@@ -135,7 +135,19 @@ class FeatureMapRecipe(Recipe):
 
 
 class HedgehogRecipe(FeatureMapRecipe):
+    """``hedgehog``; with ``window`` (the LoLCATs hybrid) the cross-entropy is on the hybrid's own
+    attention weights (window softmax and linear map under one normalisation, :meth:`Hedgehog.hybrid_weights`)."""
+
     name = "hedgehog"
+
+    def layer_losses(self, method, teacher, layer):
+        if not method.config.window:
+            return super().layer_losses(method, teacher, layer)
+        qkv = teacher.qkv[layer]
+        mask = causal_mask(qkv.q.shape[2], qkv.k.shape[2], qkv.q.device)
+        target = attention_probabilities(qkv.q.float(), qkv.k.float(), scale=qkv.scale, mask=mask)
+        student = method.hybrid_weights(qkv.q.float(), qkv.k.float(), scale=qkv.scale)
+        return {"attention_ce": -(target * torch.log(student.clamp_min(1e-12))).sum(-1).mean(), "output_mse": output_mse(method, qkv)}
 
 
 class LinFusionRecipe(FeatureMapRecipe):
