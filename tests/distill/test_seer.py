@@ -12,8 +12,8 @@ from attnzoo.kernels.dense import causal_mask
 from attnzoo.methods.learned.seer import block_extremes, block_max_target
 
 
-def literal_block_max(q, k, *, causal, scale, block):
-    """Dense softmax, then a Python loop taking the max of every block x block tile, rows normalised."""
+def literal_block_max(q, k, *, causal, scale, block, pool="max"):
+    """Dense softmax, then a Python loop taking the max (or the sum) of every block x block tile, rows normalised."""
     kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).double()
     logits = q.double() @ kk.transpose(-1, -2) * scale
     if causal:
@@ -25,19 +25,28 @@ def literal_block_max(q, k, *, causal, scale, block):
         for h in range(q.shape[1]):
             for i in range(nqb):
                 for j in range(nkb):
-                    out[b, h, i, j] = probs[b, h, i * block:(i + 1) * block, j * block:(j + 1) * block].max()
+                    tile = probs[b, h, i * block:(i + 1) * block, j * block:(j + 1) * block]
+                    out[b, h, i, j] = tile.max() if pool == "max" else tile.sum()
     return out / out.sum(-1, keepdim=True)
 
 
+@pytest.mark.parametrize("pool", ["max", "sum"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("nq, nk", [(64, 64), (45, 45), (21, 53)])
-def test_pooled_target_is_a_literal_block_max(rng, causal, nq, nk):
+def test_pooled_target_is_a_literal_block_max(rng, causal, nq, nk, pool):
     q, k, _ = qkv(rng, B=2, Hq=4, Hkv=2, Nq=nq, Nk=nk, D=8)
     q = q * 2.0  # peaked rows, so the max of a tile differs from its mean
-    got = block_max_target(q, k, causal=causal, scale=8 ** -0.5, block=16)
-    want = literal_block_max(q, k, causal=causal, scale=8 ** -0.5, block=16)
+    got = block_max_target(q, k, causal=causal, scale=8 ** -0.5, block=16, pool=pool)
+    want = literal_block_max(q, k, causal=causal, scale=8 ** -0.5, block=16, pool=pool)
     assert got.shape == want.shape
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_target_pool_is_checked():
+    with pytest.raises(InvalidArgumentError, match="target"):
+        attnzoo.get_method("seer", target="mean")
+    with pytest.raises(InvalidArgumentError, match="pool"):
+        block_max_target(torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4), causal=True, scale=0.5, block=4, pool="mean")
 
 
 def test_block_extremes_cover_a_ragged_last_block(rng):

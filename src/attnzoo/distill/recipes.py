@@ -62,7 +62,8 @@ class Recipe:
 
 
 class SeerRecipe(Recipe):
-    """``seer``: the AttnGate's block distribution is trained by KL to the block-max-pooled attention map."""
+    """``seer``: the AttnGate's block distribution is trained by KL to the block-max-pooled attention map
+    (``target="sum"``: the block-sum-pooled one)."""
 
     name = "seer"
     defaults = {"block_size": 64, "top_k": 8}
@@ -71,7 +72,7 @@ class SeerRecipe(Recipe):
     def layer_losses(self, method, teacher, layer):
         qkv = teacher.qkv[layer]
         block = method.config.block_size
-        target = block_max_target(qkv.q, qkv.k, causal=qkv.causal, scale=qkv.scale, block=block)
+        target = block_max_target(qkv.q, qkv.k, causal=qkv.causal, scale=qkv.scale, block=block, pool=method.config.target)
         logits = method.gate_logits(qkv.q, qkv.k, causal=qkv.causal, scale=qkv.scale)
         return {"gate_kl": kl_to_target(target, logits)}
 
