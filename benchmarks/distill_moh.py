@@ -94,7 +94,7 @@ def main() -> None:
     result["fixed_by_router_score"] = by_score
     ppl("fixed (router score)", layers={i: fixed_heads(h) for i, h in by_score.items()})
 
-    probe = train[: 2]
+    probe = train[:1]
     base = calibration_loss(model, probe)
     harm = {}
     for i in layers:  # each head's removal alone: the calibration loss it adds

@@ -49,16 +49,21 @@ def counting(method, densities: list):
     return method
 
 
+CASE_NAMES = {"oracle": "oracle (exact block mass)", "seer": "seer (distilled)", "sampled_q": "block_sparse sampled_q",
+              "hip": "hip candidates=8"}
+
+
 def cases(args, shapes) -> dict:
     """{name: {layer: Method}} at one block size and budget (hip's ``top_k`` does not count its 3 always-kept blocks)."""
     b, k = args.block_size, args.top_k
     per_layer = lambda name, **cfg: {i: attnzoo.get_method(name, **cfg) for i in shapes}  # noqa: E731
-    return {
-        "oracle (exact block mass)": per_layer("block_sparse", estimator="sampled_q", samples=b, top_k=k, block_size=b),
-        "seer (distilled)": trained_methods(args.weights, "seer", {"top_k": k, "block_size": b}, shapes),
-        "block_sparse sampled_q": per_layer("block_sparse", estimator="sampled_q", top_k=k, block_size=b),
-        "hip candidates=8": per_layer("hip", top_k=k - 3, block_size=b, candidates=8),
+    built = {
+        "oracle": lambda: per_layer("block_sparse", estimator="sampled_q", samples=b, top_k=k, block_size=b),
+        "seer": lambda: trained_methods(args.weights, "seer", {"top_k": k, "block_size": b}, shapes),
+        "sampled_q": lambda: per_layer("block_sparse", estimator="sampled_q", top_k=k, block_size=b),
+        "hip": lambda: per_layer("hip", top_k=k - 3, block_size=b, candidates=8),
     }
+    return {CASE_NAMES[c]: built[c]() for c in args.cases}
 
 
 def bound(args) -> None:
@@ -85,9 +90,10 @@ def bound(args) -> None:
               f"ratio {mean('recall') / mean('oracle_recall'):.4f}", flush=True)
         save()
     del captured
-    result["perplexity"]["dense"] = ev.perplexity(model, tokenizer, context_len=args.context, show_progress=False).perplexity
-    print(f"{'dense':28s} perplexity {result['perplexity']['dense']:.3f}", flush=True)
-    save()
+    if not args.no_dense:
+        result["perplexity"]["dense"] = ev.perplexity(model, tokenizer, context_len=args.context, show_progress=False).perplexity
+        print(f"{'dense':28s} perplexity {result['perplexity']['dense']:.3f}", flush=True)
+        save()
     for name, methods in cases(args, shapes).items():
         densities: list[float] = []
         with attnzoo.patch(model, layers={i: counting(m, densities) for i, m in methods.items()}):
@@ -125,6 +131,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--layers", type=int, nargs="+", default=list(range(0, 30, 3)), help="bound: layers whose recall is measured")
+    parser.add_argument("--cases", nargs="+", choices=list(CASE_NAMES), default=list(CASE_NAMES), help="bound: the selections measured")
+    parser.add_argument("--no-dense", action="store_true", help="bound: skip dense perplexity (measured in an earlier run)")
     parser.add_argument("--tokens", type=int, default=16384, help="cost: sequence length")
     parser.add_argument("--layer", type=int, default=15, help="cost: the checkpoint layer whose gate runs")
     parser.add_argument("--repeats", type=int, default=5)
