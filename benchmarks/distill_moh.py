@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=None, help="the router's learning rate (default: the recipe's)")
+    parser.add_argument("--ablation-from", default=None, help="a JSON of an earlier run: reuse its head ablation (same calibration window)")
     parser.add_argument("--out", default="runs/moh")
     parser.add_argument("--json", default="moh.json")
     args = parser.parse_args()
@@ -80,7 +82,7 @@ def main() -> None:
 
     ppl("dense")
     start = time.perf_counter()
-    run = distill(model, "moh", train, args.out, steps=args.steps, val=val[:2], active=ACTIVE)
+    run = distill(model, "moh", train, args.out, steps=args.steps, val=val[:2], active=ACTIVE, lr=args.lr)
     result["train_minutes"], result["last"] = round((time.perf_counter() - start) / 60, 2), run.metrics[-1] if run.metrics else None
     ppl("moh routed (distilled)", method="moh", weights=args.out)
     ppl("moh untrained router", method="moh", active=ACTIVE)
@@ -97,7 +99,10 @@ def main() -> None:
     probe = train[:1]
     base = calibration_loss(model, probe)
     harm = {}
-    for i in layers:  # each head's removal alone: the calibration loss it adds
+    if args.ablation_from:
+        earlier = json.loads(Path(args.ablation_from).read_text())
+        harm = {int(i): h for i, h in earlier["ablation_loss_added"].items()}
+    for i in (i for i in layers if i not in harm):  # each head's removal alone: the calibration loss it adds
         harm[i] = []
         for h in range(HEADS):
             with attnzoo.patch(model, layers={i: fixed_heads([g for g in range(HEADS) if g != h])}):
