@@ -88,3 +88,18 @@ def test_gate_gradients_reach_only_the_gate(rng):
     assert seer.gate.query.grad.abs().sum() > 0 and seer.gate.key.grad.abs().sum() > 0
     with pytest.raises(InvalidArgumentError, match="query heads"):
         seer.gate_logits(torch.randn(1, 3, 64, 16), torch.randn(1, 3, 64, 16))
+
+
+def test_the_benchmark_oracle_keeps_the_blocks_of_most_exact_mass(rng):
+    """benchmarks/distill_seer_bound.py's oracle (block_sparse sampled_q with every query of a block sampled)
+    keeps, besides the diagonal, first and local blocks, each query block's key blocks of most exact mass."""
+    q, k, v = qkv(rng, B=1, Hq=2, Hkv=1, Nq=96, Nk=96, D=16)
+    q = q * 2.0
+    oracle = attnzoo.get_method("block_sparse", estimator="sampled_q", samples=16, top_k=4, block_size=16, local_blocks=1)
+    kept = oracle.selection(q, k, v, causal=True).dense_mask(96, 96)[0, :, ::16, ::16]
+    mass = literal_block_max(q, k, causal=True, scale=16 ** -0.5, block=16, pool="sum")[0]
+    for h in range(2):
+        for i in range(6):
+            forced = {i, 0, max(i - 1, 0)}
+            rest = [j for j in mass[h, i, : i + 1].argsort(descending=True).tolist() if j not in forced][: max(0, 4 - len(forced))]
+            assert {j for j in range(6) if kept[h, i, j]} == forced | set(rest), (h, i)
