@@ -48,14 +48,24 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=12)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--target", choices=("max", "sum"), default="max", help="the gate's training map: tiles max- or sum-pooled")
+    parser.add_argument("--skip-eval", action="store_true", help="train only (distill_seer_bound.py measures the checkpoint)")
     parser.add_argument("--out", default="runs/seer")
     args = parser.parse_args()
     model, tokenizer = attnzoo.models.load("smollm2-135m")
     train, val = text_examples(tokenizer, calibration_text(), args.seq_len)
     start = time.perf_counter()
-    run = distill(model, "seer", train, args.out, steps=args.steps, val=val[:2], block_size=args.block_size, top_k=args.top_k)
+    run = distill(model, "seer", train, args.out, steps=args.steps, val=val[:2], block_size=args.block_size, top_k=args.top_k,
+                  target=args.target)
     minutes = (time.perf_counter() - start) / 60
     budget = dict(block_size=args.block_size, top_k=args.top_k)
+    tokens = args.steps * args.seq_len
+    print(f"training: {args.steps} steps, {tokens} tokens, {minutes:.1f} min (2-core CPU, under load)", flush=True)
+    result = {"context": args.context, **budget, "target": args.target, "steps": args.steps, "seq_len": args.seq_len,
+              "train_tokens": tokens, "train_minutes": round(minutes, 2), "last": run.metrics[-1] if run.metrics else None}
+    if args.skip_eval:
+        (Path(args.out) / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+        return
     rows = {}
 
     def ppl(name, method=None, **config):
@@ -71,11 +81,7 @@ def main() -> None:
     ppl("seer (untrained gate)", "seer", **budget)
     ppl("block_sparse sampled_q", "block_sparse", estimator="sampled_q", **budget)
     ppl("block_sparse pooled_qk", "block_sparse", **budget)
-    tokens = args.steps * args.seq_len
-    result = {"context": args.context, **budget, "steps": args.steps, "seq_len": args.seq_len, "train_tokens": tokens,
-              "train_minutes": round(minutes, 2), "perplexity": rows, "last": run.metrics[-1]}
-    print(f"training: {args.steps} steps, {tokens} tokens, {minutes:.1f} min (2-core CPU, under load)")
-    (Path(args.out) / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    (Path(args.out) / "result.json").write_text(json.dumps({**result, "perplexity": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

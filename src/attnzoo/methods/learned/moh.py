@@ -29,7 +29,8 @@ class HeadRouter(nn.Module):
         x = q.transpose(1, 2).flatten(2)
         if x.shape[-1] != self.weight.shape[0]:
             raise InvalidArgumentError("q", f"heads x head_dim = {self.weight.shape[0]} (the router's input)", x.shape[-1])
-        return x.to(self.weight.dtype) @ self.weight + self.bias
+        work = work_dtype(x)
+        return x.to(work) @ self.weight.to(work) + self.bias.to(work)
 
 
 @register
@@ -84,7 +85,7 @@ class MoH(LearnedPart, Method):
         return self._weights(q, call)
 
     def _weights(self, q, call: Call) -> torch.Tensor:
-        probs = torch.softmax(self.part(call)(q).float(), dim=-1)  # (B, N, routed)
+        probs = torch.softmax(self.part(call)(q), dim=-1)  # (B, N, routed), in q's work dtype
         pick = self.picked(call)
         chosen = torch.zeros_like(probs).scatter_(-1, probs.topk(pick, dim=-1).indices, 1.0)
         routed = chosen * probs

@@ -26,15 +26,22 @@ def block_extremes(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Ten
     return padded.nan_to_num(float("-inf")).amax(3), padded.nan_to_num(float("inf")).amin(3)
 
 
-def block_max_target(q: torch.Tensor, k: torch.Tensor, *, causal: bool, scale: float, block: int) -> torch.Tensor:
+POOLS = ("max", "sum")
+
+
+def block_max_target(q: torch.Tensor, k: torch.Tensor, *, causal: bool, scale: float, block: int, pool: str = "max") -> torch.Tensor:
     """SeerAttention's training target (B, Hq, nQB, nKB): the exact attention probabilities of q
-    (B, Hq, Nq, D) over k (B, Hkv, Nk, D) max-pooled over block x block tiles, each row normalised to
-    sum to one (rows of query blocks are computed a few at a time: O(block Nk) memory per head)."""
+    (B, Hq, Nq, D) over k (B, Hkv, Nk, D) max-pooled over block x block tiles (``pool="sum"``: summed,
+    the tile's attention mass, what a selection's recall counts), each row normalised to sum to one
+    (rows of query blocks are computed a few at a time: O(block Nk) memory per head)."""
+    if pool not in POOLS:
+        raise InvalidArgumentError("pool", f"one of {POOLS}", repr(pool))
     nkb = -(-k.shape[2] // block)
     rows = []
     for span, probs in exact_probabilities(q, k, causal=causal, scale=scale, chunk=block * max(1, 2048 // block)):
         probs = F.pad(probs, (0, nkb * block - k.shape[2], 0, -probs.shape[2] % block))
-        rows.append(probs.unflatten(3, (nkb, block)).amax(4).unflatten(2, (-1, block)).amax(3))
+        tiles = probs.unflatten(3, (nkb, block)).unflatten(2, (-1, block))  # (B, H, qb, block, nkb, block)
+        rows.append(tiles.amax((3, 5)) if pool == "max" else tiles.sum((3, 5)))
     pooled = torch.cat(rows, dim=2)
     return pooled / pooled.sum(-1, keepdim=True).clamp_min(torch.finfo(pooled.dtype).tiny)
 
@@ -93,11 +100,14 @@ class Seer(LearnedPart, BlockSelectionMethod):
     @dataclass
     class Config(TopKConfig):
         """``threshold``: None (keep ``top_k`` blocks) or a gate probability in (0, 1]; ``gate_dim``: the
-        gate's width (default: head dim); ``rope_base``: the base of its block-position rotary embeddings."""
+        gate's width (default: head dim); ``rope_base``: the base of its block-position rotary embeddings;
+        ``target``: the map the gate is distilled to, the attention map ``"max"``-pooled over tiles
+        (SeerAttention's) or ``"sum"``-pooled (each tile's attention mass) (:func:`block_max_target`)."""
 
         threshold: float | None = None
         gate_dim: int | None = None
         rope_base: float = 10000.0
+        target: str = "max"
 
         def __post_init__(self):
             super().__post_init__()
@@ -106,6 +116,8 @@ class Seer(LearnedPart, BlockSelectionMethod):
             if self.gate_dim is not None:
                 self.gate_dim = check_int("gate_dim", self.gate_dim)
             self.rope_base = check_float("rope_base", self.rope_base, low=1.0, high=float("inf"), low_open=True)
+            if self.target not in POOLS:
+                raise InvalidArgumentError("target", f"one of {POOLS}", repr(self.target))
 
     part_name = "gate"
 
