@@ -138,15 +138,12 @@ def test_bad_options():
 
 
 # ---- calibration search and patch on a tiny model ------------------------------------------------
-transformers = pytest.importorskip("transformers")
-
-
 @pytest.fixture(scope="module")
 def llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return transformers.LlamaForCausalLM(config).eval()
+    pytest.importorskip("transformers")
+    from integrations.test_transformers import tiny_llama
+
+    return tiny_llama()
 
 
 @torch.no_grad()
