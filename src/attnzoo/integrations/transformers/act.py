@@ -39,22 +39,27 @@ def act_search(model, ids: torch.Tensor, *, threshold: float = 0.1, beta: float 
     The config records the baseline NLL and every head's gain under ``"act"``."""
     act = {"threshold": threshold, "beta": beta}
     ACT(**act)  # checks the options before the long search
-    min_gain = check_float("min_gain", min_gain, low=0.0, high=float("inf"))
+    check_float("min_gain", min_gain, low=0.0, high=float("inf"))
     found = attention_modules(model)
     indices = [a.index for a in found]
     chosen_layers = indices if layers is None else [layer_index(i, indices, "layers") for i in layers]
     heads = found[0].heads
     baseline = window_nll(model, ids)
     gains: dict[str, list[float]] = {}
-    chosen: dict[int, list[int]] = {}
     for layer in progress(chosen_layers, "act search", show_progress):
         gains[str(layer)] = []
         for head in range(heads):
             with patch(model, "auto", config=_config({layer: [head]}, heads, act)):
-                gain = baseline - window_nll(model, ids)
-            gains[str(layer)].append(gain)
-            if gain > min_gain:
-                chosen.setdefault(layer, []).append(head)
-    config = _config(chosen, heads, act)
-    config["act"] = {**act, "min_gain": min_gain, "calibration_tokens": int(ids.shape[-1]), "baseline_nll": baseline, "gains": gains}
-    return config
+                gains[str(layer)].append(baseline - window_nll(model, ids))
+    return act_select({"act": {**act, "calibration_tokens": int(ids.shape[-1]), "baseline_nll": baseline, "gains": gains}}, min_gain)
+
+
+def act_select(config: dict[str, Any], min_gain: float) -> dict[str, Any]:
+    """``config`` (from :func:`act_search`) choosing the heads whose recorded gain exceeds ``min_gain`` nats."""
+    min_gain = check_float("min_gain", min_gain, low=0.0, high=float("inf"))
+    record = config["act"]
+    gains = record["gains"]
+    heads = len(next(iter(gains.values())))
+    chosen = {int(layer): [h for h, gain in enumerate(values) if gain > min_gain] for layer, values in gains.items()}
+    act = {"threshold": record["threshold"], "beta": record["beta"]}
+    return {**_config({layer: hs for layer, hs in chosen.items() if hs}, heads, act), "act": {**record, "min_gain": min_gain}}
