@@ -137,6 +137,20 @@ def test_bad_options():
         attnzoo.get_method("act", scale_factor=0.4)
 
 
+def test_select_at_a_gain_bar():
+    pytest.importorskip("transformers")
+    from attnzoo.integrations.transformers.act import act_select
+
+    record = {"threshold": 0.1, "beta": 0.4, "baseline_nll": 50.0, "gains": {"0": [0.5, -1.0, 2.0], "3": [0.1, 0.0, -0.2]}}
+    config = act_select({"act": record}, 0.3)
+    assert config["format"] == "attnzoo-patterns/1" and config["act"]["min_gain"] == 0.3
+    act = {"method": "act", "config": {"threshold": 0.1, "beta": 0.4}}
+    assert config["layers"] == {"0": [act, {"method": "dense"}, act]}
+    assert set(act_select({"act": record}, 0.0)["layers"]) == {"0", "3"}
+    with pytest.raises(InvalidArgumentError, match="min_gain"):
+        act_select({"act": record}, -1.0)
+
+
 # ---- calibration search and patch on a tiny model ------------------------------------------------
 @pytest.fixture(scope="module")
 def llama():
