@@ -6,8 +6,8 @@ Calibration (ACT's head search, EchoAtt's layer choice) runs on the standard-lib
 ``distill_seer.calibration_text``; evaluation on the Python reference text (``attnzoo.eval``) and
 passkey prompts, so the two never overlap. Per variant (dense, ``act``, ``echo`` with each count of
 ``--shared`` layers): perplexity of ``--continuation`` tokens teacher-forced after ``--context``
-tokens, passkey at each of ``--passkey-contexts`` (4 depths x ``--trials``), and decode steps at
-``--decode-context`` interleaved with dense steps (one each, alternately, so both see the same
+tokens (0: skipped), passkey at each of ``--passkey-contexts`` (4 depths x ``--trials``), and decode steps at
+``--decode-context`` (0: skipped) interleaved with dense steps (one each, alternately, so both see the same
 load), reported as medians and their ratio, with the prefill's peak RSS above its start. The JSON
 is rewritten after every measurement.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 import sys
 import time
@@ -86,37 +87,39 @@ def main() -> None:
     p.add_argument("--decode-context", type=int, default=4096)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--reuse", help="a previous run's JSON: take its ACT and echo configs instead of searching again")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = models.load("smollm2-135m")
     result = {"args": vars(args), "torch_threads": torch.get_num_threads(), "variants": {}}
     calibration = token_ids(tokenizer, calibration_text())[None, :args.calibration_tokens]
+    reused = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
     start = time.perf_counter()
-    act_config = act_search(model, calibration)
-    result["act_search_s"] = time.perf_counter() - start
+    act_config = reused.get("act_config") or act_search(model, calibration)
+    result["act_search_s"] = reused.get("act_search_s", time.perf_counter() - start)
     result["act_config"] = act_config
     variants = {"dense": None}
     for gain in _floats(args.min_gains):
         variants[f"act_gain_{gain:g}"] = ("act", act_select(act_config, gain))
     for shared in _ints(args.shared):
-        config = echo_search(model, calibration, shared)
+        config = reused.get(f"echo_{shared}_config") or echo_search(model, calibration, shared)
         result[f"echo_{shared}_config"] = config
         variants[f"echo_{shared}"] = ("echo", config)
     save_json(args.out, result)
-    evaluation = english_ids(tokenizer, args.context + args.continuation)
-    decode_ids = english_ids(tokenizer, args.decode_context)
     for key, spec in variants.items():
         row = result["variants"].setdefault(key, {})
         with _patched(model, spec):
-            row["continuation_ppl"] = continuation_perplexity(model, evaluation, args.context, args.continuation).perplexity
-            save_json(args.out, result)
+            if args.context:
+                evaluation = english_ids(tokenizer, args.context + args.continuation)
+                row["continuation_ppl"] = continuation_perplexity(model, evaluation, args.context, args.continuation).perplexity
+                save_json(args.out, result)
             for context in _ints(args.passkey_contexts):
                 found = passkey(model, tokenizer, context, n=args.trials, show_progress=False)
                 row[f"passkey_{context}"] = f"{found.correct}/{len(found.trials)}"
                 save_json(args.out, result)
-        if spec is not None:
-            row["decode"] = decode_speed(model, decode_ids, spec, args.steps)
+        if spec is not None and args.decode_context:
+            row["decode"] = decode_speed(model, english_ids(tokenizer, args.decode_context), spec, args.steps)
             save_json(args.out, result)
         print(key, row, flush=True)
 
