@@ -49,7 +49,8 @@ class SharedMaps:
 
 @dataclass
 class SourcePlan(LayerPlan):
-    """Exact attention that leaves its (q, k) in ``maps`` for the echo layers."""
+    """Exact attention (the ``echo`` method on the layer's own q, k) that leaves its (q, k) in
+    ``maps`` for the echo layers."""
 
     layer: int = 0
     maps: SharedMaps = field(default_factory=SharedMaps, repr=False)
@@ -57,6 +58,9 @@ class SourcePlan(LayerPlan):
     def __call__(self, q, k, v, mask, causal: bool, scale: float, window: int | None = None):
         self.maps.put(self.layer, q, k)
         return super().__call__(q, k, v, mask, causal, scale, window)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{**row, "echo_source": True} for row in super().describe()]
 
 
 @dataclass
@@ -113,8 +117,8 @@ def echo_plans(found: Sequence[AttentionLayer], config: str | os.PathLike | Mapp
     windowed = sorted(i for i in {*share, *share.values()} if by_index[i].window is not None)
     if windowed:
         raise UnsupportedError(f"echo: layers {windowed} use a sliding window, whose cached steps run the model's own attention")
-    maps, exact, echo = SharedMaps(), get_method("dense"), get_method("echo")
-    plans: dict[int, LayerPlan] = {s: SourcePlan([HeadGroup(None, exact)], True, layer=s, maps=maps) for s in set(share.values())}
+    maps, echo = SharedMaps(), get_method("echo")  # a source runs echo on its own q, k: exact attention
+    plans: dict[int, LayerPlan] = {s: SourcePlan([HeadGroup(None, echo)], True, layer=s, maps=maps) for s in set(share.values())}
     plans.update({t: EchoPlan([HeadGroup(None, echo)], True, layer=t, source=s, maps=maps) for t, s in share.items()})
     return plans
 
