@@ -121,6 +121,9 @@ GLOBALS_ARE_NOT_CAUSAL = {"causal": "causal=True needs num_global=0"}
 SELECTED_BLOCKS = dict(prefix_cuts=BLOCK_CUTS)
 CASES = [
     Case("dense", bad={"backend": "fast"}),
+    Case("act", dict(threshold=0.02, beta=0.4), bad={"threshold": 1.5, "beta": -0.1},
+         prefix="a key's sink score averages the attention of every query of the call that sees it, later ones included"),
+    Case("echo", bad={"backend": "fast"}),
     # ---- local: position patterns ----------------------------------------------------------
     Case("sliding_window", dict(window=37), bad={"window": 0}),
     Case("sliding_window", dict(left=9, right=4), bad={"left": -1, "right": "4"}),

@@ -32,6 +32,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
     raise ImportError("attnzoo.patch needs Hugging Face transformers: pip install 'attnzoo[models]' (or pip install transformers)") from e
 
 from ...errors import InvalidArgumentError, UnsupportedError
+from ...registry import method_class
 from .plan import AttentionLayer, LayerPlan, build_plans, layer_index, token_layout
 
 IMPLEMENTATION = "attnzoo"
@@ -202,7 +203,8 @@ def patch(model, method=None, *, layers=None, heads=None, decode: str = "auto", 
 
     ``method``: a registered name (configured by ``**config``), a configured :class:`Method`, or
     ``"auto"`` with ``config=PATH_OR_DICT`` (an ``attnzoo-patterns/1`` file: per layer, one method
-    spec per query head; heads with equal specs run together; unlisted layers stay exact).
+    spec per query head; heads with equal specs run together; unlisted layers stay exact), or a
+    calibrated method (``"act"``, ``"echo"``) with ``config=`` the file or dict its search wrote.
     ``layers``: None (all), an iterable of layer indices (the others stay exact), or per-layer
     settings as a dict {layer: name | (name, config) | Method | None} or a callable of the layer
     index returning one of those. ``heads``: query-head indices that run the method (the others run
@@ -219,6 +221,12 @@ def patch(model, method=None, *, layers=None, heads=None, decode: str = "auto", 
     options; no ``layers``).
     """
     found = attention_modules(model)
+    from_config = isinstance(method, str) and method != "auto" and "config" in config and method_class(method)
+    if from_config and hasattr(from_config, "patch_plans"):  # a calibrated method's config file (act, echo)
+        if layers is not None or heads is not None or set(config) != {"config"}:
+            raise InvalidArgumentError("config", f"patch(model, {method!r}, config=...) and nothing else (the file names layers "
+                                       "and heads)", f"layers={layers!r}, heads={heads!r}, options {sorted(config)}")
+        return install(model, from_config.patch_plans(found, config["config"]))
     if weights is not None:
         from ...distill.checkpoint import trained_methods
 
