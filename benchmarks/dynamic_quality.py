@@ -159,7 +159,7 @@ def passkey(a, model, tokenizer) -> None:
     for tokens, name, cfg in runs:
         key = f"{tokens} {name} {json.dumps(cfg, sort_keys=True)}"
         record = saved.get(key)
-        if record is None or not record["complete"]:  # (re)run the whole case: its keys come from one seed
+        if record is None or not record["complete"] or len(record["trials"]) != a.n * len(a.depths):  # (re)run it whole: one seed draws its keys
             method, densities = (None, []) if name == "dense" else counted(name, cfg)
             record = saved[key] = {"tokens": tokens, "method": name, "config": cfg, "complete": False}
 
