@@ -1,6 +1,6 @@
 """Quality of the dynamic methods on SmolLM2-135M (offline; needs the [models] extra and the model files).
 
-    python benchmarks/dynamic_quality.py recall      [--tokens 4096] [--layers 0 5 10 ...] [--density 0.1] [--matched-oracle]
+    python benchmarks/dynamic_quality.py recall      [--tokens 4096] [--layers 0 5 10 ...] [--density 0.1] [--matched-oracle] [--qkv FILE]
     python benchmarks/dynamic_quality.py perplexity  [--tokens 4096] [--windows 2]
     python benchmarks/dynamic_quality.py TASK --defaults    # hip, block_sparse, vertical_slash with no options
     python benchmarks/dynamic_quality.py passkey     [--tokens 7168] [--n 3] [--json FILE] [--case-at TOKENS METHOD JSON]
@@ -82,7 +82,12 @@ DEFAULT_CASES = [("block_sparse", {}), ("hip", {}), ("vertical_slash", {})]
 
 
 def recall(a, model, tokenizer) -> None:
-    captured = ev.capture_qkv(model, tokenizer, max_tokens=a.tokens, layers=a.layers)
+    if a.qkv and os.path.exists(a.qkv):  # captured before with the same --tokens and --layers
+        captured = torch.load(a.qkv, weights_only=False)
+    else:
+        captured = ev.capture_qkv(model, tokenizer, max_tokens=a.tokens, layers=a.layers)
+        if a.qkv:
+            torch.save(captured, a.qkv)
     print(f"SmolLM2-135M, {a.tokens} tokens, layers {sorted(captured)}; means over layers and heads")
     specs = [{"method": name, "config": cfg} for name, cfg in RECALL_CASES]
     recalls, densities, errors, bounds = ([[] for _ in specs] for _ in range(4))
@@ -202,6 +207,7 @@ def main() -> None:
     p.add_argument("--skip-dense", action="store_true", help="passkey: do not run the dense baseline")
     p.add_argument("--dense-ppl", type=float, help="perplexity: dense's, measured before with the same --tokens and --windows")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--qkv", help="recall: keep the captured q/k/v in this file and reuse it when it exists")
     p.add_argument("--json", help="passkey: write every trial to this JSON file; a rerun skips the cases it holds complete")
     p.add_argument("--case-at", nargs=3, action="append", metavar=("TOKENS", "METHOD", "JSON"),
                    help="passkey: one more case at another length (with dense there too), e.g. --case-at 8240 hip '{}'")
