@@ -1,9 +1,9 @@
 """Quality of the dynamic methods on SmolLM2-135M (offline; needs the [models] extra and the model files).
 
-    python benchmarks/dynamic_quality.py recall      [--tokens 4096] [--layers 0 5 10 ...] [--density 0.1] [--matched-oracle]
+    python benchmarks/dynamic_quality.py recall      [--tokens 4096] [--layers 0 5 10 ...] [--density 0.1] [--matched-oracle] [--qkv FILE]
     python benchmarks/dynamic_quality.py perplexity  [--tokens 4096] [--windows 2]
     python benchmarks/dynamic_quality.py TASK --defaults    # hip, block_sparse, vertical_slash with no options
-    python benchmarks/dynamic_quality.py passkey     [--tokens 7168] [--n 3]
+    python benchmarks/dynamic_quality.py passkey     [--tokens 7168] [--n 3] [--json FILE] [--case-at TOKENS METHOD JSON]
 
 ``recall``: on q/k/v captured from the model (post-RoPE), each method's density actually used,
 recall of the exact attention mass and relative output error, averaged over layers and heads; and
@@ -18,7 +18,9 @@ dense attention finds each method finds too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import time
 
@@ -77,10 +79,36 @@ PASSKEY_CASES = [
 
 
 DEFAULT_CASES = [("block_sparse", {}), ("hip", {}), ("vertical_slash", {})]
+# The options the built-in cases ran with in the README's 2026-11-25 tables, defaults then, filled
+# in where a case leaves them unset (the defaults have followed the budget rule since)
+MEASURED_AS = {
+    "block_sparse": dict(estimator="pooled_qk"),
+    "hip": dict(candidates=1),  # and the pooled branch score without query_samples
+    "vertical_slash": dict(last_q=64, estimate_queries="last", vertical_columns=0),
+}
+
+
+def as_measured(cases: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """``cases`` with the options of :data:`MEASURED_AS` filled in where unset."""
+    out = []
+    for name, cfg in cases:
+        filled = MEASURED_AS.get(name, {}) | cfg
+        if name == "hip" and not filled.get("query_samples"):
+            filled = {"branch_score": "pooled"} | filled
+        out.append((name, filled))
+    return out
+
+
+RECALL_CASES, PPL_CASES, PASSKEY_CASES = as_measured(RECALL_CASES), as_measured(PPL_CASES), as_measured(PASSKEY_CASES)
 
 
 def recall(a, model, tokenizer) -> None:
-    captured = ev.capture_qkv(model, tokenizer, max_tokens=a.tokens, layers=a.layers)
+    if a.qkv and os.path.exists(a.qkv):  # captured before with the same --tokens and --layers
+        captured = torch.load(a.qkv, weights_only=False)
+    else:
+        captured = ev.capture_qkv(model, tokenizer, max_tokens=a.tokens, layers=a.layers)
+        if a.qkv:
+            torch.save(captured, a.qkv)
     print(f"SmolLM2-135M, {a.tokens} tokens, layers {sorted(captured)}; means over layers and heads")
     specs = [{"method": name, "config": cfg} for name, cfg in RECALL_CASES]
     recalls, densities, errors, bounds = ([[] for _ in specs] for _ in range(4))
@@ -142,24 +170,47 @@ def perplexity(a, model, tokenizer) -> None:
 
 
 def passkey(a, model, tokenizer) -> None:
-    print(f"SmolLM2-135M passkey at about {a.tokens} tokens, {a.n} keys x depths {a.depths}")
-    def trials(result) -> str:  # one mark per trial in depth order: + found, . missed
-        return "".join("+" if t.correct else "." for t in result.trials)
+    runs = [(a.tokens, name, cfg) for name, cfg in PASSKEY_CASES]
+    runs += [(int(tokens), name, json.loads(cfg)) for tokens, name, cfg in a.case_at or []]
+    lengths = list(dict.fromkeys(tokens for tokens, _, _ in runs))
+    if not a.skip_dense:  # dense first at each length, in the same run
+        runs = [r for n in lengths for r in [(n, "dense", {})] + [r for r in runs if r[0] == n]]
+    saved = json.load(open(a.json)) if a.json and os.path.exists(a.json) else {}
+    print(f"SmolLM2-135M passkey at about {lengths} tokens, {a.n} keys x depths {a.depths}")
 
-    dense = None
-    if not a.skip_dense:
-        dense = ev.passkey(model, tokenizer, context_len=a.tokens, depths=a.depths, n=a.n, show_progress=False)
-        print(f"{'dense':15s} accuracy {dense.accuracy:.2f}  {trials(dense)}", flush=True)
-    for name, cfg in PASSKEY_CASES:
-        method, densities = counted(name, cfg)
-        with attnzoo.patch(model, method):
-            result = ev.passkey(model, tokenizer, context_len=a.tokens, depths=a.depths, n=a.n, show_progress=False)
+    def trials(result) -> str:  # one mark per trial in depth order: + found, . missed
+        return "".join("+" if t["correct"] else "." for t in result["trials"])
+
+    dense = {}
+    for tokens, name, cfg in runs:
+        key = f"{tokens} {name} {json.dumps(cfg, sort_keys=True)}"
+        record = saved.get(key)
+        if record is None or not record["complete"] or len(record["trials"]) != a.n * len(a.depths):  # (re)run it whole: one seed draws its keys
+            method, densities = (None, []) if name == "dense" else counted(name, cfg)
+            record = saved[key] = {"tokens": tokens, "method": name, "config": cfg, "complete": False}
+
+            def save(result, record=record, method=method, densities=densities) -> None:
+                record.update(result.as_dict(), densities=list(densities),
+                              shown="dense" if method is None else shown(method, cfg))
+                if a.json:  # after every trial, so that nothing is lost
+                    with open(a.json + ".tmp", "w") as f:
+                        json.dump(saved, f, indent=1)
+                    os.replace(a.json + ".tmp", a.json)
+
+            with attnzoo.patch(model, method) if method is not None else contextlib.nullcontext():
+                result = ev.passkey(model, tokenizer, context_len=tokens, depths=a.depths, n=a.n, show_progress=False,
+                                    on_trial=save)
+            record["complete"] = True
+            save(result)
+        if name == "dense":
+            dense[tokens] = record
         kept = ""
-        if dense is not None:
-            both = sum(t.correct and d.correct for t, d in zip(result.trials, dense.trials))
-            kept = f"  found {both} of the {dense.correct} keys dense finds"
-        print(f"{name:15s} accuracy {result.accuracy:.2f}  {trials(result)}{kept}  density {statistics.mean(densities):.3f}  "
-              f"{shown(method, cfg)}", flush=True)
+        if tokens in dense and name != "dense":
+            both = sum(t["correct"] and d["correct"] for t, d in zip(record["trials"], dense[tokens]["trials"]))
+            kept = f"  found {both} of the {dense[tokens]['correct']} keys dense finds"
+        density = f"  density {statistics.mean(record['densities']):.3f}" if record["densities"] else ""
+        print(f"{tokens:6d} {name:15s} accuracy {record['accuracy']:.2f}  {trials(record)}{kept}{density}  {record['shown']}",
+              flush=True)
 
 
 def main() -> None:
@@ -177,6 +228,10 @@ def main() -> None:
     p.add_argument("--skip-dense", action="store_true", help="passkey: do not run the dense baseline")
     p.add_argument("--dense-ppl", type=float, help="perplexity: dense's, measured before with the same --tokens and --windows")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--qkv", help="recall: keep the captured q/k/v in this file and reuse it when it exists")
+    p.add_argument("--json", help="passkey: write every trial to this JSON file; a rerun skips the cases it holds complete")
+    p.add_argument("--case-at", nargs=3, action="append", metavar=("TOKENS", "METHOD", "JSON"),
+                   help="passkey: one more case at another length (with dense there too), e.g. --case-at 8240 hip '{}'")
     p.add_argument("--case", nargs=2, action="append", metavar=("METHOD", "JSON"),
                    help="replace the built-in cases of this task, e.g. --case hip '{\"top_k\": 10}'")
     a = p.parse_args()

@@ -1,20 +1,13 @@
-"""`performer` (FAVOR+, arXiv 2009.14794, Lemma 1 / Eq. 7) against ``W_ij = phi(q_i) . phi(k_j) /
-sum_s phi(q_i) . phi(k_s)`` with the positive random features ``phi(x) = exp(w x - |x|^2 / 2) /
-sqrt(M)`` of ``x scale^(1/2)``, written out here without stabilisers (float64 holds them). The
-projection w is the method's seeded draw."""
+"""`performer` (FAVOR+, arXiv 2009.14794, Lemma 1 / Eq. 7) against its ``.reference``
+(``methods/linear/naive.py``): ``W_ij = phi(q_i) . phi(k_j) / sum_s phi(q_i) . phi(k_s)`` with the
+positive random features ``phi(x) = exp(w x - |x|^2 / 2) / sqrt(M)`` of ``x scale^(1/2)``, written
+out here without stabilisers (float64 holds them). The projection w is the method's seeded draw."""
 
 from __future__ import annotations
 
 import torch
 from fidelity.mutation import Mutant
-from fidelity.quadratic import (
-    assert_matches,
-    expand_heads,
-    fidelity_tests,
-    positive_random_features,
-    row_normalized,
-    visible,
-)
+from fidelity.quadratic import assert_matches, fidelity_tests
 
 import attnzoo
 from attnzoo.kernels.linear.feature_maps import favor_features
@@ -25,15 +18,8 @@ NUM_FEATURES = 32
 
 def check(gen):
     m = attnzoo.get_method("performer", num_features=NUM_FEATURES, chunk=16, seed=3)
-
-    def reference(q, k, v, *, causal, scale):
-        proj, heads = m.projection(q.shape[-1]).double(), q.shape[1]
-        qf, kf = positive_random_features(q, proj, scale), positive_random_features(expand_heads(k, heads), proj, scale)
-        weights = (qf @ kf.transpose(-1, -2)) * visible(q.shape[2], k.shape[2], causal)
-        return row_normalized(weights, 0.0) @ expand_heads(v, heads)
-
     for causal in (False, True):
-        assert_matches(m, reference, gen, causal=causal, label="performer")
+        assert_matches(m, m.reference, gen, causal=causal, label="performer")
 
 
 def features_without_norm_term(x, proj, *, is_query):

@@ -66,14 +66,14 @@ def test_defaults_run_as_the_method_configured_by_the_rule(name, rng):
 
 
 def test_hip_default_rounds_the_block_size_down_and_scores_by_the_bound(rng):
-    """At 6K keys the shared rule's nearest power of two is 32; hip's default takes 16 (the 7K
-    passkey, README "Defaults") and the bound branch score."""
+    """At 6K keys the shared rule's nearest power of two is 32; hip's and block_sparse's defaults
+    take 16 (the 7K passkey, README "Defaults"), hip the bound branch score."""
     q, k, v = (torch.randn(1, 1, 6144, 16, generator=rng) for _ in range(3))
     hip, block_sparse = attnzoo.get_method("hip"), attnzoo.get_method("block_sparse")
     assert hip.config.branch_score == "bound"
     for method in (hip, block_sparse):
         method(q[:, :, -64:], k, v, causal=True)
-    assert hip.budgets_used()[0]["block_size"] == 16 and block_sparse.budgets_used()[0]["block_size"] == 32
+    assert hip.budgets_used()[0]["block_size"] == 16 and block_sparse.budgets_used()[0]["block_size"] == 16
 
 
 def test_explicit_values_win(rng):

@@ -1,12 +1,9 @@
-"""MInference block-sparse against its literal reference selection, and the wrong rules it must catch."""
+"""MInference block-sparse against its literal reference selection (``.reference``), and the wrong rules it must catch."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 from fidelity.dynamic.checks import assert_matches_reference, lowest_scored, mutant_test
-from fidelity.dynamic.references import block_sparse_support
 from fidelity.mutation import Mutant
 
 from attnzoo.methods.dynamic import block_sparse
@@ -20,8 +17,7 @@ CONFIGS = [
 
 
 def check(config: dict, seed: int) -> None:
-    support = functools.partial(block_sparse_support, **config)
-    assert_matches_reference("block_sparse", config, support, seed)
+    assert_matches_reference("block_sparse", config, seed)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)

@@ -16,7 +16,7 @@ CONFIGS = [dict(block_size=8, local_blocks=2, vert_stride=4), dict(block_size=16
 
 
 def check(config: dict, seed: int) -> None:
-    assert_matches_reference("s2", config, functools.partial(s2_support, **config), seed)
+    assert_matches_reference("s2", config, seed, support=functools.partial(s2_support, **config))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)

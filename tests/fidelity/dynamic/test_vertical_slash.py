@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 from fidelity.dynamic.checks import assert_matches_reference, lowest_scored, mutant_test
-from fidelity.dynamic.references import vertical_slash_support
 from fidelity.mutation import Mutant
 
 from attnzoo.methods.dynamic import vertical_slash
@@ -21,7 +18,7 @@ CONFIGS = [
 
 
 def check(config: dict, seed: int) -> None:
-    assert_matches_reference("vertical_slash", config, functools.partial(vertical_slash_support, **config), seed, SHAPES)
+    assert_matches_reference("vertical_slash", config, seed, SHAPES)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)

@@ -2,9 +2,10 @@
 
 A :class:`BlockSelectionMethod` chooses, from q and k, which key blocks each query block attends to
 (``_select`` returns per (batch, query head, query block) key block ids with -1 holes), and the
-block executor then computes exact softmax attention on exactly those blocks. The reference is dense
-attention under the same selection (:meth:`DynamicMethod.selection` exposes it), so the
-fast path and the oracle never disagree about where to look.
+block executor then computes exact softmax attention on exactly those blocks. The methods of this
+package override ``_reference`` with the paper's selection written literally (:mod:`.naive`); the
+default here, dense attention under the fast path's own selection (:meth:`DynamicMethod.selection`
+exposes it), checks only the executor (``seer``, whose selection is a learned gate, keeps it).
 
 Budgets are counts of key blocks. A budget larger than the number of key blocks is clamped to all of
 them (which is dense attention) with a :class:`UserWarning`.

@@ -18,6 +18,7 @@ from ...kernels.block_sparse.builders import compact
 from ...kernels.dense import repeat_kv
 from ...method import Call, MethodInfo
 from ...registry import register
+from . import naive
 from .scoring import block_means, region_order, top_blocks
 
 
@@ -68,6 +69,10 @@ class BiFormer(DynamicMethod):
         kr = repeat_kv(block_means(k[:, :, order], size), call.groups)
         affinity = torch.einsum("bhrd,bhsd->brs", qr, kr)[:, None]
         return top_blocks(affinity, clamp_budget(self.info.name, "topk", self.config.topk, regions))
+
+    def _reference(self, q, k, v, call: Call) -> torch.Tensor:
+        support = naive.biformer_support(q, k, n_win=self.config.n_win, topk=self.config.topk, grid=self.config.grid)
+        return naive.support_reference(q, k, v, support, call.scale)
 
     def plan(self, q, k, call: Call) -> Selection:
         """Routed regions as key blocks of the region-major token order."""

@@ -12,6 +12,7 @@ from attnzoo.methods.dynamic.budget import Budget, LengthBudget
 from ...errors import InvalidArgumentError, check_int
 from ...method import Call, MethodInfo
 from ...registry import register
+from . import naive
 from .scoring import (
     forced_blocks,
     pooled_scores,
@@ -60,9 +61,19 @@ class BlockSparse(LengthBudget, BlockSelectionMethod):
                 raise InvalidArgumentError("estimator", f"one of {ESTIMATORS}", repr(self.estimator))
             self.samples = check_int("samples", self.samples)
 
+    # default blocks: the power of two at most N / 256, as hip's: at 7K keys the nearest one's
+    # 32-token blocks lost SmolLM2's passkeys 6400 tokens before the question (README "Defaults")
+    round_block_down = True
+
     def budget_config(self, budget: Budget, call: Call) -> dict:
         """The rule's blocks: ``top_k`` counts the always-visited ones."""
         return {"top_k": budget.key_blocks, "block_size": budget.block_size}
+
+    def _reference(self, q, k, v, call: Call) -> torch.Tensor:
+        cfg = self.at_budget(call).config
+        support = naive.block_sparse_support(q, k, top_k=cfg.top_k, block_size=cfg.block_size, local_blocks=cfg.local_blocks,
+                                             causal=call.causal, scale=call.scale, estimator=cfg.estimator, samples=cfg.samples)
+        return naive.support_reference(q, k, v, support, call.scale)
 
     def _select(self, q, k, call: Call) -> torch.Tensor:
         b = self.config.block_size

@@ -4,8 +4,9 @@ a density target that falls as the number of keys N grows, and a block size that
 At a call with N keys:
 
 - block size b: the power of two nearest N / 256, within [16, 128] (16 up to 4K keys, 32 at 8K,
-  64 at 16K, 128 from 32K); ``hip``: the largest power of two not above N / 256 (16 below 8K, so
-  16 at 7K where the nearest, 32, loses SmolLM2's far passkeys; the same at 4K, 8K, 16K, ...).
+  64 at 16K, 128 from 32K); ``hip`` and ``block_sparse``: the largest power of two not above
+  N / 256 (16 below 8K, so 16 at 7K where the nearest, 32, loses SmolLM2's far passkeys; the same
+  at 4K, 8K, 16K, ...).
   Small blocks keep what short texts attend to (on SmolLM2 at 4K, 16-token blocks keep 0.88 of
   the attention mass at 10% density where 64-token blocks keep 0.80: ``eval.oracle_recall``); long
   inputs need larger blocks, or the block executor's per-block overhead and the selection's

@@ -13,6 +13,7 @@ from ...errors import InvalidArgumentError, check_int
 from ...kernels.dense import work_dtype
 from ...method import Call, MethodInfo
 from ...registry import register
+from . import naive
 from .scoring import (
     block_means,
     forced_blocks,
@@ -108,6 +109,14 @@ class HiP(LengthBudget, BlockSelectionMethod):
 
     def kv_block(self, call: Call) -> int:
         return self.config.key_block_size or self.config.block_size
+
+    def _reference(self, q, k, v, call: Call) -> torch.Tensor:
+        cfg = self.at_budget(call).config
+        support = naive.hip_support(q, k, top_k=cfg.top_k, block_size=cfg.block_size, local_blocks=cfg.local_blocks,
+                                    causal=call.causal, branch_score=cfg.branch_score, key_block_size=cfg.key_block_size,
+                                    query_samples=cfg.query_samples, candidates=cfg.candidates,
+                                    rerank_samples=cfg.rerank_samples, scale=call.scale)
+        return naive.support_reference(q, k, v, support, call.scale)
 
     def _select(self, q, k, call: Call) -> torch.Tensor:
         bq, bk = self.config.block_size, self.kv_block(call)

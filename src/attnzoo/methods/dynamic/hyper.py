@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
 from ...errors import check_int
-from ...kernels.dense import attention_scores, causal_mask, repeat_kv, work_dtype
+from ...kernels.dense import causal_mask, repeat_kv, work_dtype
 from ...method import Call, MethodInfo
 from ...registry import register
+from . import naive
 from .base import DynamicMethod
 
 
@@ -213,8 +215,7 @@ class HyperAttention(DynamicMethod):
         return bias
 
     def _reference(self, q, k, v, call: Call) -> torch.Tensor:
-        scores = attention_scores(q, k, scale=call.scale) + self._bias(q, k, call).to(work_dtype(q))
-        return (torch.softmax(scores, -1) @ repeat_kv(v, call.groups).to(scores.dtype)).to(q.dtype)
+        return naive.hyper_reference(q, k, v, scale=call.scale, causal=call.causal, **dataclasses.asdict(self.config))
 
     def _support(self, q, k, v, call: Call) -> torch.Tensor:
         return torch.isfinite(self._bias(q, k, call))

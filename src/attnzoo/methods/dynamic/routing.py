@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from attnzoo.methods.dynamic import naive
 from attnzoo.methods.dynamic.base import DynamicMethod, Selection
 
 from ...errors import InvalidArgumentError, check_int
@@ -155,6 +156,12 @@ class Routing(DynamicMethod):
 
         layout = compact(keys, n_q, n_k, b, kv_block=b, mask_mod=mask_mod)
         return Selection(layout, q_pos, k_pos, repeats=self.config.balanced)
+
+    def _reference(self, q, k, v, call: Call) -> torch.Tensor:
+        cfg = self.config
+        support = naive.routing_support(q, k, num_clusters=cfg.num_clusters, iterations=cfg.iterations, seed=cfg.seed,
+                                        window=cfg.window, balanced=cfg.balanced, causal=call.causal)
+        return naive.support_reference(q, k, v, support, call.scale)
 
     def _support(self, q, k, v, call: Call) -> torch.Tensor:
         if self.config.balanced:  # in some cluster together

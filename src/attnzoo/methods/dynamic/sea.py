@@ -16,6 +16,7 @@ from ...kernels.dense import causal_mask, repeat_kv
 from ...kernels.linear.feature_maps import favor_features, orthogonal_gaussian
 from ...method import Call, MethodInfo
 from ...registry import register
+from . import naive
 from .base import DynamicMethod, Selection
 
 
@@ -62,13 +63,17 @@ class SEA(DynamicMethod):
         super().__init__(**config)
         self._projections: dict = {}
 
+    def projection(self, call: Call) -> torch.Tensor:
+        """(1, num_features, D) the Performer projection of this head dimension, drawn once from ``seed``."""
+        if call.dim not in self._projections:
+            self._projections[call.dim] = orthogonal_gaussian(self.config.num_features, call.dim, seed=self.config.seed)
+        return self._projections[call.dim]
+
     def select(self, q, k, call: Call) -> torch.Tensor:
         """(B, Hq, nQB, q_block + top_k) key ids per query block, -1 for none: the block's diagonal
         keys, then the top_k keys of the estimate among the other allowed keys."""
         cfg, dev = self.config, q.device
-        if call.dim not in self._projections:
-            self._projections[call.dim] = orthogonal_gaussian(cfg.num_features, call.dim, seed=cfg.seed)
-        proj, root = self._projections[call.dim], call.scale ** 0.5
+        proj, root = self.projection(call), call.scale ** 0.5
         qf = favor_features(q * root, proj, is_query=True)
         kf = repeat_kv(favor_features(k * root, proj, is_query=False), call.groups)
         nqb, b, off = -(-call.len_q // cfg.q_block), cfg.q_block, call.len_kv - call.len_q
@@ -95,6 +100,11 @@ class SEA(DynamicMethod):
         keys = self.select(q, k, call)
         mask_mod = CausalMask(call.len_kv - call.len_q) if call.causal else None
         return Selection(compact(keys, call.len_q, call.len_kv, self.config.q_block, mask_mod=mask_mod, covers_mask=False))
+
+    def _reference(self, q, k, v, call: Call) -> torch.Tensor:
+        support = naive.sea_support(q, k, top_k=self.config.top_k, q_block=self.config.q_block, proj=self.projection(call)[0],
+                                    causal=call.causal, scale=call.scale)
+        return naive.support_reference(q, k, v, support, call.scale)
 
     def _support(self, q, k, v, call: Call):
         keys = self.select(q, k, call)

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import InvalidArgumentError, check_int
-from ...kernels.dense import masked_attention, repeat_kv, sdpa, work_dtype
+from ...kernels.dense import repeat_kv, sdpa, work_dtype
 from ...method import Call, MethodInfo
 from ...registry import register
+from . import naive
 from .base import DynamicMethod, RegionConfig
 from .scoring import block_means, region_order
 
@@ -141,13 +142,9 @@ class SGFormer(DynamicMethod):
         return None  # pooled keys: no (query, key) support
 
     def _reference(self, q, k, v, call: Call) -> torch.Tensor:
-        ids = self.groups(q, k, call)
-        member = torch.nn.functional.one_hot(ids, self.config.num_tokens).transpose(-1, -2).double()  # (B, Hq, M, N)
-        counts = member.sum(-1)
-        pool = member / counts.clamp(min=1)[..., None]
-        kp = pool @ repeat_kv(k, call.groups).double()
-        vp = pool @ repeat_kv(v, call.groups).double()
-        return masked_attention(q.double(), kp, vp, (counts > 0)[:, :, None, :], scale=call.scale).to(q.dtype)
+        cfg = self.config
+        return naive.sgformer_reference(q, k, v, n_win=cfg.n_win, num_tokens=cfg.num_tokens, grid=cfg.grid, scale=call.scale,
+                                        reallocation=cfg.reallocation)
 
 
 def _token_significance(q_regions, k_regions, size: int, scale: float) -> torch.Tensor:

@@ -14,6 +14,7 @@ from ...kernels.block_sparse import membership
 from ...kernels.dense import work_dtype
 from ...method import Call, MethodInfo
 from ...registry import register
+from . import naive
 from .scoring import last_key_block, top_blocks, unique_blocks
 
 
@@ -79,6 +80,14 @@ class VerticalSlash(LengthBudget, BlockSelectionMethod):
             columns = 0
         return {"vertical_blocks": 1, "slash_blocks": slashes, "vertical_columns": columns, "block_size": budget.block_size,
                 "last_q": estimate_queries_for(call.len_kv)}
+
+    def _reference(self, q, k, v, call: Call) -> torch.Tensor:
+        cfg = self.at_budget(call).config
+        support = naive.vertical_slash_support(q, k, vertical_blocks=cfg.vertical_blocks, slash_blocks=cfg.slash_blocks,
+                                               block_size=cfg.block_size, local_blocks=cfg.local_blocks, last_q=cfg.last_q,
+                                               vertical_columns=cfg.vertical_columns or 0, causal=call.causal,
+                                               scale=call.scale, estimate_queries=cfg.estimate_queries)
+        return naive.support_reference(q, k, v, support, call.scale)
 
     def estimate(self, q, k, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
         """Vertical (B, Hq, Nk) and slash (B, Hq, Nk, by offset) attention mass of ``last_q`` queries:

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import check_int
-from ...kernels.dense import attention_scores, causal_mask, repeat_kv, work_dtype
+from ...kernels.dense import work_dtype
 from ...kernels.linear import state_product
 from ...method import Call, MethodInfo
 from ...registry import register
 from ..local.sliding_window import SlidingWindow
+from . import naive
 from .base import KernelizedConfig
 from .linear import Linear
 
@@ -73,25 +74,16 @@ class InLine(Linear):
         injective = num_den * (call.scale / n)
         return injective[..., :-1] + value_sum * (1 - injective[..., -1:]) / n
 
-    def _with_local(self, out, q, k, v, call: Call, reference: bool):
-        if self._local is not None:
-            if reference:
-                local = self._local.reference(q, k, v, causal=call.causal, scale=call.scale)
-            else:  # inputs were checked once by this call
-                local = self._local(q, k, v, causal=call.causal, scale=call.scale, check_finite=False)
+    def _with_local(self, out, q, k, v, call: Call):
+        if self._local is not None:  # inputs were checked once by this call
+            local = self._local(q, k, v, causal=call.causal, scale=call.scale, check_finite=False)
             out = out + local.to(out.dtype)
         return out.to(q.dtype)
 
     def _forward(self, q, k, v, call: Call):
         product = lambda a, b, c: state_product(a, b, c, causal=call.causal, chunk=self.config.chunk, backend=self.backend)  # noqa: E731
-        return self._with_local(self._inline(q, k, v, call, product), q, k, v, call, reference=False)
+        return self._with_local(self._inline(q, k, v, call, product), q, k, v, call)
 
     def _reference(self, q, k, v, call: Call):
-        qf, kf = self.features(q, k, call)
-        scores = attention_scores(qf, kf, scale=1.0)  # phi(q_i) phi(k_j), (B, Hq, Nq, Nk)
-        allowed = causal_mask(call.len_q, call.len_kv, q.device) if call.causal else torch.ones_like(scores, dtype=torch.bool)
-        n = self._visible(call, q)
-        scores = scores * allowed
-        weights = ((scores - scores.sum(-1, keepdim=True) / n) * (call.scale / n) + 1 / n) * allowed
-        out = weights @ repeat_kv(v, call.groups).to(weights.dtype)
-        return self._with_local(out, q, k, v, call, reference=True)
+        return naive.inline_reference(q, k, v, feature_map=self.config.feature_map, window=self.config.window, scale=call.scale,
+                                      causal=call.causal)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ...method import Call, MethodInfo
 from ...registry import register
+from . import naive
 from .base import KernelizedConfig
 from .decay import check_decay, decay_for
 from .linear import Linear
@@ -49,3 +50,8 @@ class Lightning(Linear):
 
     def decay(self, call: Call):
         return decay_for(self.config.decay, call)
+
+    def _reference(self, q, k, v, call):
+        decay = naive.lightning_decay(self.config.decay, call.heads_q) if call.causal else None
+        return naive.kernelized_reference(q, k, v, feature_map=self.config.feature_map, causal=call.causal, eps=self.config.eps,
+                                          normalize=False, decay=decay)

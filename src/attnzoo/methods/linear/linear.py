@@ -5,6 +5,7 @@ from __future__ import annotations
 from ...kernels.linear.feature_maps import fixed_map
 from ...method import MethodInfo
 from ...registry import register
+from . import naive
 from .base import KernelizedConfig, LinearMethod
 
 
@@ -26,3 +27,6 @@ class Linear(LinearMethod):
     def features(self, q, k, call):
         phi = fixed_map(self.config.feature_map)
         return phi(q), phi(k)
+
+    def _reference(self, q, k, v, call):
+        return naive.kernelized_reference(q, k, v, feature_map=self.config.feature_map, causal=call.causal, eps=self.config.eps)

@@ -8,6 +8,7 @@ from ...errors import check_int
 from ...kernels.linear.feature_maps import favor_features, orthogonal_gaussian
 from ...method import Call, MethodInfo
 from ...registry import register
+from . import naive
 from .base import LinearConfig, LinearMethod
 
 
@@ -56,3 +57,7 @@ class Performer(LinearMethod):
         proj = self.projection(call.dim)
         root = call.scale ** 0.5
         return favor_features(q * root, proj, is_query=True), favor_features(k * root, proj, is_query=False)
+
+    def _reference(self, q, k, v, call: Call):
+        return naive.performer_reference(q, k, v, proj=self.projection(call.dim)[0], scale=call.scale, causal=call.causal,
+                                         eps=self.config.eps)

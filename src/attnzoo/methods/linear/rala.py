@@ -8,6 +8,7 @@ from ...kernels.dense import attention_scores, repeat_kv
 from ...kernels.linear.feature_maps import fixed_map
 from ...method import Call, MethodInfo
 from ...registry import register
+from . import naive
 from .base import KernelizedConfig, LinearMethod
 
 
@@ -40,3 +41,6 @@ class RALA(LinearMethod):
         phi = fixed_map(self.config.feature_map)
         qf, kf = phi(q), repeat_kv(phi(k), call.groups)
         return qf, kf * self.key_weights(qf, kf, call).to(kf.dtype)
+
+    def _reference(self, q, k, v, call: Call):
+        return naive.rala_reference(q, k, v, feature_map=self.config.feature_map, scale=call.scale, eps=self.config.eps)
