@@ -8,7 +8,7 @@ import torch
 from helpers import qkv, rel_err
 
 from attnzoo.errors import InvalidArgumentError
-from attnzoo.kernels.dense import attention_with_lse, merge_attention
+from attnzoo.kernels.dense import attention_with_lse, merge_attention, sdpa
 
 
 def causal_allowed(nq, nk):
@@ -152,3 +152,13 @@ def test_bad_arguments_are_named(rng):
         merge_attention([out, out], [lse])
     with pytest.raises(InvalidArgumentError, match=r"outs\[1\], lses\[1\]"):
         merge_attention([out, out[:, :, :3]], [lse, lse])
+
+
+@pytest.mark.parametrize("nq,nk", [(1, 40), (1, 1), (5, 40), (40, 40)])
+def test_sdpa_bottom_right_causal_equals_plain_softmax(nq, nk, rng, softmax):
+    """sdpa's causal alignment, including the one-query decode step it runs without a mask."""
+    q, k, v = qkv(rng, B=2, Hq=4, Hkv=2, Nq=nq, Nk=nk, D=16)
+    want_out, _ = softmax.reference(q, k, v, causal_allowed(nq, nk), 0.3)
+    with torch.no_grad():
+        out = sdpa(q, k, v, causal=True, scale=0.3)
+    assert rel_err(out, want_out) <= 1e-5, rng.initial_seed()

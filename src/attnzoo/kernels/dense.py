@@ -42,7 +42,9 @@ def causal_mask(len_q: int, len_kv: int, device=None) -> torch.Tensor:
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Exact attention through torch's fused kernels, with GQA and bottom-right causal alignment."""
     groups = q.shape[1] // k.shape[1]
-    if causal and q.shape[2] != k.shape[2]:
+    if causal and q.shape[2] == 1:  # a decode step: bottom-right, its one query sees every key
+        causal = False
+    elif causal and q.shape[2] != k.shape[2]:
         cm = causal_mask(q.shape[2], k.shape[2], q.device)
         mask = cm if mask is None else mask & cm
         causal = False
