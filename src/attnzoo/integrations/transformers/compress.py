@@ -207,6 +207,8 @@ class CompressedLayer(DynamicLayer):
         """A copy of this layer, which holds every key of a prompt and the policy's state, as the
         prompt's last call under ``policy`` and ``budget`` would have left it (this layer unchanged).
         Exact because the policies score without the budget: only the top-k reads it."""
+        if type(self) is not CompressedLayer:
+            raise UnsupportedError(f"attnzoo.compress: a {type(self).__name__} cannot be cut; only a uniform CompressedLayer")
         if self.stored() != self.seen or self.real is None:
             raise InvalidArgumentError("cache", "a prompt's cache that kept every key (prefilled under ratio=1.0)",
                                        f"{self.stored()} keys held of {self.seen} seen")
