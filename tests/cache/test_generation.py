@@ -67,3 +67,16 @@ def test_eval_cli_refuses_bad_combinations_before_loading_a_model(argv, message,
 
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_greedy_from_a_prefill_is_what_generate_returns(rng, llama):
+    from attnzoo.eval.generation import greedy, prefill
+
+    ids = torch.randint(0, VOCAB, (1, 24), generator=rng)
+    want = llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, 24:]
+    start = prefill(llama, ids)
+    assert greedy(llama, start, 6) == want.tolist()
+    assert start.cache.get_seq_length() == 24 + 5  # every token but the last was fed back
+    stop = want[2].item()
+    until = want.tolist().index(stop) + 1  # ends after the first stop token
+    assert greedy(llama, prefill(llama, ids), 6, stop=stop) == want[:until].tolist()

@@ -332,3 +332,33 @@ def write_report(store: Store, run_id: str, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render(store.export(run_id)), encoding="utf-8")
     return path
+
+
+# ---- a long generation under a fixed KV budget (benchmarks/cache_streaming.py) ----------------
+def cache_streaming_report(samples: list[dict[str, Any]], info: dict[str, Any]) -> str:
+    """HTML of a long generation under a fixed cache budget: the cache's bytes and the process's
+    RSS against the tokens generated (one figure, id ``plot-cache-streaming``) and the samples'
+    table. ``samples``: dicts with ``step``, ``cache_bytes``, ``rss_mb``, ``decode_ms``; ``info``:
+    the run's facts (command, machine, date), shown first."""
+    plt = _matplotlib()
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>attnzoo cache streaming</title><style>{CSS}</style></head><body>",
+             "<h1>KV cache under a fixed budget over a long generation</h1>",
+             _table(["", ""], [f'<tr><td class="l">{_esc(k)}</td><td class="l">{_esc(v)}</td></tr>' for k, v in info.items()], "run")]
+    if plt is None:
+        parts.append(f"<p class='noplots'>{PLOTS_HINT}</p>")
+    elif samples:
+        steps = [s["step"] for s in samples]
+        fig, cache = plt.subplots(figsize=(6.5, 3.6))
+        rss = cache.twinx()  # the cache is a small part of the process: each on its own axis, both from 0
+        for axis, values, label, color in ((cache, [s["cache_bytes"] / 2**20 for s in samples], "KV cache MB (its tensors)", "C0"),
+                                           (rss, [s["rss_mb"] for s in samples], "process RSS MB", "C1")):
+            axis.plot(steps, values, marker=".", color=color)
+            axis.set_ylabel(label, color=color)
+            axis.set_ylim(0, 1.15 * max(values))
+        cache.set_xlabel("generated tokens")
+        parts.append(_figure("plot-cache-streaming", "cache bytes and RSS against generated tokens", _png(fig, plt)))
+    rows = [f"<tr><td class='l'>{s['step']}</td><td>{s['cache_bytes']}</td><td>{s['rss_mb']:.1f}</td><td>{s['decode_ms']:.1f}</td></tr>"
+            for s in samples]
+    parts.append(_table(["generated tokens", "cache bytes", "RSS MB", "decode ms/token (since the last sample)"], rows, "samples"))
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -8,16 +8,27 @@ not), so a dense run and a compressed run in the same process compare like for l
   during the run above the memory before it (sampled);
 - :func:`continuation_perplexity`: perplexity of a continuation teacher-forced in one call after
   the (compressed) cache of a context.
+
+One prefill, several budgets (what makes a table of policies x ratios affordable): every policy
+scores keys without reference to the budget and a prompt is compressed once, at its end, so
+:func:`keep_all` prefills a prompt under a policy keeping every key and the policy's state, and
+:func:`cut` copies that cache down to one ratio, exactly as a prefill under that ratio would have
+left it. For policies that read only the latest queries (not cumulative: SnapKV, StreamingLLM),
+:func:`keep_all` can also start from a dense cache of the prompt's first part shared by every
+policy (``dense_prefix``), prefilling under the policy only the rest (at least its observation
+window).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import statistics
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -146,11 +157,19 @@ def continuation_perplexity(model, ids: torch.Tensor, context: int, continuation
     if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < context + continuation:
         raise InvalidArgumentError("ids", f"token ids of shape (1, >= {context + continuation})", tuple(ids.shape))
     ids = ids.to(model_device(model))
-    first = model(input_ids=ids[:, :context], use_cache=True, logits_to_keep=1)
-    rest = model(input_ids=ids[:, context:context + continuation - 1], **{cache_argument(model): _cache_of(first)}, use_cache=True)
-    logits = torch.cat([first.logits[:, -1:], rest.logits], dim=1)[0].float()
-    nll = float(F.cross_entropy(logits, ids[0, context:context + continuation], reduction="mean"))
+    nll = continuation_nll(model, prefill(model, ids[:, :context]), ids[:, context:context + continuation])
     return ContinuationPerplexity(context, continuation, nll, math.exp(nll))
+
+
+@torch.no_grad()
+def continuation_nll(model, start: Prefill, continuation: torch.Tensor) -> float:
+    """Mean NLL of ``continuation`` (1, M) teacher-forced in one call after the prefilled
+    ``start`` (its last logits predict the first token); extends ``start.cache``."""
+    from ..integrations.transformers.compress import cache_argument
+
+    rest = model(input_ids=continuation[:, :-1], **{cache_argument(model): start.cache}, use_cache=True)
+    logits = torch.cat([start.logits, rest.logits], dim=1)[0].float()
+    return float(F.cross_entropy(logits, continuation[0], reduction="mean"))
 
 
 def english_ids(tokenizer, tokens: int) -> torch.Tensor:
@@ -159,3 +178,78 @@ def english_ids(tokenizer, tokens: int) -> torch.Tensor:
     if len(ids) < tokens:
         raise InvalidArgumentError("tokens", f"at most {len(ids)} (the evaluation text's length)", tokens)
     return ids[None, :tokens]
+
+
+# ---- one prefill, several budgets -----------------------------------------------------------------
+@dataclass
+class Prefill:
+    """A prompt's ``cache`` and the ``logits`` (1, 1, V) of its last token."""
+
+    cache: Any
+    logits: torch.Tensor
+
+    def copy(self) -> Prefill:
+        """An independent copy (decoding it leaves this one as it is)."""
+        return Prefill(copy.deepcopy(self.cache), self.logits)
+
+
+@torch.no_grad()
+def prefill(model, ids: torch.Tensor, cache=None) -> Prefill:
+    """Run ``ids`` (1, N) through ``model`` as one call, after the tokens of ``cache`` (extended in
+    place) if given; whatever compression is open applies."""
+    from ..integrations.transformers.compress import cache_argument
+
+    extra = {} if cache is None else {cache_argument(model): cache}
+    out = model(input_ids=ids.to(model_device(model)), use_cache=True, logits_to_keep=1, **extra)
+    return Prefill(_cache_of(out), out.logits[:, -1:])
+
+
+@torch.no_grad()
+def greedy(model, start: Prefill, steps: int, stop: int | None = None) -> list[int]:
+    """Up to ``steps`` greedy tokens decoded one at a time from ``start`` (its cache is extended),
+    ending after ``stop`` (an end-of-sequence id) if it comes."""
+    from ..integrations.transformers.compress import cache_argument
+
+    name, logits, tokens = cache_argument(model), start.logits, []
+    for _ in range(steps):
+        token = logits[:, -1:].argmax(-1)
+        tokens.append(int(token))
+        if tokens[-1] == stop or len(tokens) == steps:
+            break
+        logits = model(input_ids=token, **{name: start.cache}, use_cache=True).logits
+    return tokens
+
+
+def keep_all(model, policy: str, ids: torch.Tensor, *, dense_prefix: Prefill | None = None, **config) -> Prefill:
+    """``ids`` (1, N) prefilled under cache ``policy`` (a registered name, ``**config``) keeping
+    every key, its latest queries and its accumulated scores: the start of :func:`cut`.
+    ``dense_prefix``: an uncompressed cache of the first tokens of ``ids`` (copied, unchanged);
+    only the rest is prefilled under the policy, which must read no query before it (not
+    cumulative, an observation window no longer than the rest)."""
+    from ..cache import get_policy
+    from ..integrations.transformers.compress import compress
+
+    cache, rest = None, ids
+    if dense_prefix is not None:
+        done = dense_prefix.cache.get_seq_length()
+        scorer = get_policy(policy, **config)
+        if scorer.cumulative or scorer.observation > ids.shape[1] - done or done >= ids.shape[1]:
+            raise InvalidArgumentError("dense_prefix", f"a dense prefix leaving at least {max(1, scorer.observation)} tokens "
+                                       f"of ids, for a policy that is not cumulative ({scorer!r})",
+                                       f"{done} of {ids.shape[1]} tokens (cumulative: {scorer.cumulative})")
+        cache, rest = copy.deepcopy(dense_prefix.cache), ids[:, done:]
+    with compress(model, policy, ratio=1.0, interval=1, **config):
+        return prefill(model, rest, cache)
+
+
+def cut(model, policy: str, full: Prefill, ratio: float, **config) -> Prefill:
+    """A copy of :func:`keep_all`'s ``full`` holding what a prefill of the same prompt under
+    ``attnzoo.compress(model, policy, ratio=ratio, **config)`` would hold; decode it inside such a
+    compression. ``full`` is unchanged."""
+    from ..integrations.transformers.compress import compress
+
+    handle = compress(model, policy, ratio=ratio, **config)
+    try:
+        return Prefill(handle.cut(full.cache), full.logits)
+    finally:
+        handle.close()

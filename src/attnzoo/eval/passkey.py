@@ -70,6 +70,18 @@ def passkey_prompt(tokenizer, context_len: int, depth: float, key: str) -> tuple
     return ids, _count(tokenizer, head)
 
 
+def passkey_plan(depths: Sequence[float], n: int = 1, seed: int = 0) -> list[tuple[float, str]]:
+    """The (depth, 5-digit key) of every trial of :func:`passkey`: ``n`` random keys per depth."""
+    rng = random.Random(seed)
+    return [(d, str(rng.randint(10000, 99999))) for d in depths for _ in range(n)]
+
+
+def answer_is(answer: str, key: str) -> bool:
+    """Whether the first number in ``answer`` is ``key``."""
+    found = re.search(r"\d+", answer)
+    return bool(found and found.group() == key)
+
+
 @torch.no_grad()
 def _greedy(model, tokenizer, ids: torch.Tensor, max_new_tokens: int) -> str:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -90,14 +102,11 @@ def passkey(model, tokenizer, context_len: int = 4096, depths: Sequence[float] =
     depths = [check_float(f"depths[{i}]", d, low=0.0, high=1.0) for i, d in enumerate(depths)]
     if not depths:
         raise InvalidArgumentError("depths", "at least one depth in [0, 1]", "an empty sequence")
-    rng = random.Random(seed)
     result = PasskeyResult(context_len)
-    plan = [(d, str(rng.randint(10000, 99999))) for d in depths for _ in range(n)]
-    for depth, key in progress(plan, f"passkey {context_len}", show_progress):
+    for depth, key in progress(passkey_plan(depths, n, seed), f"passkey {context_len}", show_progress):
         ids, position = passkey_prompt(tokenizer, context_len, depth, key)
         answer = _greedy(model, tokenizer, ids.to(model_device(model)), max_new_tokens)
-        found = re.search(r"\d+", answer)
-        result.trials.append(PasskeyTrial(depth, key, ids.shape[1], position, answer.strip(), bool(found and found.group() == key)))
+        result.trials.append(PasskeyTrial(depth, key, ids.shape[1], position, answer.strip(), answer_is(answer, key)))
         if on_trial is not None:
             on_trial(result)
     return result

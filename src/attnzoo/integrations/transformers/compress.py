@@ -37,6 +37,7 @@ length stays right (a ragged head does the same with its own S).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -229,6 +230,29 @@ class CompressedLayer(DynamicLayer):
         self.positions = self.positions.gather(2, chosen)
         if self.accumulated is not None:
             self.accumulated = self.accumulated.gather(2, chosen)
+
+    def cut(self, policy: CachePolicy, budget: Budget, scale: float) -> CompressedLayer:
+        """A copy of this layer, which holds every key of a prompt and the policy's state, as the
+        prompt's last call under ``policy`` and ``budget`` would have left it (this layer unchanged).
+        Exact because the policies score without the budget: only the top-k reads it."""
+        if type(self) is not CompressedLayer:
+            raise UnsupportedError(f"attnzoo.compress: a {type(self).__name__} cannot be cut; only a uniform CompressedLayer")
+        if self.stored() != self.seen or self.real is None:
+            raise InvalidArgumentError("cache", "a prompt's cache that kept every key (prefilled under ratio=1.0)",
+                                       f"{self.stored()} keys held of {self.seen} seen")
+        if repr(policy) != repr(self.policy) or (policy.observation and self.queries is None):
+            raise InvalidArgumentError("cache", f"a cache prefilled under {policy!r} keeping its latest queries (interval= set)",
+                                       f"{self.policy!r}, latest queries {'kept' if self.queries is not None else 'dropped'}")
+        new = copy.copy(self)
+        new.policy, new.budget = policy, budget
+        target = budget.target(int(self.real.max()))
+        if self.stored() > target:
+            new.keep(target, scale)  # gathers fresh keys, values, positions and accumulated
+        elif self.accumulated is not None:
+            new.accumulated = self.accumulated.clone()  # decode steps add to it in place
+        if budget.interval is None and not budget.chunked:
+            new.queries = None
+        return new
 
 
 def best_keys(scores: torch.Tensor, target: int, real: torch.Tensor) -> torch.Tensor:
@@ -585,6 +609,21 @@ class Compression:
     def __repr__(self) -> str:
         size = f"budget={self.budget.tokens}" if self.budget.tokens is not None else f"ratio={self.budget.ratio}"
         return f"Compression({type(self.model).__name__}, {size}, layers={len(self.policies)})"
+
+    def cut(self, cache):
+        """A copy of ``cache`` (a prompt prefilled under the same policies with ``ratio=1.0`` and
+        ``interval=`` set, so every key and the latest queries stay) holding what a prefill of that
+        prompt under this compression would hold: one prefill serves several budgets. Decode the
+        copy while this compression is open; ``cache`` is unchanged."""
+        scales = {layer.index: layer.scale or layer.head_dim ** -0.5 for layer in attention_modules(self.model)}
+        layers = list(getattr(cache, "layers", []))
+        for i, policy in self.policies.items():
+            if i >= len(layers) or not isinstance(layers[i], CompressedLayer):
+                raise InvalidArgumentError("cache", "a cache prefilled under attnzoo.compress", type(cache).__name__)
+            layers[i] = layers[i].cut(policy, self.budget, scales[i])
+        new = copy.copy(cache)
+        new.layers = layers
+        return new
 
 
 # ---- building it -------------------------------------------------------------------------------
