@@ -620,7 +620,7 @@ class Compression:
         for i, policy in self.policies.items():
             if i >= len(layers) or not isinstance(layers[i], CompressedLayer):
                 raise InvalidArgumentError("cache", "a cache prefilled under attnzoo.compress", type(cache).__name__)
-            layers[i] = layers[i].cut(policy, self.budget, scales[i])
+            layers[i] = layers[i].cut(policy, self.budgets[i], scales[i])
         new = copy.copy(cache)
         new.layers = layers
         return new
