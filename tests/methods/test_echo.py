@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fidelity.mutation import Mutant, assert_caught
 from helpers import qkv
 
 import attnzoo
@@ -13,6 +14,7 @@ from attnzoo import InvalidArgumentError, UnsupportedError
 pytest.importorskip("transformers")
 from integrations.test_transformers import tiny_llama  # noqa: E402
 
+from attnzoo.integrations.transformers import echo as echo_module  # noqa: E402
 from attnzoo.integrations.transformers.compress import cache_argument  # noqa: E402
 from attnzoo.integrations.transformers.echo import echo_plans, roots  # noqa: E402
 from attnzoo.integrations.transformers.plan import AttentionLayer  # noqa: E402
@@ -55,6 +57,10 @@ def test_known_answer_one_hot_source_map_copies_own_values(rng):
     """A source whose queries each attend only to their own key (q_i = k_i = 40 e_i): every echo
     layer's token i outputs its own value v_i, whatever its own q and k; a decode step (one
     query over the cache) likewise reads the value of the key its source picked."""
+    check_one_hot_source(rng)
+
+
+def check_one_hot_source(rng) -> None:
     n = 12
     basis = 40.0 * torch.eye(16)[:n]
     q_src = basis[None, None].expand(1, 2, n, 16).contiguous()
@@ -67,6 +73,33 @@ def test_known_answer_one_hot_source_map_copies_own_values(rng):
     step = q_src[:, :, 4:5]  # the decode query of the source picks key 4
     plans[1](step, q_src, torch.randn(1, 2, n, 16, generator=rng), None, True, 0.25)
     torch.testing.assert_close(plans[3](own_q[:, :, :1], own_k, own_v, None, True, 0.25), own_v[:, :, 4:5])
+
+
+def _own_q_k(self, source, layer, q, k):
+    """The echo layer's own q, k stand in for the source's (no map shared at all)."""
+    return q, k
+
+
+_echo_call = echo_module.EchoPlan.__call__
+
+
+def _source_values(self, q, k, v, mask, causal, scale, window=None):
+    """The source's map over the source's keys read as values (the echo layer's values ignored)."""
+    qs, ks = self.maps.get(self.source, self.layer, q, k)
+    return _echo_call(self, q, k, ks.clone(), mask, causal, scale, window)
+
+
+MUTANTS = [
+    Mutant("echo-own-q-k", echo_module.SharedMaps, "get", _own_q_k),
+    Mutant("echo-source-values", echo_module.EchoPlan, "__call__", _source_values),
+]
+
+
+@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name)
+def test_mutant_is_caught(mutant, monkeypatch):
+    seed = 20261201
+    print(f"seed {seed}")
+    assert_caught(monkeypatch, mutant, lambda: check_one_hot_source(torch.Generator().manual_seed(seed)))
 
 
 @pytest.mark.parametrize("share, match", [
