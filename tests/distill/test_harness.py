@@ -106,17 +106,31 @@ def test_resume_continues_the_same_run(llama, tmp_path, rng):
     assert (tmp_path / "a" / "metrics.jsonl").read_text() == (tmp_path / "b" / "metrics.jsonl").read_text()
 
 
+def test_kept_teacher_features_train_as_fresh_teacher_passes(llama, tmp_path, rng):
+    data = tokens(rng, 4)
+    options = dict(batch_size=2, progress=False, block_size=16, top_k=2)
+    kept = distill(llama, "seer", data, tmp_path / "kept", steps=4, val=data[:3], val_every=2, **options)
+    fresh = distill(llama, "seer", data, tmp_path / "fresh", steps=4, val=data[:3], val_every=2, cache_teacher=False, **options)
+    for name in ("loss", "val_gate_kl"):
+        assert [r.get(name) for r in kept.metrics[1::2]] == pytest.approx([r.get(name) for r in fresh.metrics[1::2]], rel=1e-5)
+    a, b = weights_of(kept), weights_of(fresh)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not all(torch.equal(a[k], weights_of(distill(llama, "seer", data, tmp_path / "one", steps=1, **options))[k]) for k in a)
+    with pytest.raises(InvalidArgumentError, match="cache_teacher"):
+        distill(llama, "moh", data, tmp_path / "moh", steps=1, cache_teacher=True, progress=False)
+
+
 class _Interrupting(SeerRecipe):
     """Raises KeyboardInterrupt in the loss of call ``at`` (as a Ctrl-C mid-step would)."""
 
     def __init__(self, at):
         self.calls, self.at = 0, at
 
-    def layer_losses(self, method, teacher, layer):
+    def feature_losses(self, method, features):
         self.calls += 1
         if self.calls == self.at:
             raise KeyboardInterrupt
-        return super().layer_losses(method, teacher, layer)
+        return super().feature_losses(method, features)
 
 
 def test_ctrl_c_saves_and_resume_loses_nothing(llama, tmp_path, rng):
@@ -124,7 +138,7 @@ def test_ctrl_c_saves_and_resume_loses_nothing(llama, tmp_path, rng):
     options = dict(batch_size=2, progress=False, save_every=100, block_size=16, top_k=2)
     straight = distill(llama, "seer", data, tmp_path / "a", steps=5, **options)
     with pytest.raises(KeyboardInterrupt):
-        distill(llama, _Interrupting(at=2 * 3 + 1), data, tmp_path / "b", steps=5, **options)  # 2 layers: dies in step 4
+        distill(llama, _Interrupting(at=2 * 2 * 3 + 1), data, tmp_path / "b", steps=5, **options)  # 2 examples x 2 layers: dies in step 4
     assert json.loads((tmp_path / "b" / "config.json").read_text())["step"] == 3
     resumed = distill(llama, "seer", data, tmp_path / "b", steps=5, **options)
     a, b = weights_of(straight), weights_of(resumed)
@@ -149,6 +163,11 @@ def test_text_examples_keep_validation_apart():
     assert train.shape == (16, 50) and val.shape == (4, 50)
     ids = torch.tensor([ord(c) % VOCAB for c in text])
     assert torch.equal(torch.cat([train.flatten(), val.flatten()]), ids)
+    overlapping, same_val = text_examples(_Tokenizer(), text, 50, val_fraction=0.2, stride=20)
+    assert overlapping.shape == (38, 50) and torch.equal(same_val, val)
+    assert torch.equal(overlapping[::5].flatten(), train[::2].flatten()) and torch.equal(overlapping[1, :30], train[0, 20:])
+    with pytest.raises(InvalidArgumentError, match="stride"):
+        text_examples(_Tokenizer(), text, 50, stride=0)
     with pytest.raises(InvalidArgumentError, match="non-empty text"):
         text_examples(_Tokenizer(), "  \n", 50)
     with pytest.raises(InvalidArgumentError, match="at least 100 tokens"):

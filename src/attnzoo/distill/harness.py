@@ -38,18 +38,21 @@ def check_text(text: object) -> str:
     return text
 
 
-def text_examples(tokenizer, text: str, seq_len: int, *, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+def text_examples(tokenizer, text: str, seq_len: int, *, val_fraction: float = 0.1,
+                  stride: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(train (n, seq_len), val (m, seq_len)) token windows of ``text``; the validation windows come from
-    the text's last ``val_fraction`` of tokens, so no token of one split is in the other."""
+    the text's last ``val_fraction`` of tokens, so no token of one split is in the other. Training windows
+    start every ``stride`` tokens (default ``seq_len``: back to back; less: overlapping)."""
     check_text(text)
     seq_len = check_int("seq_len", seq_len, minimum=2)
+    stride = seq_len if stride is None else check_int("stride", stride)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     cut = len(ids) - max(seq_len, round(len(ids) * val_fraction))
     if cut < seq_len:
         raise InvalidArgumentError("data", f"a text of at least {2 * seq_len} tokens (one training and one validation window "
                                    f"of seq_len={seq_len})", f"{len(ids)} tokens")
-    windows = lambda t: t[: len(t) // seq_len * seq_len].view(-1, seq_len)  # noqa: E731
-    return windows(ids[:cut]), windows(ids[cut:])
+    val = ids[cut:]
+    return ids[:cut].unfold(0, seq_len, stride).contiguous(), val[: len(val) // seq_len * seq_len].view(-1, seq_len)
 
 
 def batch_indices(step: int, examples: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -91,8 +94,25 @@ def _layers(target: Target, layers: Iterable[int] | None) -> list[int]:
 
 
 class _Trainer:
-    def __init__(self, recipe: Recipe, target: Target, methods: dict[int, Method]):
-        self.recipe, self.target, self.methods = recipe, target, methods
+    def __init__(self, recipe: Recipe, target: Target, methods: dict[int, Method], cache_teacher: bool, device: torch.device):
+        self.recipe, self.target, self.methods, self.device = recipe, target, methods, device
+        # (split, example) -> layer -> teacher features
+        self.cache: dict[tuple[str, int], dict[int, Any]] | None = {} if cache_teacher else None
+
+    def step_losses(self, data: torch.Tensor, indices: torch.Tensor, split: str = "train") -> dict[str, torch.Tensor]:
+        """Named losses of the examples ``indices`` of ``data``: from the teacher's features kept per example
+        (each example's losses averaged), or from one teacher pass over the batch."""
+        if self.cache is None:
+            return self.losses(data[indices].to(self.device))
+        named: dict[str, list[torch.Tensor]] = {}
+        for index in indices.tolist():
+            if (split, index) not in self.cache:
+                teacher = self.target.teacher(data[index:index + 1].to(self.device), list(self.methods))
+                self.cache[split, index] = {i: self.recipe.teacher_features(m, teacher, i) for i, m in self.methods.items()}
+            for i, method in self.methods.items():
+                for name, value in self.recipe.feature_losses(method, self.cache[split, index][i]).items():
+                    named.setdefault(name, []).append(value)
+        return {name: torch.stack(values).mean() for name, values in named.items()}
 
     def losses(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named losses of one batch, each averaged over layers."""
@@ -112,7 +132,8 @@ class _Trainer:
         sums: dict[str, float] = {}
         batches = range(0, len(val), batch_size)
         for start in batches:
-            for name, value in self.losses(val[start:start + batch_size]).items():
+            indices = torch.arange(start, min(start + batch_size, len(val)))
+            for name, value in self.step_losses(val, indices, "val").items():
                 sums[name] = sums.get(name, 0.0) + value.item() / len(batches)
         return sums
 
@@ -141,12 +162,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def distill(model, recipe: str | Recipe, train: torch.Tensor, out: str | Path, *, steps: int, val: torch.Tensor | None = None,
             layers: Iterable[int] | None = None, batch_size: int = 1, lr: float | None = None, seed: int = 0,
-            save_every: int = 25, val_every: int | None = None, progress: bool = True, **method_config: Any) -> DistillRun:
+            save_every: int = 25, val_every: int | None = None, progress: bool = True, cache_teacher: bool | None = None,
+            **method_config: Any) -> DistillRun:
     """Train ``recipe``'s method (configured by ``method_config`` over the recipe's defaults) in ``layers``
     (default all) of the frozen ``model`` (a transformers model or one built from ``attnzoo.nn.Attention``)
     for ``steps`` steps of ``batch_size`` examples of ``train`` (AdamW at ``lr``, default the recipe's),
     checkpointing into ``out`` every ``save_every`` steps and at the end; ``val`` (held-out examples)
     is evaluated every ``val_every`` steps (default: at the end). A folder holding this same run resumes it.
+    ``cache_teacher`` (default: whenever the recipe allows it, ``seer``'s pooled maps): run the frozen teacher
+    once per training example and keep what the losses read of it (memory grows with the number of examples).
     Returns a :class:`DistillRun`."""
     recipe = get_recipe(recipe)
     steps, batch_size = check_int("steps", steps), check_int("batch_size", batch_size)
@@ -176,7 +200,10 @@ def distill(model, recipe: str | Recipe, train: torch.Tensor, out: str | Path, *
                   "examples": list(train.shape), "data_crc32": zlib.crc32(train.detach().cpu().contiguous().numpy().tobytes())}
     folder = Path(out)
     start = _resume(folder, run_config, methods, optimizer)
-    trainer = _Trainer(recipe, target, methods)
+    if cache_teacher and not recipe.caches_teacher:
+        raise InvalidArgumentError("cache_teacher", f"None or False for recipe {recipe.name!r} (its losses need a fresh teacher pass)", cache_teacher)
+    trainer = _Trainer(recipe, target, methods, recipe.caches_teacher if cache_teacher is None else bool(cache_teacher),
+                       device)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -186,7 +213,7 @@ def distill(model, recipe: str | Recipe, train: torch.Tensor, out: str | Path, *
     try:
         with open(folder / checkpoint.METRICS, "a") as log:
             for step in range(start, steps):
-                losses = trainer.losses(train[batch_indices(step, len(train), batch_size, seed)].to(device))
+                losses = trainer.step_losses(train, batch_indices(step, len(train), batch_size, seed))
                 total = sum(losses.values())
                 optimizer.zero_grad()
                 total.backward()
@@ -195,7 +222,7 @@ def distill(model, recipe: str | Recipe, train: torch.Tensor, out: str | Path, *
                 run.steps, updating = step + 1, False
                 record = {"step": step + 1, "split": "train", "loss": total.item(), **{k: v.item() for k, v in losses.items()}}
                 if val is not None and (run.steps % val_every == 0 or run.steps == steps):
-                    scores = trainer.validate(val.to(device), max(batch_size, VAL_BATCH))
+                    scores = trainer.validate(val, max(batch_size, VAL_BATCH))
                     record = {**record, **{f"val_{k}": v for k, v in scores.items()}}
                 run.metrics.append(record)
                 log.write(json.dumps(record) + "\n")

@@ -47,6 +47,9 @@ class Recipe:
         """Raise for a model this recipe cannot train on."""
 
     unit: ClassVar[str] = "method"  # what trains per layer: the method's state, or ("attention") a copy of the layer
+    # True: layer_losses read only what teacher_features keeps of the frozen teacher, so the harness may run the
+    # teacher once per training example and keep that (see distill's cache_teacher)
+    caches_teacher: ClassVar[bool] = False
 
     def configure(self, target: Target, config: Mapping[str, Any]) -> dict[str, Any]:
         """The method's config: ``config`` over the recipe's defaults."""
@@ -69,12 +72,20 @@ class SeerRecipe(Recipe):
     defaults = {"block_size": 64, "top_k": 8}
     lr = 1e-3
 
-    def layer_losses(self, method, teacher, layer):
+    caches_teacher = True
+
+    def teacher_features(self, method, teacher, layer) -> dict:
+        """The gate's pooled inputs and the pooled target map of one layer (a few block x block maps per head)."""
         qkv = teacher.qkv[layer]
-        block = method.config.block_size
-        target = block_max_target(qkv.q, qkv.k, causal=qkv.causal, scale=qkv.scale, block=block, pool=method.config.target)
-        logits = method.gate_logits(qkv.q, qkv.k, causal=qkv.causal, scale=qkv.scale)
-        return {"gate_kl": kl_to_target(target, logits)}
+        target = block_max_target(qkv.q, qkv.k, causal=qkv.causal, scale=qkv.scale, block=method.config.block_size,
+                                  pool=method.config.target)
+        return {**method.gate_inputs(qkv.q, qkv.k, causal=qkv.causal, scale=qkv.scale), "target": target}
+
+    def feature_losses(self, method, features: dict) -> dict[str, torch.Tensor]:
+        return {"gate_kl": kl_to_target(features["target"], method.gate_logits_from(features))}
+
+    def layer_losses(self, method, teacher, layer):
+        return self.feature_losses(method, self.teacher_features(method, teacher, layer))
 
 
 class SparsifinerRecipe(Recipe):

@@ -63,21 +63,28 @@ class AttnGate(nn.Module):
         self.key = nn.Parameter(torch.cat([torch.zeros(2 * dim, gate_dim), eye]).repeat(heads, 1, 1))  # (H, 3D, G): max, min, avg
         self.rope_base = rope_base
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, call: Call, block: int) -> torch.Tensor:
-        """Block logits (B, Hq, nQB, nKB), -inf where a query block may not look (causal)."""
+    def pooled(self, q: torch.Tensor, k: torch.Tensor, call: Call, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate's inputs, which hold no parameter: q mean-pooled per block (B, Hq, nQB, D) and k max-,
+        min- and mean-pooled (B, Hq, nKB, 3D), shared across each GQA group."""
         if q.shape[1] != self.query.shape[0] or q.shape[-1] != self.query.shape[1]:
             raise InvalidArgumentError("q", f"{self.query.shape[0]} query heads of dim {self.query.shape[1]} (the gate's shapes)",
                                        f"{q.shape[1]} heads of dim {q.shape[-1]}")
-        work = work_dtype(q)
-        kmax, kmin = block_extremes(k.to(work), block)
-        keys = repeat_kv(torch.cat([kmax, kmin, block_means(k, block)], dim=-1), call.groups)
-        gq = block_means(q, block) @ self.query.to(work)
-        gk = keys @ self.key.to(work)
+        kmax, kmin = block_extremes(k.to(work_dtype(q)), block)
+        return block_means(q, block), repeat_kv(torch.cat([kmax, kmin, block_means(k, block)], dim=-1), call.groups)
+
+    def logits(self, pooled_q: torch.Tensor, pooled_k: torch.Tensor, offset: float, allowed: torch.Tensor) -> torch.Tensor:
+        """Block logits (B, Hq, nQB, nKB) from :meth:`pooled`'s inputs; ``offset``: the first query block's
+        position in key blocks; -inf where ``allowed`` (nQB, nKB) is False."""
+        gq = pooled_q @ self.query.to(pooled_q.dtype)
+        gk = pooled_k @ self.key.to(pooled_k.dtype)
+        gq = apply_rope(gq, torch.arange(gq.shape[2], device=gq.device, dtype=gq.dtype) + offset, self.rope_base)
+        gk = apply_rope(gk, torch.arange(gk.shape[2], device=gk.device, dtype=gk.dtype), self.rope_base)
+        return (gq @ gk.transpose(-1, -2) * gq.shape[-1] ** -0.5).masked_fill(~allowed, float("-inf"))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, call: Call, block: int) -> torch.Tensor:
+        """Block logits (B, Hq, nQB, nKB), -inf where a query block may not look (causal)."""
         offset = (call.len_kv - call.len_q) / block  # bottom-right alignment, in blocks
-        gq = apply_rope(gq, torch.arange(gq.shape[2], device=q.device, dtype=work) + offset, self.rope_base)
-        gk = apply_rope(gk, torch.arange(gk.shape[2], device=q.device, dtype=work), self.rope_base)
-        logits = gq @ gk.transpose(-1, -2) * gq.shape[-1] ** -0.5
-        return logits.masked_fill(~allowed_blocks(call, block, block), float("-inf"))
+        return self.logits(*self.pooled(q, k, call, block), offset, allowed_blocks(call, block, block))
 
 
 @register
@@ -130,8 +137,21 @@ class Seer(LearnedPart, BlockSelectionMethod):
 
     def gate_logits(self, q, k, *, causal: bool = False, scale: float | None = None) -> torch.Tensor:
         """The gate's block logits (B, Hq, nQB, nKB) (-inf where causality forbids), differentiable."""
+        return self.gate_logits_from(self.gate_inputs(q, k, causal=causal, scale=scale))
+
+    def gate_inputs(self, q, k, *, causal: bool = False, scale: float | None = None) -> dict:
+        """What the gate reads of q and k, without gradient: ``pooled_q``, ``pooled_k``, ``offset``, ``allowed``
+        (see :meth:`AttnGate.logits`); the distillation caches it per training example."""
         call = self._prepare(q, k, k, causal, scale, check_finite=False)
-        return self.part(call)(q, k, call, self.config.block_size)
+        b = self.config.block_size
+        with torch.no_grad():
+            pooled_q, pooled_k = self.part(call).pooled(q, k, call, b)
+        return {"pooled_q": pooled_q, "pooled_k": pooled_k, "offset": (call.len_kv - call.len_q) / b,
+                "allowed": allowed_blocks(call, b, b), "call": call}
+
+    def gate_logits_from(self, inputs: dict) -> torch.Tensor:
+        """The gate's block logits from :meth:`gate_inputs`, differentiable in the gate's parameters."""
+        return self.part(inputs["call"]).logits(inputs["pooled_q"], inputs["pooled_k"], inputs["offset"], inputs["allowed"])
 
     def _select(self, q, k, call: Call) -> torch.Tensor:
         b = self.config.block_size
