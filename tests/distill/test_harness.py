@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -143,6 +145,29 @@ def test_ctrl_c_saves_and_resume_loses_nothing(llama, tmp_path, rng):
     resumed = distill(llama, "seer", data, tmp_path / "b", steps=5, **options)
     a, b = weights_of(straight), weights_of(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _Terminated(SeerRecipe):
+    """Sends this process SIGTERM in the loss of call ``at`` (as ``kill`` would)."""
+
+    def __init__(self, at):
+        self.calls, self.at = 0, at
+
+    def feature_losses(self, method, features):
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().feature_losses(method, features)
+
+
+def test_sigterm_saves_like_ctrl_c(llama, tmp_path, rng):
+    data = tokens(rng, 4)
+    options = dict(progress=False, save_every=100, block_size=16, top_k=2)
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        distill(llama, _Terminated(at=2 * 2 + 1), data, tmp_path / "t", steps=5, **options)  # 2 layers: dies in step 3
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is previous
 
 
 def test_batches_are_a_seeded_permutation_per_epoch():

@@ -11,7 +11,10 @@ uninterrupted one; a Ctrl-C saves the finished steps before it stops.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -160,6 +163,24 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """While inside: SIGTERM (``kill``, a scheduler's stop) raises KeyboardInterrupt, so the loop saves
+    its finished steps as on Ctrl-C (a process started in the background ignores Ctrl-C's SIGINT)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def distill(model, recipe: str | Recipe, train: torch.Tensor, out: str | Path, *, steps: int, val: torch.Tensor | None = None,
             layers: Iterable[int] | None = None, batch_size: int = 1, lr: float | None = None, seed: int = 0,
             save_every: int = 25, val_every: int | None = None, progress: bool = True, cache_teacher: bool | None = None,
@@ -211,7 +232,7 @@ def distill(model, recipe: str | Recipe, train: torch.Tensor, out: str | Path, *
     bar = Progress(steps - start, f"distill {recipe.name}", enabled=progress, unit="step")
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        with open(folder / checkpoint.METRICS, "a") as log:
+        with open(folder / checkpoint.METRICS, "a") as log, _terminate_as_interrupt():
             for step in range(start, steps):
                 losses = trainer.step_losses(train, batch_indices(step, len(train), batch_size, seed))
                 total = sum(losses.values())
