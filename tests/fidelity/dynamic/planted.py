@@ -59,6 +59,22 @@ def vertical_columns(gen: torch.Generator, n: int, dim: int, columns: list[int])
     return q, k, torch.arange(n) >= min(columns)
 
 
+def question(gen: torch.Generator, n: int, dim: int, key: int, asking: int, common: int, common_strength: float = 6.0):
+    """Causal q, k where only the last ``asking`` queries (a question at the end of a prompt) attend to
+    key token ``key``, while every query also attends more weakly (logit ``common_strength``) to
+    ``common`` shared key columns spread over the sequence, whose summed mass outvotes ``key`` in an
+    estimate from queries spread over the sequence; rows with a target: the asking ones."""
+    q, k = noise(gen, n, dim), noise(gen, n, dim)
+    u, w = _unit(gen, 2, dim).unbind(0)
+    w = torch.nn.functional.normalize(w - (w @ u) * u, dim=-1)  # the two directions do not interfere
+    q[0, 0] += _amplitude(dim, common_strength) * w
+    k[0, 0, torch.linspace(1, n - 1, common).long()] += _amplitude(dim, common_strength) * w
+    a = _amplitude(dim, STRENGTH)
+    q[0, 0, n - asking:] += a * u
+    k[0, 0, key] += a * u
+    return q, k, torch.arange(n) >= n - asking
+
+
 def slash(gen: torch.Generator, n: int, dim: int, offset: int):
     """Causal q, k where query p attends to key p - ``offset`` (one random direction per pair);
     rows with a target: p >= offset."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from fidelity.dynamic.checks import assert_matches_reference, lowest_scored, mutant_test
 from fidelity.mutation import Mutant
 
@@ -14,6 +15,8 @@ CONFIGS = [
          estimate_queries="last"),  # the paper's (the default spreads them)
     dict(vertical_blocks=1, slash_blocks=2, block_size=8, local_blocks=0, last_q=24, vertical_columns=5, estimate_queries="last"),
     dict(vertical_blocks=2, slash_blocks=3, block_size=16, local_blocks=1, last_q=7, vertical_columns=0, estimate_queries="spread"),
+    dict(vertical_blocks=1, slash_blocks=2, block_size=8, local_blocks=0, last_q=12, vertical_columns=9, last_columns=4,
+         estimate_queries="spread"),  # the default's shape: late columns from the last queries
 ]
 
 
@@ -29,15 +32,26 @@ def test_selection_is_the_papers(config, rng):
 _estimate = vertical_slash.VerticalSlash.estimate
 
 
-def _slash_scores_replaced(self, q, k, call):
+def _slash_scores_replaced(self, q, k, call, last=None, queries=None):
     """The vertical scores stand in for the slash scores (offset j read as key j)."""
-    vertical, _ = _estimate(self, q, k, call)
+    vertical, _ = _estimate(self, q, k, call, last, queries)
     return vertical, vertical.clone()
+
+
+def _late_columns_from_the_spread_estimate(self, q, k, call, last=None, queries=None):
+    """The late columns read the spread queries, as every other column does."""
+    return _estimate(self, q, k, call, last=False if last else last, queries=queries)
 
 
 MUTANTS = [
     Mutant("vertical_slash-slash-scores-replaced", vertical_slash.VerticalSlash, "estimate", _slash_scores_replaced),
     Mutant("vertical_slash-lowest-scored", vertical_slash, "top_blocks", lowest_scored),
 ]
+LATE_MUTANTS = [
+    Mutant("vertical_slash-late-columns-spread", vertical_slash.VerticalSlash, "estimate", _late_columns_from_the_spread_estimate),
+    Mutant("vertical_slash-no-late-columns", vertical_slash.VerticalSlash, "late_columns",
+           lambda self, q, k, call, outside, chosen, count: torch.full((*chosen.shape[:-1], count), -1, dtype=torch.long)),
+]
 
 test_mutant_is_caught = mutant_test(MUTANTS, lambda seed: check(CONFIGS[0], seed))
+test_late_mutant_is_caught = mutant_test(LATE_MUTANTS, lambda seed: check(CONFIGS[3], seed))

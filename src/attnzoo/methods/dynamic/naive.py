@@ -208,7 +208,7 @@ def hip_support(q, k, *, top_k: int, block_size: int, local_blocks: int, causal:
 @torch.no_grad()
 def vertical_slash_support(q, k, *, vertical_blocks: int, slash_blocks: int, block_size: int, local_blocks: int,
                            last_q: int, vertical_columns: int, causal: bool, scale: float,
-                           estimate_queries: str = "last") -> torch.Tensor:
+                           estimate_queries: str = "last", last_columns: int = 0) -> torch.Tensor:
     """MInference's estimate: the last ``last_q`` queries (``estimate_queries="spread"``, not the
     paper's: ``last_q`` queries evenly spread over the sequence) attend densely (causal); their
     attention summed per key is the vertical score, summed per diagonal (query position - key
@@ -216,24 +216,34 @@ def vertical_slash_support(q, k, *, vertical_blocks: int, slash_blocks: int, blo
     block diagonal d sums the token diagonals in [(d - 1) b, (d + 1) b); block 0 and diagonals 0 ..
     ``local_blocks`` always win. Every query block visits the chosen vertical blocks, the key block
     at each chosen block distance from its diagonal block, and the ``vertical_columns`` single keys
-    with the most vertical score outside the vertical blocks. Causal only."""
+    with the most vertical score outside the vertical blocks; with the spread estimate, ``last_columns``
+    of those columns instead go to the keys the last 64 queries (MInference's estimate) attend to
+    most, outside the vertical blocks, the other columns and the last queries' own diagonal blocks.
+    Causal only."""
     B, H, nq, _ = q.shape
     q, k = q.detach().double(), _heads(k, H)
     nk, b = k.shape[2], block_size
     nkb, off = math.ceil(nk / b), nk - nq
     n = min(last_q, nq)
     estimating = range(nq - n, nq) if estimate_queries == "last" else [round(j * (nq - 1) / max(n - 1, 1)) for j in range(n)]
+    late = min(last_columns, vertical_columns) if estimate_queries == "spread" else 0
+    asking = min(64, nq)
+    near = nk - asking - (local_blocks + 1) * b  # keys from here on lie in the last queries' own diagonal blocks
     blocks, columns = {}, {}
     for bi in range(B):
         for h in range(H):
             vertical = torch.zeros(nk, dtype=torch.float64)
             slash = torch.zeros(nk, dtype=torch.float64)
+            last_vertical = torch.zeros(nk, dtype=torch.float64)
             for p in estimating:
                 reach = p + off
                 if reach >= 0:
                     weights = _attention_row(q[bi, h, p], k[bi, h, : reach + 1], scale)
                     vertical[: reach + 1] += weights
                     slash[: reach + 1] += weights.flip(0)  # key j lies on diagonal reach - j
+            for p in range(nq - asking, nq) if late else []:
+                if p + off >= 0:
+                    last_vertical[: p + off + 1] += _attention_row(q[bi, h, p], k[bi, h, : p + off + 1], scale)
             v_score = {kb: float(vertical[kb * b : (kb + 1) * b].sum()) for kb in range(nkb)}
             s_score = {d: float(slash[max(0, (d - 1) * b) : (d + 1) * b].sum()) for d in range(nkb)}
             v_score[0] = math.inf
@@ -242,7 +252,10 @@ def vertical_slash_support(q, k, *, vertical_blocks: int, slash_blocks: int, blo
             verticals = _top(v_score, min(vertical_blocks, nkb))
             distances = _top(s_score, min(slash_blocks, nkb))
             outside = {j: float(vertical[j]) for j in range(nk) if j // b not in verticals}
-            columns[bi, h] = _top(outside, min(vertical_columns, nk)) if vertical_columns else []
+            columns[bi, h] = _top(outside, min(vertical_columns - late, nk)) if vertical_columns else []
+            if late:
+                candidates = {j: float(last_vertical[j]) for j in outside if j not in columns[bi, h] and j < near and last_vertical[j] > 0}
+                columns[bi, h] = columns[bi, h] + _top(candidates, min(late, len(candidates)))
             for i in range(math.ceil(nq / b)):
                 diag = _diagonal_block(i, b, nq, nk, True, b)
                 blocks[bi, h, i] = {v for v in verticals if v <= diag} | {diag - d for d in distances if diag - d >= 0}

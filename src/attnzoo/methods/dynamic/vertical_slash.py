@@ -18,6 +18,9 @@ from . import naive
 from .scoring import last_key_block, top_blocks, unique_blocks
 
 
+QUESTION_QUERIES = 64  # the late columns read the last 64 queries, MInference's own estimate (last_q=64)
+
+
 @register
 class VerticalSlash(LengthBudget, BlockSelectionMethod):
     """MInference's vertical-slash pattern ("MInference 1.0: Accelerating Pre-filling for
@@ -56,6 +59,7 @@ class VerticalSlash(LengthBudget, BlockSelectionMethod):
         block_size: int | None = None
         local_blocks: int = 1
         estimate_queries: str = "spread"
+        last_columns: int | None = None
 
         def __post_init__(self):
             self.vertical_blocks = check_budget("vertical_blocks", self.vertical_blocks)
@@ -64,6 +68,7 @@ class VerticalSlash(LengthBudget, BlockSelectionMethod):
             self.last_q = check_budget("last_q", self.last_q)
             self.block_size = check_budget("block_size", self.block_size, minimum=2)
             self.local_blocks = check_int("local_blocks", self.local_blocks, minimum=0)
+            self.last_columns = check_budget("last_columns", self.last_columns, minimum=0)
             if self.estimate_queries not in ("last", "spread"):
                 raise InvalidArgumentError("estimate_queries", "'last' or 'spread'", repr(self.estimate_queries))
 
@@ -79,22 +84,24 @@ class VerticalSlash(LengthBudget, BlockSelectionMethod):
         if self.config.vertical_blocks is not None or self.config.slash_blocks is not None:
             columns = 0
         return {"vertical_blocks": 1, "slash_blocks": slashes, "vertical_columns": columns, "block_size": budget.block_size,
-                "last_q": estimate_queries_for(call.len_kv)}
+                "last_q": estimate_queries_for(call.len_kv), "last_columns": columns // 4 if self.config.estimate_queries == "spread" else 0}
 
     def _reference(self, q, k, v, call: Call) -> torch.Tensor:
         cfg = self.at_budget(call).config
         support = naive.vertical_slash_support(q, k, vertical_blocks=cfg.vertical_blocks, slash_blocks=cfg.slash_blocks,
                                                block_size=cfg.block_size, local_blocks=cfg.local_blocks, last_q=cfg.last_q,
                                                vertical_columns=cfg.vertical_columns or 0, causal=call.causal,
-                                               scale=call.scale, estimate_queries=cfg.estimate_queries)
+                                               scale=call.scale, estimate_queries=cfg.estimate_queries,
+                                               last_columns=cfg.last_columns or 0)
         return naive.support_reference(q, k, v, support, call.scale)
 
-    def estimate(self, q, k, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
-        """Vertical (B, Hq, Nk) and slash (B, Hq, Nk, by offset) attention mass of ``last_q`` queries:
-        the last ones, or spread evenly over the sequence (``estimate_queries``)."""
-        n = min(self.config.last_q, call.len_q)
+    def estimate(self, q, k, call: Call, last: bool | None = None, queries: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vertical (B, Hq, Nk) and slash (B, Hq, Nk, by offset) attention mass of ``last_q`` queries
+        (or ``queries``): the last ones, or spread evenly over the sequence (``estimate_queries``, or ``last``)."""
+        n = min(self.config.last_q if queries is None else queries, call.len_q)
         B, Hq, G, Nk = call.batch, call.heads_q, call.groups, call.len_kv
-        pos = (torch.arange(call.len_q - n, call.len_q, device=q.device) if self.config.estimate_queries == "last"
+        last = self.config.estimate_queries == "last" if last is None else last
+        pos = (torch.arange(call.len_q - n, call.len_q, device=q.device) if last
                else torch.linspace(0, call.len_q - 1, n, device=q.device).round().long())
         reach = pos + (Nk - call.len_q)  # the last key each of these queries sees
         work = work_dtype(q)
@@ -134,6 +141,24 @@ class VerticalSlash(LengthBudget, BlockSelectionMethod):
             # the heaviest single columns outside the vertical blocks already chosen
             outside = vertical.masked_fill(membership(verticals, nkb).repeat_interleave(b, -1)[..., : call.len_kv], float("-inf"))
             count = clamp_budget(self.info.name, "vertical_columns", cfg.vertical_columns, call.len_kv, "keys")
-            top = outside.topk(count, dim=-1)
+            late = min(cfg.last_columns or 0, count) if cfg.estimate_queries == "spread" else 0
+            top = outside.topk(count - late, dim=-1)
             columns = torch.where(torch.isfinite(top.values), top.indices, -1)
+            if late:
+                columns = torch.cat([columns, self.late_columns(q, k, call, outside, columns, late)], dim=-1)
         return unique_blocks(torch.cat([v, s], dim=-1)), columns
+
+    def late_columns(self, q, k, call: Call, outside: torch.Tensor, chosen: torch.Tensor, count: int) -> torch.Tensor:
+        """(B, Hq, count) single key columns with the most attention mass of the last
+        :data:`QUESTION_QUERIES` queries (what the end of the prompt, a question, reads), besides the
+        columns ``chosen`` (-1 holes), the vertical blocks (-inf in ``outside``) and the keys the last
+        queries' own diagonal blocks hold."""
+        cfg = self.config
+        late, _ = self.estimate(q, k, call, last=True, queries=QUESTION_QUERIES)
+        taken = torch.zeros(*late.shape[:-1], late.shape[-1] + 1, dtype=torch.bool, device=late.device)
+        taken.scatter_(-1, torch.where(chosen >= 0, chosen, late.shape[-1]), True)
+        late = late.masked_fill(taken[..., :-1] | ~torch.isfinite(outside), float("-inf"))
+        near = call.len_kv - min(QUESTION_QUERIES, call.len_q) - (cfg.local_blocks + 1) * cfg.block_size
+        late[..., max(near, 0):] = float("-inf")
+        top = late.topk(min(count, late.shape[-1]), dim=-1)
+        return torch.where(torch.isfinite(top.values) & (top.values > 0), top.indices, -1)
