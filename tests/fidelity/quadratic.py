@@ -1,11 +1,12 @@
-"""Quadratic references of the linear methods, written from the papers' formulas.
+"""The comparison of a linear or learned method with an N x N weight matrix written from its paper.
 
-Each fidelity test file builds the (B, Hq, Nq, Nk) weight matrix ``W`` of its method directly
-from the paper (feature maps, masks and normalisers written out in float64, from the pieces here),
-takes ``W v`` and compares the method's fast path with it, forward and gradients
-(:func:`assert_matches`). No reference calls a method's ``features()``, ``reference`` or the
-linear executors; the only thing read from a method is its random draw or its parameters (a
-projection, a rotation, a learned map), which are state rather than rule.
+Each fidelity test file compares the method's fast path, forward and gradients in float64
+(:func:`assert_matches`), with the (B, Hq, Nq, Nk) weight matrix ``W`` of its paper times v: its
+``.reference`` where that is the literal one (``methods/linear/naive.py``,
+``methods/learned/naive.py``), otherwise one the file builds from the pieces here (feature maps,
+masks and normalisers written out). No reference calls a method's ``features()`` or the linear
+executors; the only thing read from a method is its random draw or its parameters (a projection,
+a rotation, a learned map), which are state rather than rule.
 """
 
 from __future__ import annotations
@@ -35,21 +36,9 @@ def visible(len_q: int, len_kv: int, causal: bool) -> torch.Tensor:
     return (j <= i) if causal else torch.ones(len_q, len_kv, dtype=torch.bool)
 
 
-def distance(len_q: int, len_kv: int) -> torch.Tensor:
-    """(Nq, Nk) float64 ``i + Nk - Nq - j``: how far key j lies before query i."""
-    return (torch.arange(len_q)[:, None] + (len_kv - len_q) - torch.arange(len_kv)[None, :]).double()
-
-
 def row_normalized(weights: torch.Tensor, eps: float) -> torch.Tensor:
     """Each row divided by its sum plus ``eps`` (Katharopoulos et al.'s normaliser)."""
     return weights / (weights.sum(-1, keepdim=True) + eps)
-
-
-def positive_random_features(x: torch.Tensor, proj: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Performer's positive random features exp(w . x' - |x'|^2 / 2) / sqrt(M) of x' = x scale^0.5,
-    x (..., N, D), proj (M, D) -> (..., N, M) (FAVOR+, arXiv 2009.14794, Lemma 1)."""
-    x = x * scale ** 0.5
-    return torch.exp(x @ proj.transpose(-1, -2) - (x * x).sum(-1, keepdim=True) / 2) / proj.shape[-2] ** 0.5
 
 
 def elu_plus_one(x: torch.Tensor) -> torch.Tensor:

@@ -1,57 +1,26 @@
-"""`scatterbrain` (arXiv 2110.15343, Eq. 2) against ``W_ij = exp(q_i . k_j scale)`` on the LSH set
-and ``phi(q_i) . phi(k_j)`` (Performer features, ``exp(w x - |x|^2 / 2) / sqrt(M)`` of ``x
-scale^(1/2)``) elsewhere, rows normalised. The LSH set, written with loops: a token's bucket is the
-argmax of ``[x R, -x R]``; queries and keys are each sorted by (bucket, position) and cut into
-chunks of ``bucket_chunk``; a pair is in the set when it shares bucket and chunk. The projection
-w and rotation R are the method's seeded draws."""
+"""`scatterbrain` (arXiv 2110.15343, Eq. 2) against its ``.reference`` (``methods/linear/naive.py``):
+``W = phi(Q) phi(K)^T + S``, Performer features ``exp(w x - |x|^2 / 2) / sqrt(M)`` of ``x scale^(1/2)``
+and the sparse correction ``S_ij = exp(q_i . k_j scale) - phi(q_i) . phi(k_j)`` on the LSH set,
+rows normalised. The LSH set, written with loops: a token's bucket is the argmax of ``[x R, -x R]``;
+queries and keys are each sorted by (bucket, position) and cut into chunks of ``bucket_chunk``; a
+pair is in the set when it shares bucket and chunk. The projection w and rotation R are the
+method's seeded draws."""
 
 from __future__ import annotations
 
-import torch
 from fidelity.mutation import Mutant
-from fidelity.quadratic import (
-    assert_matches,
-    expand_heads,
-    fidelity_tests,
-    positive_random_features,
-    row_normalized,
-    visible,
-)
+from fidelity.quadratic import assert_matches, fidelity_tests
 
 import attnzoo
 from attnzoo.methods.linear import scatterbrain as scatterbrain_module
 
-CHUNK = 8
-
-
-def buckets_and_chunks(x, rotation):
-    """Per (b, h, token): its angular-LSH bucket and the chunk it falls in after sorting."""
-    proj = x.detach() @ rotation.double()
-    bucket = torch.cat([proj, -proj], dim=-1).argmax(-1)
-    chunk = torch.empty_like(bucket)
-    for b in range(x.shape[0]):
-        for h in range(x.shape[1]):
-            order = sorted(range(x.shape[2]), key=lambda i: (int(bucket[b, h, i]), i))
-            for rank, i in enumerate(order):
-                chunk[b, h, i] = rank // CHUNK
-    return bucket, chunk
-
 
 def check(gen):
-    m = attnzoo.get_method("scatterbrain", num_features=16, num_buckets=4, bucket_chunk=CHUNK, chunk=16, seed=2)
-
-    def reference(q, k, v, *, causal, scale):
-        heads = q.shape[1]
-        proj, rotation = (d.double() for d in m.draws(q.shape[-1]))
-        k, v = expand_heads(k, heads), expand_heads(v, heads)
-        (bq, cq), (bk, ck) = buckets_and_chunks(q, rotation), buckets_and_chunks(k, rotation)
-        in_set = (bq[..., :, None] == bk[..., None, :]) & (cq[..., :, None] == ck[..., None, :])
-        low_rank = positive_random_features(q, proj, scale) @ positive_random_features(k, proj, scale).transpose(-1, -2)
-        weights = torch.where(in_set, torch.exp(q @ k.transpose(-1, -2) * scale), low_rank)
-        return row_normalized(weights * visible(q.shape[2], k.shape[2], causal), 0.0) @ v
-
+    m = attnzoo.get_method("scatterbrain", num_features=16, num_buckets=4, bucket_chunk=8, chunk=16, seed=2)
     for causal in (False, True):
-        assert_matches(m, reference, gen, causal=causal, label="scatterbrain")
+        assert_matches(m, m.reference, gen, causal=causal, label="scatterbrain")
+    exact = attnzoo.get_method("scatterbrain", num_features=16, num_buckets=1, bucket_chunk=64, chunk=16)
+    assert_matches(exact, exact.reference, gen, causal=True, label="scatterbrain one bucket, one chunk")
 
 
 def exponent_without_norm_term(x, proj, *, is_query):

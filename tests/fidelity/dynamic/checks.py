@@ -1,7 +1,8 @@
 """The comparison every dynamic fidelity test runs: the method's output on random float64 inputs
 (self and cross attention, grouped heads, causal and not) against its ``.reference``, exact
 attention on the support that the literal selection written from the paper chose
-(``attnzoo/methods/dynamic/naive.py``, no selection code shared with the fast path)."""
+(``attnzoo/methods/dynamic/naive.py``; ``s2``'s ``reference_mask``), no selection code shared with
+the fast path."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from fidelity.dynamic.references import attend
 from fidelity.mutation import Mutant, assert_caught
 from helpers import rel_err
 
@@ -20,11 +20,9 @@ from attnzoo.methods.dynamic.scoring import top_blocks
 SHAPES = [(1, 2, 2, 96, 96, 8, True), (2, 4, 2, 96, 96, 8, False), (1, 2, 1, 64, 96, 8, True)]
 
 
-def assert_matches_reference(name: str, config: dict, seed: int, shapes=SHAPES, tol: float = 1e-9,
-                             support: Callable | None = None) -> None:
-    """``attnzoo.get_method(name, **config)`` agrees with its ``.reference`` (or, given ``support``,
-    with ``attend`` on ``support(q, k, causal=..., scale=...)``: a literal pattern written here, for
-    a method whose package has none) for every shape (inputs drawn from ``seed``)."""
+def assert_matches_reference(name: str, config: dict, seed: int, shapes=SHAPES, tol: float = 1e-9) -> None:
+    """``attnzoo.get_method(name, **config)`` agrees with its ``.reference`` for every shape (inputs
+    drawn from ``seed``)."""
     method = attnzoo.get_method(name, **config)
     gen = torch.Generator().manual_seed(seed)
     for B, Hq, Hkv, nq, nk, D, causal in shapes:
@@ -33,11 +31,7 @@ def assert_matches_reference(name: str, config: dict, seed: int, shapes=SHAPES, 
         v = torch.randn(B, Hkv, nk, D, generator=gen, dtype=torch.float64)
         scale = D ** -0.5
         out = method(q, k, v, causal=causal, scale=scale)
-        if support is None:
-            ref = method.reference(q, k, v, causal=causal, scale=scale)
-        else:
-            ref = attend(q, k, v, support(q, k, causal=causal, scale=scale), scale)
-        err = rel_err(out, ref)
+        err = rel_err(out, method.reference(q, k, v, causal=causal, scale=scale))
         assert err <= tol, f"{name} {config} shape {(B, Hq, Hkv, nq, nk, D)} causal={causal} seed={seed}: error {err:.2e}"
 
 

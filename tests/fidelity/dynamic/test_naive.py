@@ -1,5 +1,6 @@
-"""The dynamic methods' ``.reference`` is the literal selection of ``methods/dynamic/naive.py``: it
-imports no selection code, and the defaults (budget rule at the call's length) agree with it."""
+"""The literal references (``methods/{dynamic,linear,learned}/naive.py``, what ``.reference`` runs)
+import no fast-path code, only torch, math, the dense attention kernel and each other; and the
+dynamic methods' defaults (budget rule at the call's length) agree with theirs."""
 
 from __future__ import annotations
 
@@ -11,18 +12,34 @@ import torch
 from helpers import rel_err
 
 import attnzoo
-from attnzoo.methods.dynamic import naive
+from attnzoo.methods.dynamic import naive as dynamic_naive
+from attnzoo.methods.learned import naive as learned_naive
+from attnzoo.methods.linear import naive as linear_naive
+
+# what a literal reference may import: torch, math, the dense kernel (the final softmax on a
+# support) and the other naive modules (reference code may share reference code, never fast-path code)
+ALLOWED = {"torch", "math", "__future__:annotations", "...kernels.dense:masked_attention"}
+SHARED = {"..linear.naive", "..dynamic.naive"}
 
 
-def test_the_literal_selections_import_no_selection_code():
-    """Only torch, math and the dense attention kernel (for the final softmax on the support)."""
+@pytest.mark.parametrize("module", [dynamic_naive, linear_naive, learned_naive], ids=lambda m: m.__name__)
+def test_the_literal_references_import_no_fast_path_code(module):
     imported = set()
-    for node in ast.walk(ast.parse(inspect.getsource(naive))):
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
         if isinstance(node, ast.Import):
             imported |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
-            imported |= {f"{'.' * node.level}{node.module}:{alias.name}" for alias in node.names}
-    assert imported <= {"torch", "math", "__future__:annotations", "...kernels.dense:masked_attention"}, imported
+            source = f"{'.' * node.level}{node.module}"
+            if source not in SHARED:
+                imported |= {f"{source}:{alias.name}" for alias in node.names}
+    assert imported <= ALLOWED, imported
+
+
+def test_one_performer_feature_map_and_one_head_expansion():
+    """SEA's estimate and performer's reference use the same positive random features, and every
+    naive module the same grouped-query expansion (no twins)."""
+    assert dynamic_naive.positive_random_features is linear_naive.positive_random_features
+    assert learned_naive.expand_heads is linear_naive.expand_heads is dynamic_naive.expand_heads
 
 
 @pytest.mark.parametrize("name", ["block_sparse", "hip", "vertical_slash"])

@@ -18,19 +18,20 @@ import math
 import torch
 
 from ...kernels.dense import masked_attention
+from ..linear.naive import expand_heads, positive_random_features
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, Hkv, N, E) -> (B, heads, N, E) float64: query head h reads key head h // (heads / Hkv)."""
-    return x.detach().double().repeat_interleave(heads // x.shape[1], dim=1)
+    """(B, Hkv, N, E) -> (B, heads, N, E) float64 without gradients (what a selection scores)."""
+    return expand_heads(x.detach().double(), heads)
 
 
-def _top(scores: dict, count: int) -> list:
+def top_keys(scores: dict, count: int) -> list:
     """The ``count`` keys of ``scores`` with the highest values, best first."""
     return sorted(scores, key=lambda x: -scores[x])[:count]
 
 
-def _diagonal_block(i: int, block: int, nq: int, nk: int, causal: bool, kv_block: int) -> int:
+def diagonal_block(i: int, block: int, nq: int, nk: int, causal: bool, kv_block: int) -> int:
     """The last key block query block i may visit (-1: none): the one holding the key its last query
     reaches when causal, the last key block otherwise."""
     if not causal:
@@ -39,7 +40,7 @@ def _diagonal_block(i: int, block: int, nq: int, nk: int, causal: bool, kv_block
     return reach // kv_block if reach >= 0 else -1
 
 
-def _always_visited(diag: int, causal: bool, local_blocks: int) -> list[int]:
+def always_visited(diag: int, causal: bool, local_blocks: int) -> list[int]:
     """The diagonal block, the first block and the ``local_blocks`` before the diagonal when causal
     (in that order, each once, only those in [0, diag]); the first block otherwise."""
     wanted = [diag, 0, *range(diag - 1, diag - 1 - local_blocks, -1)] if causal else [0]
@@ -63,7 +64,7 @@ def _mean(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return x[lo : min(hi, x.shape[0])].mean(0)
 
 
-def _block_support(blocks: dict, shape, block: int, causal: bool, kv_block: int) -> torch.Tensor:
+def block_support(blocks: dict, shape, block: int, causal: bool, kv_block: int) -> torch.Tensor:
     """Support from ``blocks[(b, h, query block)]`` = key block ids, each block ``block`` queries by
     ``kv_block`` keys, causal pairs only."""
     nq, nk = shape[2:]
@@ -104,7 +105,7 @@ def block_sparse_support(q, k, *, top_k: int, block_size: int, local_blocks: int
     for bi in range(B):
         for h in range(H):
             for i in range(math.ceil(nq / b)):
-                diag = _diagonal_block(i, b, nq, nk, causal, b)
+                diag = diagonal_block(i, b, nq, nk, causal, b)
                 if estimator == "sampled_q":
                     mass = torch.zeros(nk, dtype=torch.float64)
                     for p in _spread_rows(i, b, nq, samples):
@@ -115,10 +116,10 @@ def block_sparse_support(q, k, *, top_k: int, block_size: int, local_blocks: int
                 else:
                     query = _mean(q[bi, h], i * b, (i + 1) * b)
                     score = {j: float(query @ _mean(k[bi, h], j * b, (j + 1) * b)) * scale for j in range(diag + 1)}
-                chosen = _always_visited(diag, causal, local_blocks)[:top_k]
-                rest = _top({j: s for j, s in score.items() if j not in chosen}, top_k - len(chosen))
+                chosen = always_visited(diag, causal, local_blocks)[:top_k]
+                rest = top_keys({j: s for j, s in score.items() if j not in chosen}, top_k - len(chosen))
                 blocks[bi, h, i] = chosen + rest
-    return _block_support(blocks, (B, H, nq, nk), b, causal, b)
+    return block_support(blocks, (B, H, nq, nk), b, causal, b)
 
 
 # ---- HiP ---------------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def _hip_rerank(q_rows, keys, shortlist: list[int], forced: list[int], bk: int, 
             weights = _attention_row(q_rows[p], keys[seen], scale)
             for blk in shortlist:
                 mass[blk] += float(weights[seen // bk == blk].sum())
-    return _top(mass, top_k)
+    return top_keys(mass, top_k)
 
 
 @torch.no_grad()
@@ -181,7 +182,7 @@ def hip_support(q, k, *, top_k: int, block_size: int, local_blocks: int, causal:
     for bi in range(B):
         for h in range(H):
             for i in range(math.ceil(nq / bq)):
-                diag = _diagonal_block(i, bq, nq, nk, causal, bk)
+                diag = diagonal_block(i, bq, nq, nk, causal, bk)
                 visible = max(diag + 1, 0)
                 positions = _spread_rows(i, bq, nq, query_samples) if query_samples else list(range(i * bq, min(nq, (i + 1) * bq)))
                 queries = q[bi, h, positions]
@@ -194,14 +195,14 @@ def hip_support(q, k, *, top_k: int, block_size: int, local_blocks: int, causal:
                         halves += [r for r in ((lo, mid), (mid, hi)) if r[1] > r[0]]
                     scores = {r: _hip_branch_score(branch_score, queries, positions, k[bi, h], *r, bk, nq, nk, causal,
                                                    sampled=query_samples > 0) for r in halves}
-                    ranges = _top(scores, width)
+                    ranges = top_keys(scores, width)
                 found = [lo for lo, _ in ranges]
-                forced = _always_visited(diag, causal, local_blocks)
+                forced = always_visited(diag, causal, local_blocks)
                 if width > top_k:
                     found = _hip_rerank(q[bi, h], k[bi, h], found, forced, bk, nq, nk, causal,
                                         _spread_rows(i, bq, nq, rerank_samples), scale, top_k)
                 blocks[bi, h, i] = sorted(set(found) | set(forced))
-    return _block_support(blocks, (B, H, nq, nk), bq, causal, bk)
+    return block_support(blocks, (B, H, nq, nk), bq, causal, bk)
 
 
 # ---- MInference vertical-slash -----------------------------------------------------------------
@@ -249,17 +250,17 @@ def vertical_slash_support(q, k, *, vertical_blocks: int, slash_blocks: int, blo
             v_score[0] = math.inf
             for d in range(min(local_blocks + 1, nkb)):
                 s_score[d] = math.inf
-            verticals = _top(v_score, min(vertical_blocks, nkb))
-            distances = _top(s_score, min(slash_blocks, nkb))
+            verticals = top_keys(v_score, min(vertical_blocks, nkb))
+            distances = top_keys(s_score, min(slash_blocks, nkb))
             outside = {j: float(vertical[j]) for j in range(nk) if j // b not in verticals}
-            columns[bi, h] = _top(outside, min(vertical_columns - late, nk)) if vertical_columns else []
+            columns[bi, h] = top_keys(outside, min(vertical_columns - late, nk)) if vertical_columns else []
             if late:
                 candidates = {j: float(last_vertical[j]) for j in outside if j not in columns[bi, h] and j < near and last_vertical[j] > 0}
-                columns[bi, h] = columns[bi, h] + _top(candidates, min(late, len(candidates)))
+                columns[bi, h] = columns[bi, h] + top_keys(candidates, min(late, len(candidates)))
             for i in range(math.ceil(nq / b)):
-                diag = _diagonal_block(i, b, nq, nk, True, b)
+                diag = diagonal_block(i, b, nq, nk, True, b)
                 blocks[bi, h, i] = {v for v in verticals if v <= diag} | {diag - d for d in distances if diag - d >= 0}
-    support = _block_support(blocks, (B, H, nq, nk), b, True, b)
+    support = block_support(blocks, (B, H, nq, nk), b, True, b)
     rows = torch.arange(nq)[:, None]
     for (bi, h), cols in columns.items():
         if cols:
@@ -300,7 +301,7 @@ def biformer_support(q, k, *, n_win: int, topk: int, grid: tuple[int, ...] | Non
         qr = [torch.cat([q[bi, h, m].mean(0) for h in range(H)]) for m in members]
         kr = [torch.cat([k[bi, h, m].mean(0) for h in range(H)]) for m in members]
         for r, m in enumerate(members):
-            routed = _top({s: float(qr[r] @ kr[s]) for s in range(len(members))}, topk)
+            routed = top_keys({s: float(qr[r] @ kr[s]) for s in range(len(members))}, topk)
             keys = torch.tensor([t for s in routed for t in members[s]])
             support[bi, :, torch.tensor(m)[:, None], keys[None, :]] = True
     return support
@@ -317,7 +318,7 @@ def routing_support(q, k, *, num_clusters: int, iterations: int, seed: int, wind
     attends to every key sharing a cluster with it; otherwise each token joins its most similar
     centroid. In float32, as the method routes."""
     B, H, nq, _ = q.shape
-    k = k.detach().float().repeat_interleave(H // k.shape[1], dim=1)
+    k = expand_heads(k.detach().float(), H)
     nk = k.shape[2]
     support = torch.zeros(B, H, nq, nk, dtype=torch.bool)
     for bi in range(B):
@@ -337,7 +338,7 @@ def routing_support(q, k, *, num_clusters: int, iterations: int, seed: int, wind
                 centroids = [s / s.norm() if float(s.norm()) > 0 else c for s, c in zip(sums, centroids)]
             if balanced:
                 wq, wk = min(window or math.ceil(nq / count), nq), min(window or math.ceil(nk / count), nk)
-                clusters = [(_top(dict(enumerate((qn @ c).tolist())), wq), _top(dict(enumerate((kn @ c).tolist())), wk))
+                clusters = [(top_keys(dict(enumerate((qn @ c).tolist())), wq), top_keys(dict(enumerate((kn @ c).tolist())), wk))
                             for c in centroids]
             else:
                 nearest = torch.stack([tokens @ c for c in centroids]).argmax(0).tolist()
@@ -422,19 +423,11 @@ def hyper_log_weights(q, k, *, block_size: int, sample_size: int, num_projection
 def hyper_reference(q, k, v, *, scale: float, **config) -> torch.Tensor:
     """softmax(q k^T scale + :func:`hyper_log_weights`) v, in q's dtype (float64 inside)."""
     log_weights = hyper_log_weights(q, k, **config).to(q.device)
-    keys = k.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    values = v.double().repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    keys, values = expand_heads(k.double(), q.shape[1]), expand_heads(v.double(), q.shape[1])
     return (torch.softmax((q.double() @ keys.transpose(-1, -2)) * scale + log_weights, -1) @ values).to(q.dtype)
 
 
 # ---- SEA ---------------------------------------------------------------------------------------
-def positive_random_features(x: torch.Tensor, proj: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Performer's positive random features exp(w . x' - |x'|^2 / 2) / sqrt(M) of x' = x scale^0.5,
-    x (..., N, D), proj (M, D) -> (..., N, M) (FAVOR+, arXiv 2009.14794, Lemma 1)."""
-    x = x * scale ** 0.5
-    return torch.exp(x @ proj.transpose(-1, -2) - (x * x).sum(-1, keepdim=True) / 2) / proj.shape[-2] ** 0.5
-
-
 @torch.no_grad()
 def sea_support(q, k, *, top_k: int, q_block: int, proj: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
     """SEA's estimate, training-free: each query's row of Performer attention (features of
@@ -459,7 +452,7 @@ def sea_support(q, k, *, top_k: int, q_block: int, proj: torch.Tensor, causal: b
                         estimate += row / row[seen].sum()
                 first, last = rows[0] + off, rows[-1] + off
                 others = {j: float(estimate[j]) for j in range(nk) if not first <= j <= last and (not causal or j < first)}
-                keys = _top(others, top_k) + [j for j in range(first, first + q_block) if 0 <= j < nk and j - off < nq]
+                keys = top_keys(others, top_k) + [j for j in range(first, first + q_block) if 0 <= j < nk and j - off < nq]
                 for p in rows:
                     support[bi, h, p, keys] = torch.tensor([not causal or j <= p + off for j in keys], dtype=torch.bool)
     return support
@@ -514,8 +507,7 @@ def sgformer_reference(q, k, v, *, n_win: int, num_tokens: int, grid: tuple[int,
     ``"tiers"``, the paper's), then every query attends (exact softmax, float64 inside) to the mean
     keys and values of the non-empty new tokens; in q's dtype."""
     B, H, n, _ = q.shape
-    k = k.double().repeat_interleave(H // k.shape[1], dim=1)
-    v = v.double().repeat_interleave(H // v.shape[1], dim=1)
+    k, v = expand_heads(k.double(), H), expand_heads(v.double(), H)
     members = _regions(n, grid, n_win)
     heads = []
     for bi in range(B):

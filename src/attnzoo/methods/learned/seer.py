@@ -15,6 +15,7 @@ from ...nn import apply_rope
 from ...registry import register
 from ..dynamic.base import BlockSelectionMethod, TopKConfig, clamp_budget
 from ..dynamic.scoring import allowed_blocks, block_means, forced_blocks, top_blocks
+from . import naive
 from .base import LearnedPart
 
 
@@ -152,6 +153,10 @@ class Seer(LearnedPart, BlockSelectionMethod):
     def gate_logits_from(self, inputs: dict) -> torch.Tensor:
         """The gate's block logits from :meth:`gate_inputs`, differentiable in the gate's parameters."""
         return self.part(inputs["call"]).logits(inputs["pooled_q"], inputs["pooled_k"], inputs["offset"], inputs["allowed"])
+
+    def _reference(self, q, k, v, call: Call) -> torch.Tensor:
+        """The AttnGate and its selection written literally (:mod:`.naive`), with this gate's parameters."""
+        return naive.seer_reference(q, k, v, self.part(call), self.config, causal=call.causal, scale=call.scale)
 
     def _select(self, q, k, call: Call) -> torch.Tensor:
         b = self.config.block_size

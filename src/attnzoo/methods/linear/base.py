@@ -1,5 +1,5 @@
 """The base of the linear family: normalised linear attention phi(Q) phi(K)^T V on the shared
-linear executors, with the dense reference built from the same feature map."""
+linear executors."""
 
 from __future__ import annotations
 
@@ -35,9 +35,10 @@ class LinearConfig:
 class LinearMethod(Method):
     """A linear attention described by a feature map (``features``), an optional per-head decay
     (``decay``), whether rows are normalised (``normalize``) and a post-processing step
-    (``finish``). The fast path runs the shared executor (:mod:`attnzoo.kernels.linear`), the
-    reference its quadratic twin; both share the description, so the test of one against the other
-    is a test of the executor plus whatever a subclass adds."""
+    (``finish``). The fast path runs the shared executor (:mod:`attnzoo.kernels.linear`). The
+    default reference is its quadratic twin on the same description (a test of the executor only);
+    the methods with a formula from their paper override it with the literal N x N weights of
+    :mod:`attnzoo.methods.linear.naive`."""
 
     backends = BACKENDS
     normalize = True

@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import InvalidArgumentError, check_int
-from ...kernels.dense import causal_mask, repeat_kv
+from ...kernels.dense import repeat_kv
 from ...kernels.linear import state_product, work_dtype
 from ...kernels.linear.feature_maps import favor_exponent, orthogonal_gaussian
 from ...kernels.linear.naive import safe_denominator
 from ...method import Call, MethodInfo
 from ...registry import register
+from . import naive
 from .base import LinearConfig, LinearMethod
 
 
@@ -70,8 +71,8 @@ class Scatterbrain(LinearMethod):
         return self._draws[dim]
 
     def parts(self, q, k, call: Call):
-        """Features and their stabilisers (phi = exp(e - c) / sqrt(M)), and per token the LSH bucket
-        and sorted-chunk id of queries and of keys (keys expanded to the query heads)."""
+        """Features and their stabilisers (phi = exp(e - c) / sqrt(M)), and of queries and of keys
+        (expanded to the query heads) each token's LSH bucket and the order sorting by (bucket, position)."""
         proj, rotation = self.draws(call.dim)
         root = call.scale ** 0.5
         k = repeat_kv(k, call.groups)
@@ -85,14 +86,12 @@ class Scatterbrain(LinearMethod):
                 bucket = torch.cat([proj_x, -proj_x], dim=-1).argmax(-1)  # (B, Hq, N)
             else:  # one bucket
                 bucket = torch.zeros(x.shape[:3], dtype=torch.long, device=x.device)
-            order = torch.argsort(bucket * call.len_q + torch.arange(call.len_q, device=x.device), dim=-1)
-            rank = torch.empty_like(order).scatter_(-1, order, torch.arange(call.len_q, device=x.device).expand_as(order))
-            ids.append((bucket, rank // self.config.bucket_chunk, order))
+            ids.append((bucket, torch.argsort(bucket * call.len_q + torch.arange(call.len_q, device=x.device), dim=-1)))
         return qf, kf, cq, ck, ids
 
     def _correction(self, q, k, v, call: Call):
         """Sparse part on sorted chunks: per query, ``sum_j S_ij v_j`` and ``sum_j S_ij`` (original order)."""
-        qf, kf, cq, ck, ((bq, _, oq), (bk, _, ok)) = self.parts(q, k, call)
+        qf, kf, cq, ck, ((bq, oq), (bk, ok)) = self.parts(q, k, call)
         work, c = work_dtype(q), self.config.bucket_chunk
         pad = (-call.len_q) % c
         k, v = repeat_kv(k, call.groups).to(work), repeat_kv(v, call.groups).to(work)
@@ -121,12 +120,6 @@ class Scatterbrain(LinearMethod):
         return (total[..., :-1] / safe_denominator(total[..., -1:], self.config.eps)).to(q.dtype)
 
     def _reference(self, q, k, v, call: Call):
-        qf, kf, cq, ck, ((bq, chq, _), (bk, chk, _)) = self.parts(q, k, call)
-        work = work_dtype(q)
-        exact = torch.exp((q.to(work) @ repeat_kv(k, call.groups).to(work).transpose(-1, -2)) * call.scale - cq - ck)
-        in_set = (bq[..., :, None] == bk[..., None, :]) & (chq[..., :, None] == chk[..., None, :])
-        scores = torch.where(in_set, exact, qf @ kf.transpose(-1, -2))
-        if call.causal:
-            scores = scores * causal_mask(call.len_q, call.len_kv, q.device)
-        out = scores @ repeat_kv(v, call.groups).to(work) / safe_denominator(scores.sum(-1, keepdim=True), self.config.eps)
-        return out.to(q.dtype)
+        proj, rotation = self.draws(call.dim)
+        return naive.scatterbrain_reference(q, k, v, proj=proj[0], rotation=rotation, bucket_chunk=self.config.bucket_chunk,
+                                            scale=call.scale, causal=call.causal, eps=self.config.eps)

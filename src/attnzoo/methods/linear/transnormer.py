@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import InvalidArgumentError, UnsupportedError, check_float, check_int
-from ...kernels.dense import causal_mask, masked_attention, repeat_kv, sdpa
+from ...kernels.dense import repeat_kv, sdpa
 from ...kernels.linear.feature_maps import fixed_map, lrpe, lrpe_theta
 from ...method import Call, MethodInfo
 from ...registry import register
+from . import naive
 from .base import KernelizedConfig, LinearMethod
 from .decay import check_decay, check_layer, decay_for, layer_scale
 
@@ -115,10 +116,9 @@ class TransNormer(LinearMethod):
         return torch.cat(parts, dim=2)
 
     def _reference(self, q, k, v, call: Call):
-        if self.config.mode == "norm":
-            return super()._reference(q, k, v, call)
-        block = torch.arange(call.len_q, device=q.device) // self.config.block_size
-        mask = block[:, None] == block[None, :]
-        if call.causal:
-            mask = mask & causal_mask(call.len_q, call.len_kv, q.device)
-        return masked_attention(q, k, v, mask, scale=call.scale)
+        cfg = self.config
+        if cfg.mode == "diag":
+            return naive.block_diagonal_reference(q, k, v, block_size=cfg.block_size, causal=call.causal, scale=call.scale)
+        decay = naive.lightning_decay(cfg.decay, call.heads_q, cfg.layer, cfg.num_layers)
+        return naive.transnormer_reference(q, k, v, feature_map=cfg.feature_map, causal=call.causal, eps=cfg.eps,
+                                           lrpe_base=cfg.lrpe_base if cfg.lrpe else None, decay=decay)

@@ -89,8 +89,22 @@ class S2(PatternMethod):
         return compact(keys, call.len_q, call.len_kv, b, kv_block=b)
 
     def reference_mask(self, call: Call) -> torch.Tensor:
-        p = torch.arange(call.len_q, device=call.device)[:, None] + (call.len_kv - call.len_q)
-        j = torch.arange(call.len_kv, device=call.device)[None, :]
-        masks = [self._visible(call, int(o), p, j) for o in self._offsets(call)]
-        mask = torch.stack(masks)[None]
-        return mask & (j <= p) if call.causal else mask
+        """The pattern written from the paper (loops over heads and key blocks, no code shared with
+        the fast path): head h's shard is every key block kb with (kb + h * max(1, vert_stride //
+        H) + 1) % vert_stride == 0, visible to all its queries; every other key block is visible to
+        the queries whose block (absolute position // block_size) lies fewer than ``local_blocks``
+        blocks after it (either side when not causal). (1, Hq, Nq, Nk) bool."""
+        b, local, stride = self.config.block_size, self.config.local_blocks, self.config.vert_stride
+        heads, nq, nk = call.heads_q, call.len_q, call.len_kv
+        step = max(1, stride // heads)
+        query_block = (torch.arange(nq, device=call.device) + nk - nq) // b
+        mask = torch.zeros(1, heads, nq, nk, dtype=torch.bool, device=call.device)
+        for h in range(heads):
+            for kb in range(-(-nk // b)):
+                keys = slice(kb * b, (kb + 1) * b)
+                if (kb + h * step + 1) % stride == 0:
+                    mask[0, h, :, keys] = True
+                else:
+                    after = query_block - kb
+                    mask[0, h, :, keys] = ((after >= 0) & (after < local) if call.causal else after.abs() < local)[:, None]
+        return mask
