@@ -122,16 +122,24 @@ def test_kept_teacher_features_train_as_fresh_teacher_passes(llama, tmp_path, rn
         distill(llama, "moh", data, tmp_path / "moh", steps=1, cache_teacher=True, progress=False)
 
 
-class _Interrupting(SeerRecipe):
-    """Raises KeyboardInterrupt in the loss of call ``at`` (as a Ctrl-C mid-step would)."""
+def _ctrl_c():
+    raise KeyboardInterrupt
 
-    def __init__(self, at):
-        self.calls, self.at = 0, at
+
+def _sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)  # as ``kill`` would
+
+
+class _Interrupting(SeerRecipe):
+    """Calls ``stop`` (a Ctrl-C, by default) in the loss of call ``at``, mid-step."""
+
+    def __init__(self, at, stop=_ctrl_c):
+        self.calls, self.at, self.stop = 0, at, stop
 
     def feature_losses(self, method, features):
         self.calls += 1
         if self.calls == self.at:
-            raise KeyboardInterrupt
+            self.stop()
         return super().feature_losses(method, features)
 
 
@@ -147,25 +155,12 @@ def test_ctrl_c_saves_and_resume_loses_nothing(llama, tmp_path, rng):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-class _Terminated(SeerRecipe):
-    """Sends this process SIGTERM in the loss of call ``at`` (as ``kill`` would)."""
-
-    def __init__(self, at):
-        self.calls, self.at = 0, at
-
-    def feature_losses(self, method, features):
-        self.calls += 1
-        if self.calls == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return super().feature_losses(method, features)
-
-
 def test_sigterm_saves_like_ctrl_c(llama, tmp_path, rng):
     data = tokens(rng, 4)
     options = dict(progress=False, save_every=100, block_size=16, top_k=2)
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
-        distill(llama, _Terminated(at=2 * 2 + 1), data, tmp_path / "t", steps=5, **options)  # 2 layers: dies in step 3
+        distill(llama, _Interrupting(2 * 2 + 1, _sigterm), data, tmp_path / "t", steps=5, **options)  # 2 layers: dies in step 3
     assert json.loads((tmp_path / "t" / "config.json").read_text())["step"] == 2
     assert signal.getsignal(signal.SIGTERM) is previous
 
