@@ -8,7 +8,7 @@ import torch
 from helpers import qkv, rel_err
 
 from attnzoo.errors import InvalidArgumentError
-from attnzoo.kernels.dense import attention_with_lse, merge_attention, sdpa
+from attnzoo.kernels.dense import attention_with_lse, exact_probabilities, merge_attention, sdpa
 
 
 def causal_allowed(nq, nk):
@@ -162,3 +162,18 @@ def test_sdpa_bottom_right_causal_equals_plain_softmax(nq, nk, rng, softmax):
     with torch.no_grad():
         out = sdpa(q, k, v, causal=True, scale=0.3)
     assert rel_err(out, want_out) <= 1e-5, rng.initial_seed()
+
+
+@pytest.mark.parametrize("nq,nk", SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_exact_probabilities_in_chunks_are_the_plain_softmax(nq, nk, causal, chunk, rng):
+    """Chunked rows (causal chunks compute only the keys their last row sees) against the float64
+    softmax; rows that see no key are zeros."""
+    q, k, _ = qkv(rng, 2, 4, 2, nq, nk, 8, dtype=torch.float64)
+    mask = random_mask(rng, 1, 1, nq, nk)[0, 0]
+    allowed = mask & causal_allowed(nq, nk) if causal else mask
+    logits = torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(2, dim=1)) * 0.3
+    want = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    got = torch.cat([p for _, p in exact_probabilities(q, k, causal=causal, scale=0.3, chunk=chunk, mask=mask)], dim=2)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-12), f"seed {rng.initial_seed()}"

@@ -89,14 +89,19 @@ def exact_probabilities(q, k, *, causal: bool, scale: float, chunk: int = 256, d
     """Yield (row slice, exact softmax probabilities (B, Hq, rows, Nk)) of q (B, Hq, Nq, D) over
     k (B, Hkv, Nk, D), ``chunk`` query rows at a time (O(chunk Nk) memory), bottom-right causal
     when ``causal``, restricted to ``mask`` (Nq, Nk) when given; in ``dtype`` (default: the work
-    dtype); see :func:`attention_probabilities`."""
-    allowed = causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
+    dtype); see :func:`attention_probabilities`. Causal chunks compute only the keys their last row
+    sees (the rest are zeros)."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    allowed = causal_mask(n_q, n_k, q.device) if causal else None
     if mask is not None:
         allowed = mask if allowed is None else allowed & mask
     k = repeat_kv(k, q.shape[1] // k.shape[1]).to(dtype or work_dtype(k))
-    for start in range(0, q.shape[2], chunk):
-        rows = slice(start, min(start + chunk, q.shape[2]))
-        yield rows, attention_probabilities(q[:, :, rows].to(k.dtype), k, scale=scale, mask=None if allowed is None else allowed[rows])
+    for start in range(0, n_q, chunk):
+        rows = slice(start, min(start + chunk, n_q))
+        seen = min(n_k, max(1, rows.stop + n_k - n_q)) if causal else n_k
+        probs = attention_probabilities(q[:, :, rows].to(k.dtype), k[:, :, :seen], scale=scale,
+                                        mask=None if allowed is None else allowed[rows, :seen])
+        yield rows, probs if seen == n_k else torch.nn.functional.pad(probs, (0, n_k - seen))
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -39,7 +39,7 @@ def block_max_target(q: torch.Tensor, k: torch.Tensor, *, causal: bool, scale: f
         raise InvalidArgumentError("pool", f"one of {POOLS}", repr(pool))
     nkb = -(-k.shape[2] // block)
     rows = []
-    for span, probs in exact_probabilities(q, k, causal=causal, scale=scale, chunk=block * max(1, 2048 // block)):
+    for span, probs in exact_probabilities(q, k, causal=causal, scale=scale, chunk=block * max(1, 512 // block)):
         probs = F.pad(probs, (0, nkb * block - k.shape[2], 0, -probs.shape[2] % block))
         tiles = probs.unflatten(3, (nkb, block)).unflatten(2, (-1, block))  # (B, H, qb, block, nkb, block)
         rows.append(tiles.amax((3, 5)) if pool == "max" else tiles.sum((3, 5)))
