@@ -37,7 +37,10 @@ class VerticalSlash(LengthBudget, BlockSelectionMethod):
     ``vertical_columns`` c > 0 adds the c single key columns with the most vertical mass outside
     those blocks, which every query block also visits: MInference's vertical lines are single
     tokens like these (its kernel gathers them), so ``vertical_blocks=1, vertical_columns=c`` is
-    the paper's pattern, with the slashes kept at block granularity. Causal only, like the paper.
+    the paper's pattern, with the slashes kept at block granularity. With the spread estimate,
+    ``last_columns`` of those c columns instead go to the keys the last 64 queries attend to most
+    (MInference's own estimate: what the prompt's end, often a question, reads; not in the paper),
+    outside the other columns and the last queries' own diagonal blocks. Causal only, like the paper.
     q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D|Dv). Selection O(last_q N D), attention
     O(N ((v + s) b + c) D). Budgets above the number of key blocks (of keys for c) are clamped
     (warning)."""
@@ -76,15 +79,18 @@ class VerticalSlash(LengthBudget, BlockSelectionMethod):
         """The paper's shape for the rule's K blocks: the first block as the one vertical block,
         2K / 3 slash blocks and K / 2 blocks' worth of single vertical columns. The parts overlap
         (columns inside slash blocks; slashes past the diagonal for early queries), so this
-        nominal 1.2 K blocks lands near the target: 0.140 at 4K on SmolLM2 (README, ### Defaults).
+        nominal 1.2 K blocks lands near the target (measured: README, ### Defaults).
         No columns when ``vertical_blocks`` or ``slash_blocks`` is given (the block pattern); the
-        estimate from the rule's number of queries."""
+        estimate from the rule's number of queries; with the spread estimate a quarter of the
+        columns in effect read from the last queries (``last_columns``)."""
         slashes = max(self.config.local_blocks + 1, round(2 * budget.key_blocks / 3))
         columns = budget.key_blocks // 2 * budget.block_size
         if self.config.vertical_blocks is not None or self.config.slash_blocks is not None:
             columns = 0
+        in_effect = columns if self.config.vertical_columns is None else self.config.vertical_columns
         return {"vertical_blocks": 1, "slash_blocks": slashes, "vertical_columns": columns, "block_size": budget.block_size,
-                "last_q": estimate_queries_for(call.len_kv), "last_columns": columns // 4 if self.config.estimate_queries == "spread" else 0}
+                "last_q": estimate_queries_for(call.len_kv),
+                "last_columns": in_effect // 4 if self.config.estimate_queries == "spread" else 0}
 
     def _reference(self, q, k, v, call: Call) -> torch.Tensor:
         cfg = self.at_budget(call).config
