@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -64,6 +66,31 @@ def test_per_head_budgets_store_per_head_lengths(rng, llama, name, options):
     with attnzoo.compress(llama, name, budget=20, **options):
         _, uniform = generate(llama, ids, mask)
     assert cache_bytes(cache) < cache_bytes(uniform)
+
+
+@pytest.mark.parametrize("name, options", [("snapkv", {"window": 4}), ("streaming_llm", {}), ("h2o", {})])
+def test_per_head_ratios_keep_their_share_of_each_prompt(rng, llama, name, options):
+    ids, mask = prompt(rng)
+    ratios = [0.3, 0.7]
+    budgets = [math.ceil(r * N) for r in ratios]  # of the longest row's N real tokens
+    with attnzoo.compress(llama, name, ratio=ratios, **options):
+        tokens, cache = generate(llama, ids, mask)
+    with attnzoo.compress(llama, name, budget=budgets, **options):
+        same, fixed = generate(llama, ids, mask)
+    assert torch.equal(tokens, same)
+    for layer, other in zip(cache.layers, fixed.layers):
+        assert layer.head_lengths() == [b + NEW - 1 for b in budgets] == other.head_lengths()
+
+
+def test_bad_per_head_ratios(llama):
+    with pytest.raises(InvalidArgumentError) as e:
+        attnzoo.compress(llama, "snapkv", ratio=[0.5, 0.5, 0.5])
+    assert e.value.argument == "ratio" and "2 (one per KV head)" in str(e.value)
+    with pytest.raises(InvalidArgumentError) as e:
+        attnzoo.compress(llama, "snapkv", ratio=[0.5, 1.5])
+    assert e.value.argument == "ratio[1]"
+    with pytest.raises(UnsupportedError, match="same tokens on every head"):
+        attnzoo.compress(llama, "selective", ratio=[0.25, 0.5])
 
 
 @pytest.mark.parametrize("name, options", [("snapkv", {"window": 4}), ("h2o", {})])

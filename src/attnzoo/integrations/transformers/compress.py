@@ -65,27 +65,39 @@ from .plan import layer_index
 @dataclass(frozen=True)
 class Budget:
     """How many keys each head of a layer keeps: ``tokens`` (a fixed budget, or one per KV head)
-    or ``ratio`` of the longest sequence's real tokens, never fewer than ``floor`` (what the
+    or ``ratio`` (one, or one per KV head) of the longest sequence's real tokens, never fewer than ``floor`` (what the
     policies always keep); neither: the policy sets each head's budget itself;
     ``interval``: decode steps compress once the cache holds that many keys beyond the target
     (None: only prompts are compressed); ``chunked``: prompts are prefilled in chunks. Without
     either, the latest queries are not kept between calls (nothing later would read them)."""
 
-    ratio: float | None
+    ratio: float | tuple[float, ...] | None
     tokens: int | tuple[int, ...] | None
     floor: int
     interval: int | None
     chunked: bool = False
 
+    @property
+    def per_head(self) -> bool:
+        """Whether each KV head has its own size (a list of budgets or ratios)."""
+        return isinstance(self.tokens, tuple) or isinstance(self.ratio, tuple)
+
     def target(self, real_tokens: int) -> int:
-        """The keys every head keeps (one budget for all heads)."""
+        """The keys every head keeps (one size for all heads)."""
         if self.tokens is not None:
             return self.tokens
-        return max(self.floor, math.ceil(self.ratio * real_tokens))
+        return self._of(self.ratio, real_tokens)
 
     def targets(self, real_tokens: int, heads: int) -> list[int]:
         """The keys each of ``heads`` KV heads keeps."""
-        return list(self.tokens) if isinstance(self.tokens, tuple) else [self.target(real_tokens)] * heads
+        if isinstance(self.tokens, tuple):
+            return list(self.tokens)
+        if isinstance(self.ratio, tuple):
+            return [self._of(r, real_tokens) for r in self.ratio]
+        return [self.target(real_tokens)] * heads
+
+    def _of(self, ratio: float, real_tokens: int) -> int:
+        return max(self.floor, math.ceil(ratio * real_tokens))
 
 
 class CompressedLayer(DynamicLayer):
@@ -702,14 +714,13 @@ def _budget(policy: CachePolicy, ratio, budget, kv_heads: int, interval: int | N
     if (ratio is None) == (budget is None):
         raise InvalidArgumentError(f"{where}ratio, budget", "exactly one of them", f"ratio={ratio!r}, budget={budget!r}")
     if ratio is not None:
+        if isinstance(ratio, (list, tuple)):
+            ratios = tuple(check_float(f"{where}ratio[{h}]", r, low=0.0, high=1.0, low_open=True)
+                           for h, r in enumerate(_per_head(policy, f"{where}ratio", ratio, kv_heads, "float")))
+            return Budget(ratios, None, floor, interval, chunked)
         return Budget(check_float(f"{where}ratio", ratio, low=0.0, high=1.0, low_open=True), None, floor, interval, chunked)
     if isinstance(budget, (list, tuple)):
-        if len(budget) != kv_heads:
-            raise InvalidArgumentError(f"{where}budget", f"one int, or {kv_heads} (one per KV head)", f"{len(budget)} values")
-        tokens = tuple(check_int(f"{where}budget[{h}]", b) for h, b in enumerate(budget))
-        if len(set(tokens)) > 1 and not policy.per_head:
-            raise UnsupportedError(f"attnzoo.compress: {policy.info.name} keeps the same tokens on every head; "
-                                   f"per-head budgets {list(tokens)} do not apply")
+        tokens = tuple(check_int(f"{where}budget[{h}]", b) for h, b in enumerate(_per_head(policy, f"{where}budget", budget, kv_heads, "int")))
     else:
         tokens = check_int(f"{where}budget", budget)
     if min(tokens if isinstance(tokens, tuple) else (tokens,)) < floor:
@@ -717,7 +728,17 @@ def _budget(policy: CachePolicy, ratio, budget, kv_heads: int, interval: int | N
     return Budget(None, tokens, floor, interval, chunked)
 
 
-def compress(model, policy=None, *, ratio: float | None = None, budget: int | Sequence[int] | None = None, layers=None,
+def _per_head(policy: CachePolicy, argument: str, sizes: Sequence, kv_heads: int, kind: str) -> Sequence:
+    """``sizes`` if it holds one size per KV head and the policy can keep different tokens per head."""
+    if len(sizes) != kv_heads:
+        raise InvalidArgumentError(argument, f"one {kind}, or {kv_heads} (one per KV head)", f"{len(sizes)} values")
+    if len(set(sizes)) > 1 and not policy.per_head:
+        raise UnsupportedError(f"attnzoo.compress: {policy.info.name} keeps the same tokens on every head; "
+                               f"per-head sizes {list(sizes)} do not apply")
+    return sizes
+
+
+def compress(model, policy=None, *, ratio: float | Sequence[float] | None = None, budget: int | Sequence[int] | None = None, layers=None,
              interval: int | None = None, chunk: int | None = None, ragged: bool | None = None, **config) -> Compression:
     """Compress the KV cache of a transformers ``model`` with a cache ``policy`` while it generates.
 
@@ -725,8 +746,8 @@ def compress(model, policy=None, *, ratio: float | None = None, budget: int | Se
     ``layers``: per-layer policies, a dict {layer: name | (name, config) | CachePolicy} or a
     callable of the layer index (every attention layer needs one); a (name, config) may carry the
     layer's own ``ratio`` or ``budget``. Exactly one of ``ratio`` (in (0, 1]: keep that fraction of
-    the longest sequence's real tokens) and ``budget`` (keys kept per head, or a list of one per KV
-    head), unless the policy sets its budgets itself (``moa_cache``, ``diffqkv``): then neither.
+    the longest sequence's real tokens, or a list of one per KV head) and ``budget`` (keys kept per
+    head, or a list of one per KV head), unless the policy sets its budgets itself (``moa_cache``, ``diffqkv``): then neither.
     ``interval``: during decoding, compress back to the target whenever the cache has grown
     ``interval`` keys beyond it (None: only prompts are compressed). ``chunk``: prefill prompts
     longer than ``chunk`` tokens chunk by chunk, compressing after each, so the cache never holds
@@ -766,7 +787,7 @@ def _ragged_reason(policies: Mapping[int, CachePolicy], budgets: Mapping[int, Bu
     for i, policy in policies.items():
         if policy.sets_budget:
             return f"{policy.info.name} (layer {i})"
-        if isinstance(budgets[i].tokens, tuple):
+        if budgets[i].per_head:
             return f"per-head budgets (layer {i})"
     if len({(b.ratio, b.tokens) for b in budgets.values()}) > 1:
         return "different budgets per layer"
