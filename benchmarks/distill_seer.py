@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=None, help="training windows start every STRIDE tokens (default: --seq-len)")
     parser.add_argument("--lr", type=float, default=None, help="default: the recipe's")
     parser.add_argument("--val-every", type=int, default=None, help="held-out gate KL every N steps (default: at the end)")
+    parser.add_argument("--teacher-cache", default=None, help="keep the teacher's features in this folder (reused by later runs)")
     parser.add_argument("--top-k", type=int, default=12)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--context", type=int, default=4096)
@@ -62,7 +63,7 @@ def main() -> None:
     train, val = text_examples(tokenizer, calibration_text(), args.seq_len, stride=args.stride)
     start = time.perf_counter()
     run = distill(model, "seer", train, args.out, steps=args.steps, val=val[:2], block_size=args.block_size, top_k=args.top_k,
-                  target=args.target, lr=args.lr, val_every=args.val_every)
+                  target=args.target, lr=args.lr, val_every=args.val_every, cache_teacher=args.teacher_cache)
     minutes = (time.perf_counter() - start) / 60
     budget = dict(block_size=args.block_size, top_k=args.top_k)
     tokens = args.steps * args.seq_len

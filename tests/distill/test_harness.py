@@ -122,6 +122,26 @@ def test_kept_teacher_features_train_as_fresh_teacher_passes(llama, tmp_path, rn
         distill(llama, "moh", data, tmp_path / "moh", steps=1, cache_teacher=True, progress=False)
 
 
+def test_teacher_features_kept_on_disk_serve_other_runs(llama, tmp_path, rng, monkeypatch):
+    from attnzoo.distill.targets import HFTarget
+
+    data, store = tokens(rng, 3), tmp_path / "teacher"
+    options = dict(progress=False, block_size=16, top_k=2, val=tokens(rng, 1))
+    first = distill(llama, "seer", data, tmp_path / "a", steps=4, cache_teacher=store, **options)
+    assert len(list(store.glob("*.safetensors"))) == 4  # 3 training examples, 1 validation example
+    calls = []
+    teacher = HFTarget.teacher
+    monkeypatch.setattr(HFTarget, "teacher", lambda self, batch, layers: calls.append(1) or teacher(self, batch, layers))
+    again = distill(llama, "seer", data, tmp_path / "b", steps=4, cache_teacher=store, **options)
+    assert not calls  # every example read from the store
+    a, b = weights_of(first), weights_of(again)
+    assert all(torch.equal(a[k], b[k]) for k in a) and again.metrics[-1] == first.metrics[-1]
+    other = distill(llama, "seer", data, tmp_path / "c", steps=2, lr=3e-3, cache_teacher=store, **options)
+    assert not calls and other.metrics[-1]["loss"] != first.metrics[1]["loss"]  # another lr, the same features
+    distill(llama, "seer", data, tmp_path / "d", steps=1, cache_teacher=store, **{**options, "block_size": 8})
+    assert calls  # other features (another block size) are computed, not read
+
+
 def _ctrl_c():
     raise KeyboardInterrupt
 

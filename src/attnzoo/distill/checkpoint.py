@@ -132,3 +132,30 @@ def trained_units(folder: str | os.PathLike, method: Any, config: Mapping[str, A
     units = {i: attention_copy(found[i], method, {**data["method_config"], **config}) for i in layers}
     load_weights(Path(folder), units)
     return units
+
+
+def save_features(path: Path, features: Mapping[int, Mapping[str, Any]], fingerprint: str) -> None:
+    """One example's teacher features {layer: {name: tensor or number}} as ``path`` (safetensors; numbers and
+    ``fingerprint``, what they were computed for, in its metadata)."""
+    tensors = {f"{i}.{name}": v.detach().contiguous().cpu() for i, f in features.items() for name, v in f.items() if torch.is_tensor(v)}
+    numbers = {f"{i}.{name}": v for i, f in features.items() for name, v in f.items() if not torch.is_tensor(v)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"fingerprint": fingerprint, "numbers": json.dumps(numbers)}
+    _write_atomic(path, lambda p: _safetensors().save_file(tensors, str(p), metadata=metadata))
+
+
+def load_features(path: Path, fingerprint: str, device) -> dict[int, dict[str, Any]] | None:
+    """The features :func:`save_features` wrote to ``path`` for this ``fingerprint``, on ``device``; None if absent or other."""
+    if not path.is_file():
+        return None
+    st = _safetensors()
+    with st.safe_open(str(path), framework="pt", device=str(device)) as f:
+        metadata = f.metadata() or {}
+        if metadata.get("fingerprint") != fingerprint:
+            return None
+        entries = {key: f.get_tensor(key) for key in f.keys()} | json.loads(metadata["numbers"])
+    features: dict[int, dict[str, Any]] = {}
+    for key, value in entries.items():
+        layer, name = key.split(".", 1)
+        features.setdefault(int(layer), {})[name] = value
+    return features

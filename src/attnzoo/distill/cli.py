@@ -46,6 +46,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--save-every", type=int, default=25)
     p.add_argument("--val-every", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--teacher-cache", default=None, metavar="DIR",
+                   help="keep the teacher's features here for runs on the same data and method config (seer)")
     p.set_defaults(func=run)
 
 
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     train, val = load_examples(model, processor, args.data, args.seq_len, args.val_fraction)
     run = distill(model, args.method, train, args.out, steps=args.steps, val=val, layers=args.layers, batch_size=args.batch_size,
                   lr=args.lr, seed=args.seed, save_every=args.save_every, val_every=args.val_every, progress=not args.no_progress,
-                  **config)
+                  cache_teacher=args.teacher_cache, **config)
     last = run.metrics[-1] if run.metrics else {}
     shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
     print(f"{args.method} on {args.model}: step {run.steps}/{args.steps} ({shown}); load with "

@@ -97,10 +97,26 @@ def _layers(target: Target, layers: Iterable[int] | None) -> list[int]:
 
 
 class _Trainer:
-    def __init__(self, recipe: Recipe, target: Target, methods: dict[int, Method], cache_teacher: bool, device: torch.device):
+    def __init__(self, recipe: Recipe, target: Target, methods: dict[int, Method], cache_teacher: bool, device: torch.device,
+                 store: Path | None = None, fingerprint: str = ""):
         self.recipe, self.target, self.methods, self.device = recipe, target, methods, device
-        # (split, example) -> layer -> teacher features
+        # (split, example) -> layer -> teacher features; also kept on disk in ``store`` when given
         self.cache: dict[tuple[str, int], dict[int, Any]] | None = {} if cache_teacher else None
+        self.store, self.fingerprint = store, fingerprint
+
+    def _features(self, example: torch.Tensor) -> dict[int, Any]:
+        """The teacher features of one example (1, ...): read from the store when it holds them."""
+        key = f"{self.fingerprint}-{zlib.crc32(example.detach().cpu().contiguous().numpy().tobytes()):08x}"
+        path = None if self.store is None else self.store / f"{key}.safetensors"
+        if path is not None:
+            kept = checkpoint.load_features(path, key, self.device)
+            if kept is not None:
+                return kept
+        teacher = self.target.teacher(example.to(self.device), list(self.methods))
+        features = {i: self.recipe.teacher_features(m, teacher, i) for i, m in self.methods.items()}
+        if path is not None:
+            checkpoint.save_features(path, features, key)
+        return features
 
     def step_losses(self, data: torch.Tensor, indices: torch.Tensor, split: str = "train") -> dict[str, torch.Tensor]:
         """Named losses of the examples ``indices`` of ``data``: from the teacher's features kept per example
@@ -110,8 +126,7 @@ class _Trainer:
         named: dict[str, list[torch.Tensor]] = {}
         for index in indices.tolist():
             if (split, index) not in self.cache:
-                teacher = self.target.teacher(data[index:index + 1].to(self.device), list(self.methods))
-                self.cache[split, index] = {i: self.recipe.teacher_features(m, teacher, i) for i, m in self.methods.items()}
+                self.cache[split, index] = self._features(data[index:index + 1])
             for i, method in self.methods.items():
                 for name, value in self.recipe.feature_losses(method, self.cache[split, index][i]).items():
                     named.setdefault(name, []).append(value)
@@ -183,15 +198,17 @@ def _terminate_as_interrupt():
 
 def distill(model, recipe: str | Recipe, train: torch.Tensor, out: str | Path, *, steps: int, val: torch.Tensor | None = None,
             layers: Iterable[int] | None = None, batch_size: int = 1, lr: float | None = None, seed: int = 0,
-            save_every: int = 25, val_every: int | None = None, progress: bool = True, cache_teacher: bool | None = None,
-            **method_config: Any) -> DistillRun:
+            save_every: int = 25, val_every: int | None = None, progress: bool = True,
+            cache_teacher: bool | str | Path | None = None, **method_config: Any) -> DistillRun:
     """Train ``recipe``'s method (configured by ``method_config`` over the recipe's defaults) in ``layers``
     (default all) of the frozen ``model`` (a transformers model or one built from ``attnzoo.nn.Attention``)
     for ``steps`` steps of ``batch_size`` examples of ``train`` (AdamW at ``lr``, default the recipe's),
     checkpointing into ``out`` every ``save_every`` steps and at the end; ``val`` (held-out examples)
     is evaluated every ``val_every`` steps (default: at the end). A folder holding this same run resumes it.
     ``cache_teacher`` (default: whenever the recipe allows it, ``seer``'s pooled maps): run the frozen teacher
-    once per training example and keep what the losses read of it (memory grows with the number of examples).
+    once per training example and keep what the losses read of it (memory grows with the number of examples);
+    a folder: also keep it there (safetensors, one file per example, named by what it was computed for), so
+    a resumed run, or another run on the same data and method config (other steps, lr, seed), skips the teacher.
     Returns a :class:`DistillRun`."""
     recipe = get_recipe(recipe)
     steps, batch_size = check_int("steps", steps), check_int("batch_size", batch_size)
@@ -221,10 +238,12 @@ def distill(model, recipe: str | Recipe, train: torch.Tensor, out: str | Path, *
                   "examples": list(train.shape), "data_crc32": zlib.crc32(train.detach().cpu().contiguous().numpy().tobytes())}
     folder = Path(out)
     start = _resume(folder, run_config, methods, optimizer)
-    if cache_teacher and not recipe.caches_teacher:
+    store = None if cache_teacher is None or isinstance(cache_teacher, bool) else Path(cache_teacher)
+    if cache_teacher is not None and cache_teacher is not False and not recipe.caches_teacher:
         raise InvalidArgumentError("cache_teacher", f"None or False for recipe {recipe.name!r} (its losses need a fresh teacher pass)", cache_teacher)
-    trainer = _Trainer(recipe, target, methods, recipe.caches_teacher if cache_teacher is None else bool(cache_teacher),
-                       device)
+    features_of = {key: run_config[key] for key in ("recipe", "method_config", "model", "layers")}
+    trainer = _Trainer(recipe, target, methods, recipe.caches_teacher if cache_teacher is None else cache_teacher is not False,
+                       device, store, f"{zlib.crc32(json.dumps(features_of, sort_keys=True).encode()):08x}")
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)

@@ -138,21 +138,27 @@ class Seer(LearnedPart, BlockSelectionMethod):
 
     def gate_logits(self, q, k, *, causal: bool = False, scale: float | None = None) -> torch.Tensor:
         """The gate's block logits (B, Hq, nQB, nKB) (-inf where causality forbids), differentiable."""
-        return self.gate_logits_from(self.gate_inputs(q, k, causal=causal, scale=scale))
+        call = self._prepare(q, k, k, causal, scale, check_finite=False)
+        return self.gate_logits_from(self.gate_inputs(q, k, causal=causal, scale=scale), self.part(call))
 
     def gate_inputs(self, q, k, *, causal: bool = False, scale: float | None = None) -> dict:
-        """What the gate reads of q and k, without gradient: ``pooled_q``, ``pooled_k``, ``offset``, ``allowed``
-        (see :meth:`AttnGate.logits`); the distillation caches it per training example."""
+        """What the gate reads of q and k, without gradient: tensors ``pooled_q``, ``pooled_k``,
+        ``allowed`` and the float ``offset`` (see :meth:`AttnGate.logits`); the distillation keeps it
+        per training example."""
         call = self._prepare(q, k, k, causal, scale, check_finite=False)
         b = self.config.block_size
         with torch.no_grad():
             pooled_q, pooled_k = self.part(call).pooled(q, k, call, b)
         return {"pooled_q": pooled_q, "pooled_k": pooled_k, "offset": (call.len_kv - call.len_q) / b,
-                "allowed": allowed_blocks(call, b, b), "call": call}
+                "allowed": allowed_blocks(call, b, b)}
 
-    def gate_logits_from(self, inputs: dict) -> torch.Tensor:
-        """The gate's block logits from :meth:`gate_inputs`, differentiable in the gate's parameters."""
-        return self.part(inputs["call"]).logits(inputs["pooled_q"], inputs["pooled_k"], inputs["offset"], inputs["allowed"])
+    def gate_logits_from(self, inputs: dict, gate: AttnGate | None = None) -> torch.Tensor:
+        """The block logits of ``gate`` (default: the learned one) from :meth:`gate_inputs`,
+        differentiable in the gate's parameters."""
+        gate = self.gate if gate is None else gate
+        if gate is None:
+            raise InvalidArgumentError("gate", "a learned gate (materialize() or weights=) or one given", None)
+        return gate.logits(inputs["pooled_q"], inputs["pooled_k"], inputs["offset"], inputs["allowed"])
 
     def _reference(self, q, k, v, call: Call) -> torch.Tensor:
         """The AttnGate and its selection written literally (:mod:`.naive`), with this gate's parameters."""
