@@ -7,7 +7,7 @@ each layer's heads chosen from the same calibration text, in one run (issue 14's
 Every variant keeps ceil(0.75 * 9) = 7 of each layer's 9 query heads per token. The fixed choices:
 ``fixed (router score)``, each layer's 7 heads with the highest mean probability under the trained
 router over the calibration tokens; ``fixed (ablation)``, each layer's 7 heads whose removal alone
-(the other layers exact) raises the calibration loss least. Calibration text: the standard-library
+(the other layers exact) raises the calibration loss most. Calibration text: the standard-library
 docstrings of ``distill_seer.calibration_text``; evaluation text: :func:`attnzoo.eval.english_text`.
 """
 
