@@ -84,7 +84,7 @@ DEFAULT_CASES = [("block_sparse", {}), ("hip", {}), ("vertical_slash", {})]
 MEASURED_AS = {
     "block_sparse": dict(estimator="pooled_qk"),
     "hip": dict(candidates=1),  # and the pooled branch score without query_samples
-    "vertical_slash": dict(last_q=64, estimate_queries="last", vertical_columns=0),
+    "vertical_slash": dict(last_q=64, estimate_queries="last", vertical_columns=0, last_columns=0),
 }
 
 
