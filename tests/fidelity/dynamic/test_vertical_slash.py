@@ -32,15 +32,18 @@ def test_selection_is_the_papers(config, rng):
 _estimate = vertical_slash.VerticalSlash.estimate
 
 
-def _slash_scores_replaced(self, q, k, call, last=None, queries=None):
+def _slash_scores_replaced(self, q, k, call):
     """The vertical scores stand in for the slash scores (offset j read as key j)."""
-    vertical, _ = _estimate(self, q, k, call, last, queries)
+    vertical, _ = _estimate(self, q, k, call)
     return vertical, vertical.clone()
 
 
-def _late_columns_from_the_spread_estimate(self, q, k, call, last=None, queries=None):
-    """The late columns read the spread queries, as every other column does."""
-    return _estimate(self, q, k, call, last=False if last else last, queries=queries)
+_positions = vertical_slash.VerticalSlash.query_positions
+
+
+def _late_columns_from_the_spread_estimate(self, call, n, last):
+    """The late columns read queries spread over the sequence, as the other columns do."""
+    return _positions(self, call, n, False)
 
 
 MUTANTS = [
@@ -48,7 +51,7 @@ MUTANTS = [
     Mutant("vertical_slash-lowest-scored", vertical_slash, "top_blocks", lowest_scored),
 ]
 LATE_MUTANTS = [
-    Mutant("vertical_slash-late-columns-spread", vertical_slash.VerticalSlash, "estimate", _late_columns_from_the_spread_estimate),
+    Mutant("vertical_slash-late-columns-spread", vertical_slash.VerticalSlash, "query_positions", _late_columns_from_the_spread_estimate),
     Mutant("vertical_slash-no-late-columns", vertical_slash.VerticalSlash, "late_columns",
            lambda self, q, k, call, outside, chosen, count: torch.full((*chosen.shape[:-1], count), -1, dtype=torch.long)),
 ]

@@ -101,14 +101,15 @@ class VerticalSlash(LengthBudget, BlockSelectionMethod):
                                                last_columns=cfg.last_columns or 0)
         return naive.support_reference(q, k, v, support, call.scale)
 
-    def estimate(self, q, k, call: Call, last: bool | None = None, queries: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Vertical (B, Hq, Nk) and slash (B, Hq, Nk, by offset) attention mass of ``last_q`` queries
-        (or ``queries``): the last ones, or spread evenly over the sequence (``estimate_queries``, or ``last``)."""
-        n = min(self.config.last_q if queries is None else queries, call.len_q)
-        B, Hq, G, Nk = call.batch, call.heads_q, call.groups, call.len_kv
-        last = self.config.estimate_queries == "last" if last is None else last
-        pos = (torch.arange(call.len_q - n, call.len_q, device=q.device) if last
-               else torch.linspace(0, call.len_q - 1, n, device=q.device).round().long())
+    def query_positions(self, call: Call, n: int, last: bool) -> torch.Tensor:
+        """(n,) the query positions an estimate reads: the last n, or n spread evenly over the sequence."""
+        return (torch.arange(call.len_q - n, call.len_q, device=call.device) if last
+                else torch.linspace(0, call.len_q - 1, n, device=call.device).round().long())
+
+    def attention_of(self, q, k, call: Call, pos: torch.Tensor) -> torch.Tensor:
+        """(B, Hq, n, Nk) exact causal attention of the queries at ``pos`` (bottom-right aligned; a
+        query that sees no key: zeros)."""
+        B, Hq, G, Nk, n = call.batch, call.heads_q, call.groups, call.len_kv, len(pos)
         reach = pos + (Nk - call.len_q)  # the last key each of these queries sees
         work = work_dtype(q)
         rows = (q[:, :, pos].to(work) * call.scale).reshape(B, Hq // G, G * n, -1)  # GQA as extra rows
@@ -117,10 +118,16 @@ class VerticalSlash(LengthBudget, BlockSelectionMethod):
         hidden = torch.arange(first, Nk, device=q.device)[None, :] > reach[:, None]
         scores[..., first:].masked_fill_(hidden, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        if first == 0:  # bottom-right aligned queries that see no key
-            probs = probs.nan_to_num(0.0)
+        return probs.nan_to_num(0.0) if first == 0 else probs
+
+    def estimate(self, q, k, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vertical (B, Hq, Nk) and slash (B, Hq, Nk, by offset) attention mass of ``last_q`` queries:
+        the last ones, or spread evenly over the sequence (``estimate_queries``)."""
+        pos = self.query_positions(call, min(self.config.last_q, call.len_q), self.config.estimate_queries == "last")
+        probs = self.attention_of(q, k, call, pos)
+        B, Hq, Nk = call.batch, call.heads_q, call.len_kv
         # the key j of the query reaching p lies on diagonal p - j
-        offsets = (reach[:, None] - torch.arange(Nk, device=q.device)[None, :]).clamp(min=0)
+        offsets = (pos[:, None] + (Nk - call.len_q) - torch.arange(Nk, device=q.device)[None, :]).clamp(min=0)
         slash = torch.zeros_like(probs[:, :, 0]).scatter_add_(-1, offsets.flatten().expand(B, Hq, -1), probs.flatten(2))
         return probs.sum(2), slash
 
@@ -160,10 +167,8 @@ class VerticalSlash(LengthBudget, BlockSelectionMethod):
         columns ``chosen`` (-1 holes), the vertical blocks (-inf in ``outside``) and the keys the last
         queries' own diagonal blocks hold."""
         cfg = self.config
-        late, _ = self.estimate(q, k, call, last=True, queries=QUESTION_QUERIES)
-        taken = torch.zeros(*late.shape[:-1], late.shape[-1] + 1, dtype=torch.bool, device=late.device)
-        taken.scatter_(-1, torch.where(chosen >= 0, chosen, late.shape[-1]), True)
-        late = late.masked_fill(taken[..., :-1] | ~torch.isfinite(outside), float("-inf"))
+        late = self.attention_of(q, k, call, self.query_positions(call, min(QUESTION_QUERIES, call.len_q), last=True)).sum(2)
+        late = late.masked_fill(membership(chosen, late.shape[-1]) | ~torch.isfinite(outside), float("-inf"))
         near = call.len_kv - min(QUESTION_QUERIES, call.len_q) - (cfg.local_blocks + 1) * cfg.block_size
         late[..., max(near, 0):] = float("-inf")
         top = late.topk(min(count, late.shape[-1]), dim=-1)
