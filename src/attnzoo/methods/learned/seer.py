@@ -64,18 +64,20 @@ class AttnGate(nn.Module):
         self.key = nn.Parameter(torch.cat([torch.zeros(2 * dim, gate_dim), eye]).repeat(heads, 1, 1))  # (H, 3D, G): max, min, avg
         self.rope_base = rope_base
 
-    def pooled(self, q: torch.Tensor, k: torch.Tensor, call: Call, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The gate's inputs, which hold no parameter: q mean-pooled per block (B, Hq, nQB, D) and k max-,
-        min- and mean-pooled (B, Hq, nKB, 3D), shared across each GQA group."""
+    def inputs(self, q: torch.Tensor, k: torch.Tensor, call: Call, block: int) -> dict:
+        """What the gate reads of q and k, none of it a parameter: ``pooled_q``, q mean-pooled per block
+        (B, Hq, nQB, D); ``pooled_k``, k max-, min- and mean-pooled (B, Hq, nKB, 3D), shared across each
+        GQA group; ``offset``, the first query block's position in key blocks (bottom-right alignment);
+        ``allowed`` (nQB, nKB), the key blocks each query block may see."""
         if q.shape[1] != self.query.shape[0] or q.shape[-1] != self.query.shape[1]:
             raise InvalidArgumentError("q", f"{self.query.shape[0]} query heads of dim {self.query.shape[1]} (the gate's shapes)",
                                        f"{q.shape[1]} heads of dim {q.shape[-1]}")
         kmax, kmin = block_extremes(k.to(work_dtype(q)), block)
-        return block_means(q, block), repeat_kv(torch.cat([kmax, kmin, block_means(k, block)], dim=-1), call.groups)
+        return {"pooled_q": block_means(q, block), "pooled_k": repeat_kv(torch.cat([kmax, kmin, block_means(k, block)], dim=-1), call.groups),
+                "offset": (call.len_kv - call.len_q) / block, "allowed": allowed_blocks(call, block, block)}
 
     def logits(self, pooled_q: torch.Tensor, pooled_k: torch.Tensor, offset: float, allowed: torch.Tensor) -> torch.Tensor:
-        """Block logits (B, Hq, nQB, nKB) from :meth:`pooled`'s inputs; ``offset``: the first query block's
-        position in key blocks; -inf where ``allowed`` (nQB, nKB) is False."""
+        """Block logits (B, Hq, nQB, nKB) from :meth:`inputs`, -inf where ``allowed`` is False."""
         gq = pooled_q @ self.query.to(pooled_q.dtype)
         gk = pooled_k @ self.key.to(pooled_k.dtype)
         gq = apply_rope(gq, torch.arange(gq.shape[2], device=gq.device, dtype=gq.dtype) + offset, self.rope_base)
@@ -84,8 +86,7 @@ class AttnGate(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, call: Call, block: int) -> torch.Tensor:
         """Block logits (B, Hq, nQB, nKB), -inf where a query block may not look (causal)."""
-        offset = (call.len_kv - call.len_q) / block  # bottom-right alignment, in blocks
-        return self.logits(*self.pooled(q, k, call, block), offset, allowed_blocks(call, block, block))
+        return self.logits(**self.inputs(q, k, call, block))
 
 
 @register
@@ -139,26 +140,20 @@ class Seer(LearnedPart, BlockSelectionMethod):
     def gate_logits(self, q, k, *, causal: bool = False, scale: float | None = None) -> torch.Tensor:
         """The gate's block logits (B, Hq, nQB, nKB) (-inf where causality forbids), differentiable."""
         call = self._prepare(q, k, k, causal, scale, check_finite=False)
-        return self.gate_logits_from(self.gate_inputs(q, k, causal=causal, scale=scale), self.part(call))
+        return self.part(call)(q, k, call, self.config.block_size)
 
     def gate_inputs(self, q, k, *, causal: bool = False, scale: float | None = None) -> dict:
-        """What the gate reads of q and k, without gradient: tensors ``pooled_q``, ``pooled_k``,
-        ``allowed`` and the float ``offset`` (see :meth:`AttnGate.logits`); the distillation keeps it
-        per training example."""
+        """:meth:`AttnGate.inputs` of q and k, without gradient; the distillation keeps it per training example."""
         call = self._prepare(q, k, k, causal, scale, check_finite=False)
-        b = self.config.block_size
         with torch.no_grad():
-            pooled_q, pooled_k = self.part(call).pooled(q, k, call, b)
-        return {"pooled_q": pooled_q, "pooled_k": pooled_k, "offset": (call.len_kv - call.len_q) / b,
-                "allowed": allowed_blocks(call, b, b)}
+            return self.part(call).inputs(q, k, call, self.config.block_size)
 
-    def gate_logits_from(self, inputs: dict, gate: AttnGate | None = None) -> torch.Tensor:
-        """The block logits of ``gate`` (default: the learned one) from :meth:`gate_inputs`,
-        differentiable in the gate's parameters."""
-        gate = self.gate if gate is None else gate
-        if gate is None:
-            raise InvalidArgumentError("gate", "a learned gate (materialize() or weights=) or one given", None)
-        return gate.logits(inputs["pooled_q"], inputs["pooled_k"], inputs["offset"], inputs["allowed"])
+    def gate_logits_from(self, inputs: dict) -> torch.Tensor:
+        """The learned gate's block logits from :meth:`gate_inputs` (other entries are ignored),
+        differentiable in its parameters."""
+        if self.gate is None:
+            raise InvalidArgumentError("gate", "a learned gate (materialize() or weights=)", None)
+        return self.gate.logits(inputs["pooled_q"], inputs["pooled_k"], inputs["offset"], inputs["allowed"])
 
     def _reference(self, q, k, v, call: Call) -> torch.Tensor:
         """The AttnGate and its selection written literally (:mod:`.naive`), with this gate's parameters."""
