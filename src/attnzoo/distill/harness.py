@@ -96,6 +96,11 @@ def _layers(target: Target, layers: Iterable[int] | None) -> list[int]:
     return chosen
 
 
+def _crc32(t: torch.Tensor) -> int:
+    """CRC-32 of a tensor's bytes: which data a run or a kept teacher feature belongs to."""
+    return zlib.crc32(t.detach().cpu().contiguous().numpy().tobytes())
+
+
 class _Trainer:
     def __init__(self, recipe: Recipe, target: Target, methods: dict[int, Method], cache_teacher: bool, device: torch.device,
                  store: Path | None = None, fingerprint: str = ""):
@@ -106,7 +111,7 @@ class _Trainer:
 
     def _features(self, example: torch.Tensor) -> dict[int, Any]:
         """The teacher features of one example (1, ...): read from the store when it holds them."""
-        key = f"{self.fingerprint}-{zlib.crc32(example.detach().cpu().contiguous().numpy().tobytes()):08x}"
+        key = f"{self.fingerprint}-{_crc32(example):08x}"
         path = None if self.store is None else self.store / f"{key}.safetensors"
         if path is not None:
             kept = checkpoint.load_features(path, key, self.device)
@@ -212,6 +217,10 @@ def distill(model, recipe: str | Recipe, train: torch.Tensor, out: str | Path, *
     Returns a :class:`DistillRun`."""
     recipe = get_recipe(recipe)
     steps, batch_size = check_int("steps", steps), check_int("batch_size", batch_size)
+    keep_teacher = recipe.caches_teacher if cache_teacher is None else cache_teacher is not False
+    if keep_teacher and not recipe.caches_teacher:
+        raise InvalidArgumentError("cache_teacher", f"None or False for recipe {recipe.name!r} (its losses need a fresh teacher pass)", cache_teacher)
+    store = None if isinstance(cache_teacher, bool) or cache_teacher is None else Path(cache_teacher)
     save_every = check_int("save_every", save_every)
     val_every = steps if val_every is None else check_int("val_every", val_every)
     train = _check_examples("train", train)
@@ -235,15 +244,12 @@ def distill(model, recipe: str | Recipe, train: torch.Tensor, out: str | Path, *
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     run_config = {"recipe": recipe.name, "method": recipe.method, "unit": recipe.unit, "method_config": config, "model": type(model).__name__,
                   "layers": {str(i): list(s) for i, s in shapes.items()}, "seed": seed, "batch_size": batch_size, "lr": lr,
-                  "examples": list(train.shape), "data_crc32": zlib.crc32(train.detach().cpu().contiguous().numpy().tobytes())}
+                  "examples": list(train.shape), "data_crc32": _crc32(train)}
     folder = Path(out)
     start = _resume(folder, run_config, methods, optimizer)
-    store = None if cache_teacher is None or isinstance(cache_teacher, bool) else Path(cache_teacher)
-    if cache_teacher is not None and cache_teacher is not False and not recipe.caches_teacher:
-        raise InvalidArgumentError("cache_teacher", f"None or False for recipe {recipe.name!r} (its losses need a fresh teacher pass)", cache_teacher)
     features_of = {key: run_config[key] for key in ("recipe", "method_config", "model", "layers")}
-    trainer = _Trainer(recipe, target, methods, recipe.caches_teacher if cache_teacher is None else cache_teacher is not False,
-                       device, store, f"{zlib.crc32(json.dumps(features_of, sort_keys=True).encode()):08x}")
+    trainer = _Trainer(recipe, target, methods, keep_teacher, device, store,
+                       f"{zlib.crc32(json.dumps(features_of, sort_keys=True).encode()):08x}")
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
