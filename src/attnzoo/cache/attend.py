@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels.dense import causal_mask
+from ..kernels.dense import causal_mask, fold_heads
 
 
 def head_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scale: float,
@@ -16,19 +16,19 @@ def head_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     causally; a row that sees no key (a padding query, never read) attends to every key.
     ``v_top``: each row's softmax runs over its ``v_top`` highest logits only and reads only those
     keys' values (Sigma's selective V loading); None: every key."""
-    batch, groups, nq, dim = queries.shape
+    batch, groups, nq, _ = queries.shape
     stored = keys.shape[1]
-    rows = queries.reshape(batch, groups * nq, dim)
     padding = positions < 0
     if nq == 1 and not bool(padding.any()):
         allowed = None
     else:
         allowed = causal_mask(nq, stored, keys.device)[None] & ~padding[:, None, :]
-        allowed = (allowed | ~allowed.any(dim=-1, keepdim=True)).repeat(1, groups, 1)  # (B, G * Nq, S)
+        allowed = (allowed | ~allowed.any(dim=-1, keepdim=True))[:, None]  # (B, 1, Nq, S), shared by the group
+    rows, mask = fold_heads(queries, allowed, groups)  # (B, 1, G * Nq, D), (B, 1, G * Nq, S)
     if v_top is None or v_top >= stored:
-        mask = None if allowed is None else allowed[:, None]
-        out = F.scaled_dot_product_attention(rows[:, None], keys[:, None], values[:, None], attn_mask=mask, scale=scale)[:, 0]
+        out = F.scaled_dot_product_attention(rows, keys[:, None], values[:, None], attn_mask=mask, scale=scale)[:, 0]
     else:
+        rows, allowed = rows[:, 0], None if mask is None else mask[:, 0]
         logits = torch.matmul(rows, keys.transpose(1, 2)) * scale
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
