@@ -2,12 +2,13 @@
 
     OMP_NUM_THREADS=1 python benchmarks/cache_moa_spans.py --densities 0.25 0.125 --out runs/moa_spans.json
 
-Searches MoA's elastic rules (``moa_search(..., kv_groups=True)``: one rule per KV head) on a
+Searches MoA's elastic rules (``moa_search(..., kv_groups=True)``: one rule per KV head; with each
+of ``--losses``, MoA's gradient-weighted influence and the dropped attention mass) on a
 calibration text (standard-library docstrings, ``distill_seer.calibration_text``), then scores the
 perplexity of a ``--continuation``-token continuation teacher-forced after a ``--context``-token
 context of the evaluation text (:func:`attnzoo.eval.english_text`, never seen by the search) with
 the dense cache, ``moa_cache`` under uniform spans (alpha 0, beta = density, the same sinks) and
-under the searched rules (the budget holding in every layer, and over the whole model). Reports the keys each cache holds per head after the
+under each search's rules (the budget holding in every layer, and over the whole model). Reports the keys each cache holds per head after the
 context (the budgets compared) and writes the JSON after every measurement.
 """
 
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--continuation", type=int, default=512)
     parser.add_argument("--sinks", type=int, default=64)
     parser.add_argument("--scopes", nargs="+", default=["layer", "model"], choices=["layer", "model"], help="where the search's budget holds")
+    parser.add_argument("--losses", nargs="+", default=["gradient", "mass"], choices=["gradient", "mass"], help="what a rule costs a head")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/moa_spans.json")
     args = parser.parse_args()
@@ -68,12 +70,13 @@ def main() -> None:
     for density in args.densities:
         uniform = {"alpha": 0.0, "beta": density, "sinks": args.sinks}
         caches = {"moa uniform": uniform}
-        for scope in args.scopes:
-            start = time.perf_counter()
-            found = moa_search(model, calibration, density=density, sinks=args.sinks, kv_groups=True, scope=scope)
-            record({"search": density, "scope": scope, "seconds": time.perf_counter() - start, "rules": found["search"]["rules"],
-                    "dropped_mass": found["search"]["dropped_mass"], "dropped_mass_uniform": found["search"]["dropped_mass_uniform"]})
-            caches[f"moa searched ({scope})"] = {"config": found}
+        for loss in args.losses:
+            for scope in args.scopes:
+                start = time.perf_counter()
+                found = moa_search(model, calibration, density=density, sinks=args.sinks, kv_groups=True, scope=scope, loss=loss)
+                record({"search": density, "scope": scope, "loss": loss, "seconds": time.perf_counter() - start, "rules": found["search"]["rules"],
+                        "loss_total": found["search"]["loss_total"], "loss_total_uniform": found["search"]["loss_total_uniform"]})
+                caches[f"moa searched ({loss}, {scope})"] = {"config": found}
         for name, options in caches.items():
             start = time.perf_counter()
             with attnzoo.compress(model, "moa_cache", **options):

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import cache.test_moa_cache as moa_tests
+import cache.test_moa_search as search_tests
 import cache.test_policies as policy_tests
-from attnzoo.cache import attend, h2o, selective, snapkv, streaming_llm
+from attnzoo.cache import attend, h2o, moa_search, selective, snapkv, streaming_llm
 from attnzoo.cache.diffqkv import DiffQKV
 from attnzoo.cache.moa_cache import MoACache
 from fidelity.mutation import Mutant, assert_caught
@@ -73,6 +74,7 @@ def unseeded(test, *args):
 
 
 votes = snapkv.attention_votes
+profile_losses = moa_search.profile_losses
 CASES = [
     # snapkv: unpooled votes; no observation window (no votes); votes of one query head per group
     (Mutant("snapkv-unpooled", snapkv.F, "max_pool1d", lambda x, *a, **k: x), seeded(policy_tests.test_snapkv_score_matches_the_paper, "max")),
@@ -101,6 +103,15 @@ CASES = [
      unseeded(moa_tests.test_per_query_head_rules_keep_the_widest_of_a_group, None)),
     (Mutant("moa-oldest-keys", MoACache, "score", lambda self, view: -view.positions.float()),
      lambda rng: moa_tests.test_each_head_keeps_its_sinks_and_its_span(rng, compress_tests.tiny_llama())),
+    # moa_search: the influence without the row's renormalisation, without the 1 / (1 - A) of masking
+    # the entry itself; the dropped attention mass in place of the gradient-weighted influence
+    (Mutant("moa-influence-no-renormalisation", moa_search, "influence", lambda a, g: (a.double() * g.double()).abs()),
+     seeded(search_tests.test_influence_matches_the_gradient_through_an_explicit_attention_matrix)),
+    (Mutant("moa-influence-first-order-in-a", moa_search, "influence",
+            lambda a, g: (a.double() * ((a.double() * g.double()).sum(-1, keepdim=True) - g.double())).abs()),
+     seeded(search_tests.test_influence_predicts_the_loss_rise_of_masking_one_entry)),
+    (Mutant("moa-search-by-mass", moa_search, "profile_losses", lambda m, ids, spans, lengths, sinks, loss: profile_losses(m, ids, spans, lengths, sinks, "mass")),
+     seeded(search_tests.test_the_gradient_search_gives_a_head_that_cannot_matter_the_smallest_span)),
     # diffqkv: the first K head of a group instead of their mean; V read at every key despite v_top
     (Mutant("diffqkv-first-key-head", compress_module, "merge_keys", lambda keys, k: keys[:, :k]), diffqkv_selects_on_a_held_cache),
     (Mutant("diffqkv-all-values", compress_module, "head_attention", lambda q, k, v, p, s, v_top=None: attend.head_attention(q, k, v, p, s)),

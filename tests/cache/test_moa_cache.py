@@ -106,7 +106,7 @@ def test_a_model_wide_budget_drops_no_more_than_per_layer_budgets(rng, llama):
     grid = {"density": 0.25, "alphas": (0, 4, 8), "betas": (0.0, 0.125, 0.25, 0.5), "sinks": 2, "kv_groups": True}
     per_layer = moa_search(llama, calibration, **grid)
     whole = moa_search(llama, calibration, scope="model", **grid)
-    assert whole["search"]["dropped_mass"] <= per_layer["search"]["dropped_mass"] + 1e-9
+    assert whole["search"]["loss_total"] <= per_layer["search"]["loss_total"] + 1e-9
     for n in whole["search"]["lengths"]:  # the average span over all 8 heads of both layers stays within the budget
         spans = [min(n, max(1, round(a + b * n))) for heads in whole["search"]["rules"].values() for a, b in heads]
         assert sum(spans) <= 0.25 * n * len(spans) + 1e-9

@@ -4,11 +4,14 @@ under an average-span budget, solved as a mixed-integer linear program (``scipy.
 "MoA: Mixture of Sparse Attention for Automatic Large Language Model Compression" (arXiv
 2406.14909), section 4: profile each head's loss under every candidate rule at several input
 lengths, then pick one rule per head minimising the summed loss subject to the density budget at
-each length. The paper estimates the loss with gradients of the model's loss through the
-attention matrix; this search uses the attention mass each rule drops (1 - the softmax mass
-inside the first ``sinks`` keys and the span), averaged over the queries of each profiled prefix:
-no backward pass, same shape of problem. The result is an ``attnzoo-patterns/1`` config for
-``attnzoo.patch(model, "auto", config=...)`` running the ``moa`` method with the chosen rules.
+each length. A rule's loss is, as in the paper, the summed *attention influence* of the entries it
+masks: with G = dL/dA the gradient of the model's mean next-token loss on a prefix of the
+calibration text through head h's attention matrix A, masking entry (i, j) and renormalising its
+row raises the loss by about A_ij (sum_k A_ik G_ik - G_ij) / (1 - A_ij) (first order); MoA sums the
+magnitudes (``loss="gradient"``, one forward and backward per profiled length). ``loss="mass"``
+uses the attention mass a rule drops instead (no backward pass). The result is an
+``attnzoo-patterns/1`` config for ``attnzoo.patch(model, "auto", config=...)`` running the ``moa``
+method with the chosen rules.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError, check_float, check_int
+from ..kernels.dense import attention_probabilities, causal_mask, repeat_kv, work_dtype
 
 PATTERNS_FORMAT = "attnzoo-patterns/1"
 
@@ -33,24 +38,60 @@ def rule_spans(alphas: Sequence[float], betas: Sequence[float], lengths: Sequenc
     return rules, spans
 
 
+def dropped_weight(weights: torch.Tensor, spans: np.ndarray, sinks: int) -> np.ndarray:
+    """(H, R) weight a rule drops: for each head of ``weights`` (H, N, N) (non-negative, causal:
+    zero above the diagonal) and each rule r keeping the keys < ``sinks`` and the latest ``spans[r]``
+    keys of every query, the weight outside them, summed over the N queries."""
+    heads, n, _ = weights.shape
+    cumulative = torch.cumsum(weights.double(), dim=-1)  # C[h, i, j] = sum_{t <= j} W[h, i, t]
+    rows = torch.arange(n)
+    total = cumulative[:, rows, rows]
+    on_sinks = cumulative[:, :, min(sinks, n) - 1] if sinks > 0 else torch.zeros(heads, n, dtype=torch.float64)
+    out = np.zeros((heads, len(spans)))
+    for r, span in enumerate(spans):
+        start = torch.clamp(rows - int(span) + 1, min=sinks)  # first key of the span beyond the sinks
+        before = torch.where(start > 0, cumulative[:, rows, (start - 1).clamp(min=0)], torch.zeros(()))
+        window = torch.where(start <= rows, total - before, torch.zeros(()))
+        out[:, r] = (total - on_sinks - window).sum(dim=1).numpy()
+    return out
+
+
 def dropped_mass(probs: torch.Tensor, spans: np.ndarray, lengths: Sequence[int], sinks: int) -> np.ndarray:
     """(H, R) attention mass a rule drops: for each head of ``probs`` (H, N, N) (causal softmax
     rows), each rule r with span ``spans[r, l]`` at length ``lengths[l]``, the mean over the first
     lengths[l] queries of 1 - (mass on keys < ``sinks`` or within the span), summed over lengths."""
-    heads, n, _ = probs.shape
-    cumulative = torch.cumsum(probs.double(), dim=-1)  # C[h, i, j] = sum_{t <= j} P[h, i, t]
-    rows = torch.arange(n)
-    on_sinks = cumulative[:, :, min(sinks, n) - 1] if sinks > 0 else torch.zeros(heads, n, dtype=torch.float64)
-    out = np.zeros((heads, spans.shape[0]))
-    for r in range(spans.shape[0]):
-        for l, length in enumerate(lengths):
-            i = rows[:length]
-            start = torch.clamp(i - int(spans[r, l]) + 1, min=sinks)  # first key of the span beyond the sinks
-            before = torch.where(start > 0, cumulative[:, i, (start - 1).clamp(min=0)], torch.zeros(()))
-            window = torch.where(start <= i, cumulative[:, i, i] - before, torch.zeros(()))
-            kept = on_sinks[:, :length] + window
-            out[:, r] += (1.0 - kept).mean(dim=1).numpy()
-    return out
+    return sum(dropped_weight(probs[:, :n, :n], spans[:, l], sinks) / n for l, n in enumerate(lengths))
+
+
+def influence(probs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """MoA's attention influence |A (sum_k A_ik G_ik - G) / (1 - A)| (same shape as ``probs`` A, the
+    softmax rows, and ``grads`` G = dL/dA): the first-order loss rise of masking each entry alone
+    and renormalising its row, in magnitude (arXiv 2406.14909, section 4)."""
+    probs, grads = probs.double(), grads.double()
+    rise = probs * ((probs * grads).sum(dim=-1, keepdim=True) - grads)
+    return (rise / (1.0 - probs).clamp_min(torch.finfo(torch.float32).eps)).abs()
+
+
+def attention_influence(model, ids: torch.Tensor):
+    """Yield (layer, (Hq, N, N) :func:`influence` of each head's attention) for a transformers
+    ``model`` on ``ids`` (1, N), L the mean next-token cross-entropy of ``ids``. One forward and one
+    backward pass (to the attention outputs only: no parameter gradients); G = dL/dO v^T per head."""
+    from ..integrations.transformers.capture import capture
+
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 2:
+        raise InvalidArgumentError("ids", "token ids of shape (1, N), N >= 2", tuple(ids.shape))
+    with torch.enable_grad(), capture(model, output=True, device=None) as cap:
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds, use_cache=False).logits
+        loss = F.cross_entropy(logits[0, :-1].to(work_dtype(logits)), ids[0, 1:])
+        records = {index: calls[0] for index, calls in sorted(cap.records.items())}
+        del logits
+        outputs = torch.autograd.grad(loss, [r.output for r in records.values()])
+    for (index, record), grad_out in zip(records.items(), outputs):
+        allowed = record.mask if record.mask is not None else causal_mask(ids.shape[1], ids.shape[1], ids.device)
+        probs = attention_probabilities(record.q, record.k, scale=record.scale, mask=allowed)[0]
+        v = repeat_kv(record.v, record.q.shape[1] // record.v.shape[1])[0]
+        yield index, influence(probs, grad_out[0].to(v.dtype) @ v.transpose(-1, -2))
 
 
 def choose_rules(losses: np.ndarray, spans: np.ndarray, limits: np.ndarray) -> np.ndarray:
@@ -82,59 +123,74 @@ def _choose(grouped: dict[int, np.ndarray], spans: np.ndarray, density_spans: np
     return {i: flat[start:end] for i, start, end in zip(grouped, bounds[:-1], bounds[1:])}
 
 
-@torch.no_grad()
+def profile_losses(model, ids: torch.Tensor, spans: np.ndarray, lengths: Sequence[int], sinks: int, loss: str) -> dict[int, np.ndarray]:
+    """{layer: (Hq, R) loss of each head under each rule}: the summed :func:`influence` of the entries
+    a rule masks, one pass per profiled length (``loss="gradient"``), or the :func:`dropped_mass`
+    of one pass over ``ids`` (``"mass"``)."""
+    from ..integrations.transformers.capture import capture
+
+    if loss == "mass":
+        with torch.no_grad(), capture(model, probs=True, qkv=False) as cap:
+            model(input_ids=ids, use_cache=False)
+        return {index: dropped_mass(calls[0].probs[0], spans, lengths, sinks) for index, calls in sorted(cap.records.items())}
+    losses: dict[int, np.ndarray] = {}
+    for l, n in enumerate(lengths):
+        for index, effect in attention_influence(model, ids[:, :n]):
+            losses[index] = losses.get(index, 0.0) + dropped_weight(effect, spans[:, l], sinks)
+    return losses
+
+
 def moa_search(model, ids: torch.Tensor, *, density: float = 0.25, lengths: Sequence[int] | None = None,
                alphas: Sequence[float] = (0, 32, 64, 128, 256), betas: Sequence[float] = (0.0, 0.0625, 0.125, 0.25, 0.5),
-               sinks: int = 64, kv_groups: bool = False, scope: str = "layer", path: str | os.PathLike | None = None) -> dict:
+               sinks: int = 64, kv_groups: bool = False, scope: str = "layer", loss: str = "gradient",
+               path: str | os.PathLike | None = None) -> dict:
     """Search MoA's per-head elastic rules for a transformers ``model`` on calibration ``ids`` (1, N).
 
     ``density``: the average span over heads at each profiled length is at most density * length;
     ``lengths``: the prefix lengths profiled (default N/4, N/2, N); ``alphas``, ``betas``: the
     candidate rules' grid; ``sinks``: leading keys every head keeps; ``kv_groups``: one rule per
-    KV head, shared by its query heads (their dropped mass summed), so that the cache policy
+    KV head, shared by its query heads (their losses summed), so that the cache policy
     ``moa_cache``, which keeps each KV head's span, holds the budgeted keys; ``scope``: the budget
     holds in every ``"layer"``, or on average over all the ``"model"``'s heads (layers may then
-    differ, as MoA's search allots it). Returns (and with ``path``
-    writes) the ``attnzoo-patterns/1`` config, whose ``search`` entry records the choice, the
-    dropped attention mass and that of uniform spans (alpha 0, beta ``density``) at equal budget."""
+    differ, as MoA's search allots it); ``loss``: what a rule costs a head, MoA's gradient-weighted
+    ``"gradient"`` influence or the attention ``"mass"`` it drops (module docstring). Returns (and
+    with ``path`` writes) the ``attnzoo-patterns/1`` config, whose ``search`` entry records the
+    choice, its loss and that of uniform spans (alpha 0, beta ``density``) at equal budget."""
     from ..integrations.transformers.adapter import attention_modules
-    from ..integrations.transformers.capture import capture
 
     density = check_float("density", density, low=0.0, high=1.0, low_open=True)
     if scope not in ("layer", "model"):
         raise InvalidArgumentError("scope", "'layer' or 'model'", repr(scope))
+    if loss not in ("gradient", "mass"):
+        raise InvalidArgumentError("loss", "'gradient' or 'mass'", repr(loss))
     sinks = check_int("sinks", sinks, minimum=0)
     if ids.dim() != 2 or ids.shape[0] != 1:
         raise InvalidArgumentError("ids", "calibration token ids of shape (1, N)", tuple(ids.shape))
     n = ids.shape[1]
-    lengths = [n // 4, n // 2, n] if lengths is None else [check_int("lengths", x) for x in lengths]
+    lengths = [n // 4, n // 2, n] if lengths is None else [check_int("lengths", x, minimum=2) for x in lengths]
     if max(lengths) > n:
         raise InvalidArgumentError("lengths", f"prefix lengths of at most the calibration length {n}", max(lengths))
     rules, spans = rule_spans(alphas, betas, lengths)
     uniform = rule_spans([0], [density], lengths)[1]
-    with capture(model, probs=True) as cap:
-        model(input_ids=ids)
+    # per layer: (Hq, R + 1) losses (the last rule: uniform spans), and summed per rule's unit
+    losses = profile_losses(model, ids, np.concatenate([spans, uniform]), lengths, sinks, loss)
     kv_heads = {layer.index: layer.kv_heads for layer in attention_modules(model)}
-    losses, grouped = {}, {}  # per layer: (Hq, R + 1) dropped mass (the last rule: uniform spans), and summed per rule's unit
-    for index, records in sorted(cap.records.items()):
-        probs = records[0].probs[0]
-        losses[index] = dropped_mass(probs, np.concatenate([spans, uniform]), lengths, sinks)
-        group = probs.shape[0] // kv_heads[index] if kv_groups else 1
-        grouped[index] = losses[index].reshape(-1, group, losses[index].shape[1]).sum(axis=1)[:, :-1]
-    cap.records.clear()
+    grouped = {}
+    for index, per_head in losses.items():
+        group = per_head.shape[0] // kv_heads[index] if kv_groups else 1
+        grouped[index] = per_head.reshape(-1, group, per_head.shape[1]).sum(axis=1)[:, :-1]
     picks = _choose(grouped, spans, np.array([density * x for x in lengths]), scope)
-    layers, chosen, dropped, dropped_uniform = {}, {}, 0.0, 0.0
+    layers, chosen, total, total_uniform = {}, {}, 0.0, 0.0
     for index, units in picks.items():
         heads = units.repeat(losses[index].shape[0] // len(units))
-        dropped += float(losses[index][np.arange(len(heads)), heads].sum())
-        dropped_uniform += float(losses[index][:, -1].sum())
+        total += float(losses[index][np.arange(len(heads)), heads].sum())
+        total_uniform += float(losses[index][:, -1].sum())
         spec = {"method": "moa", "config": {"alpha": [rules[p][0] for p in heads], "beta": [rules[p][1] for p in heads], "sinks": sinks}}
         layers[str(index)] = [spec] * len(heads)
         chosen[str(index)] = [list(rules[p]) for p in heads]
     config = {"format": PATTERNS_FORMAT, "layers": layers,
               "search": {"method": "moa", "density": density, "lengths": lengths, "sinks": sinks, "kv_groups": kv_groups, "scope": scope,
-                         "rules": chosen,
-                         "dropped_mass": dropped, "dropped_mass_uniform": dropped_uniform}}
+                         "loss": loss, "rules": chosen, "loss_total": total, "loss_total_uniform": total_uniform}}
     if path is not None:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=1)

@@ -8,7 +8,9 @@ transformers' SDPA) and on patched ones: there a layer whose plan runs reports i
 probabilities (the exact softmax restricted to each method's ``.support``, see
 :func:`~attnzoo.integrations.transformers.plan.method_probabilities`; exact on heads without a
 method); layers and calls the model's own attention runs report the exact softmax under the
-model's mask (causal, padding, sliding window).
+model's mask (causal, padding, sliding window). With ``output=True`` the recorder computes the
+layer's attention itself and keeps the output in the autograd graph, so that a backward pass
+gives dL/d(attention output) per layer (MoA's influence, :mod:`attnzoo.cache.moa_search`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from typing import Any
 
 import torch
 
-from ...errors import InvalidArgumentError
-from ...kernels.dense import attention_probabilities, causal_mask
+from ...errors import InvalidArgumentError, UnsupportedError
+from ...kernels.dense import attention_probabilities, causal_mask, sdpa
 from .adapter import CAPTURE_ATTR, attention_modules, current_patch, install, unpatch
 from .padding import bool_mask
 from .plan import LayerPlan, layer_index
@@ -33,7 +35,8 @@ class AttentionRecord:
     the attention function received them (post-RoPE; GQA key/value heads not repeated); ``mask``:
     the model's mask as booleans (B|1, 1, Nq, Nk), True = attend, or None; ``probs`` (B, Hq, Nq,
     Nk) float32 attention probabilities; ``plan``: the head groups that ran
-    (:meth:`LayerPlan.describe`), None where the model's own attention ran."""
+    (:meth:`LayerPlan.describe`), None where the model's own attention ran; ``output`` (B, Hq, Nq,
+    Dv): the attention output, not detached (its ``.grad`` is kept), with ``capture(output=True)``."""
 
     layer: int
     causal: bool
@@ -44,6 +47,7 @@ class AttentionRecord:
     mask: torch.Tensor | None = None
     probs: torch.Tensor | None = None
     plan: list[dict[str, Any]] | None = None
+    output: torch.Tensor | None = None
 
 
 def model_probabilities(q, k, mask: torch.Tensor | None, causal: bool, scale: float) -> torch.Tensor:
@@ -60,8 +64,9 @@ class Capture:
     """What :func:`capture` records: ``records[layer]`` holds the layer's :class:`AttentionRecord`
     per call, in call order. A context manager; :meth:`close` stops recording."""
 
-    def __init__(self, model, layers: list[int], *, qkv: bool, probs: bool, prefill_only: bool, device):
-        self.model, self.qkv, self.probs, self.prefill_only, self.device = model, qkv, probs, prefill_only, device
+    def __init__(self, model, layers: list[int], *, qkv: bool, probs: bool, output: bool, prefill_only: bool, device):
+        self.model, self.qkv, self.probs, self.output = model, qkv, probs, output
+        self.prefill_only, self.device = prefill_only, device
         self.records: dict[int, list[AttentionRecord]] = {i: [] for i in layers}
         self._modules = {layer.index: layer.module for layer in attention_modules(model)}
         if any(hasattr(m, CAPTURE_ATTR) for m in self._modules.values()):
@@ -74,9 +79,11 @@ class Capture:
         t = t.detach()
         return t if self.device is None else t.to(self.device)
 
-    def _record(self, layer: int, q, k, v, mask, causal: bool, scale: float, plan: LayerPlan | None) -> None:
+    def _record(self, layer: int, q, k, v, mask, causal: bool, scale: float, plan: LayerPlan | None) -> torch.Tensor | None:
         if self.prefill_only and q.shape[2] != k.shape[2]:
-            return
+            return None
+        if self.output and plan is not None:
+            raise UnsupportedError(f"capture(output=True) computes the model's own attention, but layer {layer} is patched; unpatch it first")
         record = AttentionRecord(layer, causal, scale, plan=None if plan is None else plan.describe())
         if self.qkv:
             record.q, record.k, record.v = self._keep(q), self._keep(k), self._keep(v)
@@ -86,6 +93,12 @@ class Capture:
                 p = plan.probabilities(q, k, v, mask, causal, scale) if plan is not None else model_probabilities(q, k, mask, causal, scale)
             record.probs = self._keep(p)
         self.records[layer].append(record)
+        if not self.output:
+            return None
+        record.output = sdpa(q, k, v, causal=causal, scale=scale, mask=None if mask is None else bool_mask(mask))
+        if record.output.requires_grad:
+            record.output.retain_grad()
+        return record.output
 
     def first(self, layer: int) -> AttentionRecord:
         """The layer's first recorded call."""
@@ -109,16 +122,17 @@ class Capture:
         self.close()
 
 
-def capture(model, layers: Iterable[int] | None = None, *, qkv: bool = True, probs: bool = False, prefill_only: bool = True,
-            device: str | torch.device | None = "cpu") -> Capture:
+def capture(model, layers: Iterable[int] | None = None, *, qkv: bool = True, probs: bool = False, output: bool = False,
+            prefill_only: bool = True, device: str | torch.device | None = "cpu") -> Capture:
     """Start recording the attention calls of ``layers`` (default all) of a transformers ``model``.
 
     ``qkv``: keep q, k, v and the mask; ``probs``: compute the attention probabilities (B, Hq, Nq,
     Nk), O(Nq Nk) memory per head (see the module docstring for what they are in patched layers);
-    ``prefill_only``: skip calls with fewer queries than keys (decode steps); ``device``: where the
-    records go (None: stay on the model's device). Tensors are detached. Returns a :class:`Capture`."""
+    ``output``: attend in the recorder (exact attention under the model's mask; refused on patched
+    layers) and keep each output in the autograd graph, its gradient retained; ``prefill_only``: skip calls with fewer queries than keys (decode steps); ``device``: where the
+    records go (None: stay on the model's device). Tensors other than ``output`` are detached. Returns a :class:`Capture`."""
     if not (qkv or probs):
         raise InvalidArgumentError("qkv, probs", "at least one of them True (nothing to record otherwise)", "both False")
     indices = [layer.index for layer in attention_modules(model)]
     chosen = indices if layers is None else [layer_index(i, indices, "layers") for i in layers]
-    return Capture(model, chosen, qkv=qkv, probs=probs, prefill_only=prefill_only, device=device)
+    return Capture(model, chosen, qkv=qkv, probs=probs, output=output, prefill_only=prefill_only, device=device)
