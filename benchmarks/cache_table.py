@@ -11,9 +11,9 @@ and each decode step run in. ``--policies`` gives one row per ratio of each rati
 ``attnzoo.compress(model, name, ratio=r)``); ``--variants`` adds the rows of :data:`VARIANTS`:
 policies that set their own budgets (``diffqkv``, ``moa_cache``) and attention methods run with
 the dense cache (``act``, ``echo`` through ``attnzoo.patch``). A variant's search (MoA's spans,
-ACT's heads, EchoAtt's layers) runs once, on the first ``--calibration-tokens`` of
-``distill_seer.calibration_text`` (never the evaluation text), and its config is kept in the
-results as ``config|<row>``, so a rerun reuses it.
+ACT's heads, EchoAtt's layers) runs once, on the first ``--calibration-tokens`` (MoA:
+``--moa-calibration-tokens``) of ``distill_seer.calibration_text`` (never the evaluation text), and
+its config is kept in the results as ``config|<row>``, so a rerun reuses it.
 
 Every result is written to ``--out`` as it comes, and a rerun skips what the file already holds
 (so a rerun with more ``--policies`` or ``--variants`` adds their rows; an entry is never
@@ -61,6 +61,7 @@ import torch
 
 import attnzoo
 from attnzoo.cache import list_policies
+from attnzoo.errors import InvalidArgumentError
 from attnzoo.cache.moa_search import moa_search
 from attnzoo.eval.generation import (
     PeakMemory,
@@ -129,12 +130,14 @@ class Variant:
     """A kind of row beyond the ratio policies. ``enter(model, config, ratio)``: the context of
     its prefill and decode steps; ``label(config, ratio)``: its Markdown label; ``search(model,
     calibration ids (1, N), ratio)``: the config it needs (None: it needs none; the config is None
-    then); ``per_ratio``: one row per ``--ratios`` value, else one row (ratio None)."""
+    then); ``per_ratio``: one row per ``--ratios`` value, else one row (ratio None);
+    ``calibration``: the option giving the calibration tokens its search reads."""
 
     enter: Callable
     label: Callable[[dict | None, float | None], str]
     search: Callable | None = None
     per_ratio: bool = False
+    calibration: str = "--calibration-tokens"
 
 
 def _diffqkv(**options) -> Variant:
@@ -165,7 +168,8 @@ VARIANTS = {
     "diffqkv-k2-vtop256": _diffqkv(k_heads=2, v_top=256),
     "moa-searched": Variant(lambda model, config, ratio: attnzoo.compress(model, "moa_cache", config=config),
                             lambda config, ratio: f"`moa_cache` searched {ratio}",
-                            lambda model, ids, ratio: moa_search(model, ids, density=ratio, kv_groups=True), per_ratio=True),
+                            lambda model, ids, ratio: moa_search(model, ids, density=ratio, kv_groups=True), per_ratio=True,
+                            calibration="--moa-calibration-tokens"),
     "moa-uniform": Variant(lambda model, config, ratio: attnzoo.compress(model, "moa_cache", alpha=0, beta=ratio, sinks=64),
                            lambda config, ratio: f"`moa_cache` uniform {ratio}", per_ratio=True),
     "act": Variant(lambda model, config, ratio: attnzoo.patch(model, "act", config=act_select(config, ACT_MIN_GAIN)), _act_label,
@@ -198,29 +202,30 @@ def calibration_ids(tokenizer, tokens: int) -> torch.Tensor:
 
     from attnzoo.eval.perplexity import token_ids
 
-    return token_ids(tokenizer, calibration_text())[None, :tokens]
+    ids = token_ids(tokenizer, calibration_text())
+    if len(ids) < tokens:
+        raise InvalidArgumentError("calibration tokens", f"at most {len(ids)} (the calibration text's length)", tokens)
+    return ids[None, :tokens]
 
 
-def searched_configs(model, tokenizer, variants, ratios, tokens: int, results: Results) -> dict[str, dict]:
-    """{row: config} of each search the ``variants`` need, run on ``tokens`` calibration tokens
-    and kept as ``config|<row>`` (a config already kept is reused, not searched again)."""
-    configs, calibration = {}, None
+def searched_configs(model, tokenizer, variants, ratios, tokens: dict[str, int], results: Results) -> dict[str, dict]:
+    """{row: config} of each search the ``variants`` need, run on the calibration tokens their
+    options give (``tokens``: {option: count}) and kept as ``config|<row>`` (a config already kept
+    is reused, not searched again)."""
+    configs = {}
     for name in variants:
         variant = VARIANTS[name]
         for ratio in (ratios if variant.per_ratio else [None]) if variant.search else []:
-            row = row_of(name, ratio)
-            if not results.has(f"config|{row}"):
-                if calibration is None:
-                    calibration = calibration_ids(tokenizer, tokens)
-                began = time.perf_counter()
+            key, wanted = f"config|{row_of(name, ratio)}", tokens[variant.calibration]
+            if not results.has(key):
+                calibration, began = calibration_ids(tokenizer, wanted), time.perf_counter()
                 found = json.loads(json.dumps(variant.search(model, calibration, ratio)))  # as a resumed run reads it
-                results.put(f"config|{row}", {"calibration_tokens": calibration.shape[1], "search_s": time.perf_counter() - began,
-                                              "config": found})
-                print(f"search {row}: {results.get(f'config|{row}')['search_s']:.0f} s", flush=True)
-            elif results.get(f"config|{row}")["calibration_tokens"] != tokens:
-                print(f"config|{row}: reusing the kept config, searched on {results.get(f'config|{row}')['calibration_tokens']} "
-                      f"calibration tokens (not --calibration-tokens {tokens})", flush=True)
-            configs[row] = results.get(f"config|{row}")["config"]
+                results.put(key, {"calibration_tokens": wanted, "search_s": time.perf_counter() - began, "config": found})
+                print(f"search {key}: {results.get(key)['search_s']:.0f} s", flush=True)
+            elif results.get(key)["calibration_tokens"] != wanted:
+                print(f"{key}: reusing the kept config, searched on {results.get(key)['calibration_tokens']} calibration tokens "
+                      f"(not {variant.calibration} {wanted})", flush=True)
+            configs[row_of(name, ratio)] = results.get(key)["config"]
     return configs
 
 
@@ -396,7 +401,7 @@ def report(path: str) -> str:
         cost, is_dense = results.get(f"cost|{row}", {}), row == "dense"
         kv = cost.get("cache_bytes")
         cells = [row_label(row, results), f"{kv / 2**20:.1f}" if kv else "-",
-                 f"{dense['cache_bytes'] / kv:.2f}x smaller" if kv and dense and not is_dense else ("1x" if kv else "-")]
+                 f"{dense['cache_bytes'] / kv:.2f}x smaller" if kv and dense and kv != dense["cache_bytes"] else ("1x" if kv else "-")]
         if is_dense:
             cells += [f"{dense['prefill_s']:.1f}" if dense else "-", "-"]
         elif cost:
@@ -424,7 +429,8 @@ def main() -> None:
     p.add_argument("--passkey-policies", default=None, help="the policies of the passkey section (default: --policies)")
     p.add_argument("--variants", default="", help=f"comma-separated rows beyond the ratio policies, of: {', '.join(VARIANTS)}")
     p.add_argument("--ratios", default="0.5,0.25,0.125", help="the ratio policies' ratios, and the densities of the moa variants")
-    p.add_argument("--calibration-tokens", type=int, default=256, help="tokens of calibration text the variants' searches read")
+    p.add_argument("--calibration-tokens", type=int, default=256, help="tokens of calibration text ACT's and EchoAtt's searches read")
+    p.add_argument("--moa-calibration-tokens", type=int, default=2048, help="tokens of calibration text MoA's search reads")
     p.add_argument("--sections", default="cost,ppl,passkey")
     p.add_argument("--cost-context", type=int, default=7168)
     p.add_argument("--new", type=int, default=16, help="decode steps timed per cache in the cost section")
@@ -448,8 +454,9 @@ def main() -> None:
     unknown = sorted(set(args.policies + args.passkey_policies) - set(known))
     if unknown:
         p.error(f"--policies: unknown ratio policies {unknown}; registered: {known} (the others are in --variants)")
-    if sorted(set(args.variants) - set(VARIANTS)):
-        p.error(f"--variants: unknown {sorted(set(args.variants) - set(VARIANTS))}; known: {list(VARIANTS)}")
+    strange = sorted(set(args.variants) - set(VARIANTS))
+    if strange:
+        p.error(f"--variants: unknown {strange}; known: {list(VARIANTS)}")
     args.ratios = [float(r) for r in args.ratios.split(",")]
     args.passkey_contexts = [int(x) for x in args.passkey_contexts.split(",") if x]
     if args.threads:
@@ -460,7 +467,8 @@ def main() -> None:
     run = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_at_start": os.getloadavg()[0],
            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__}
     results = Results(args.out, {"args": {k: v for k, v in vars(args).items() if k != "report"}, "run": run})
-    configs = searched_configs(model, tokenizer, args.variants, args.ratios, args.calibration_tokens, results)
+    tokens = {option: getattr(args, option[2:].replace("-", "_")) for option in ("--calibration-tokens", "--moa-calibration-tokens")}
+    configs = searched_configs(model, tokenizer, args.variants, args.ratios, tokens, results)
     variants = {name: variant_settings(model, name, args.ratios, configs) for name in args.variants}
     sections = {"cost": cost_section, "ppl": ppl_section, "passkey": passkey_section}
     for section in args.sections.split(","):

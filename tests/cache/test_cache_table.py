@@ -127,7 +127,7 @@ def test_the_report_prints_the_variants_rows_in_the_same_table(tmp_path, table):
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| dense", "| `snapkv` 0.25", "| `diffqkv` k_heads=2",
                                                            "| `moa_cache` searched 0.25", "| `act` (2 heads)", "| `echo`"]
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in lines[2:]}
-    assert rows["`act` (2 heads)"] == ["300.0", "1.00x smaller", "99.0 (1.10)", "210.0 (1.05; dense 200.0)", "1/2", "-", "14.50 |"]
+    assert rows["`act` (2 heads)"] == ["300.0", "1x", "99.0 (1.10)", "210.0 (1.05; dense 200.0)", "1/2", "-", "14.50 |"]
     assert rows["`diffqkv` k_heads=2"][:4] == ["200.0", "1.50x smaller", "45.0 (0.50)", "220.0 (1.10; dense 200.0)"]
     assert rows["`moa_cache` searched 0.25"] == ["-", "-", "-", "-", "-", "-", "15.11 |"]
     assert rows["`echo`"][4:6] == ["-", "1/1"]
@@ -176,15 +176,17 @@ def test_a_variants_search_runs_once_and_its_kept_config_is_reused(tmp_path, mon
     searches = []
 
     def search(model, ids, ratio):
-        searches.append(ratio)
+        searches.append((ratio, ids.shape[1]))
         return {"format": ECHO_FORMAT, "share": {1: 0}, "density": ratio}
 
     monkeypatch.setitem(table.VARIANTS, "fake", table.Variant(None, lambda config, ratio: "fake", search, per_ratio=True))
     monkeypatch.setattr(table, "calibration_ids", lambda tokenizer, tokens: torch.zeros(1, tokens, dtype=torch.long))
     path = tmp_path / "results.json"
-    first = table.searched_configs(None, None, ["fake", "diffqkv-k1"], [0.5, 0.25], 32, table.Results(str(path), {"args": {}, "run": {}}))
-    assert searches == [0.5, 0.25]
+    tokens = {"--calibration-tokens": 32}
+    first = table.searched_configs(None, None, ["fake", "diffqkv-k1"], [0.5, 0.25], tokens, table.Results(str(path), {"args": {}, "run": {}}))
+    assert searches == [(0.5, 32), (0.25, 32)]
     assert first == {f"fake|{r}": {"format": ECHO_FORMAT, "share": {"1": 0}, "density": r} for r in (0.5, 0.25)}  # as JSON reads it
     assert json.loads(path.read_text())["results"]["config|fake|0.5"]["calibration_tokens"] == 32
-    again = table.searched_configs(None, None, ["fake"], [0.5, 0.25], 64, table.Results(str(path), {"args": {}, "run": {}}))
-    assert again == first and searches == [0.5, 0.25]
+    again = table.searched_configs(None, None, ["fake"], [0.5, 0.25], {"--calibration-tokens": 64},
+                                   table.Results(str(path), {"args": {}, "run": {}}))
+    assert again == first and len(searches) == 2
