@@ -61,8 +61,8 @@ import torch
 
 import attnzoo
 from attnzoo.cache import list_policies
-from attnzoo.errors import InvalidArgumentError
 from attnzoo.cache.moa_search import moa_search
+from attnzoo.errors import InvalidArgumentError
 from attnzoo.eval.generation import (
     PeakMemory,
     Prefill,
@@ -236,10 +236,18 @@ def pending(results: Results, groups: dict[str, list[Setting]], key: Callable[[S
 
 
 # ---- measuring ----------------------------------------------------------------------------------
+def shares_prefix(group: list[Setting]) -> bool:
+    """Whether ``group``'s prefills start from the dense prefill of the prompt but its tail."""
+    return group[0] is DENSE or group[0].policy in SHARED_PREFIX
+
+
 def starts(model, group: list[Setting], ids: torch.Tensor, prefix: Prefill | None):
     """(setting, the prefilled cache of ``ids`` in it) for each setting of ``group`` (one policy's
-    ratios, or one variant's rows); decode each inside ``setting.enter()``. ``prefix``: the dense
-    prefill of ``ids`` but its tail, shared by the :data:`SHARED_PREFIX` policies."""
+    ratios, one variant's rows, or [DENSE]); decode each inside ``setting.enter()``. ``prefix``: the
+    dense prefill of ``ids`` but its tail, for the groups that :func:`shares_prefix`."""
+    if group == [DENSE]:
+        yield DENSE, dense_start(model, ids, prefix)
+        return
     policy = group[0].policy
     if policy in ONE_PREFILL:
         full = keep_all(model, policy, ids, dense_prefix=prefix if policy in SHARED_PREFIX else None)
@@ -324,11 +332,8 @@ def ppl_section(model, tokenizer, args, results: Results, groups: dict[str, list
     context, continuation = ids[:, :args.ppl_context], ids[:, args.ppl_context:]
     prefix = None
     for name, group in pending(results, {"dense": [DENSE], **groups}, lambda s: f"ppl|{s.row}").items():
-        if prefix is None and (name == "dense" or group[0].policy in SHARED_PREFIX):
+        if prefix is None and shares_prefix(group):
             prefix = prefill(model, context[:, :-args.tail])
-        if name == "dense":
-            results.put("ppl|dense", nll_record(continuation_nll(model, dense_start(model, context, prefix), continuation)))
-            continue
         for setting, start in starts(model, group, context, prefix):
             with setting.enter():
                 results.put(f"ppl|{setting.row}", nll_record(continuation_nll(model, start, continuation)))
@@ -340,26 +345,19 @@ def passkey_section(model, tokenizer, args, results: Results, groups: dict[str, 
     for context in args.passkey_contexts:
         for trial, (depth, key) in enumerate(passkey_plan(depths, 1, seed=0)):
             trial_key = f"passkey|{context}|{trial}"
-            todo = pending(results, {"dense": [DENSE], **groups}, lambda s: f"{trial_key}|{s.row}")
+            todo = pending(results, {"dense": [DENSE], **groups}, lambda s, head=trial_key: f"{head}|{s.row}")
             if not todo:
                 continue
             ids, position = passkey_prompt(tokenizer, context, depth, key)
             trial_info = {"depth": depth, "key": key, "tokens": ids.shape[1], "key_position": position}
-
-            def record(setting: Setting, tokens: list[int]) -> None:
-                answer = tokenizer.decode(tokens, skip_special_tokens=True)
-                results.put(f"{trial_key}|{setting.row}", {**trial_info, "answer": answer.strip(), "correct": answer_is(answer, key)})
-
             prefix = None
-            for name, group in todo.items():
-                if prefix is None and (name == "dense" or group[0].policy in SHARED_PREFIX):
+            for group in todo.values():
+                if prefix is None and shares_prefix(group):
                     prefix = prefill(model, ids[:, :-args.tail])
-                if name == "dense":
-                    record(DENSE, greedy(model, dense_start(model, ids, prefix), args.answer_tokens, tokenizer.eos_token_id))
-                    continue
                 for setting, start in starts(model, group, ids, prefix):
                     with setting.enter():
-                        record(setting, greedy(model, start, args.answer_tokens, tokenizer.eos_token_id))
+                        answer = tokenizer.decode(greedy(model, start, args.answer_tokens, tokenizer.eos_token_id), skip_special_tokens=True)
+                    results.put(f"{trial_key}|{setting.row}", {**trial_info, "answer": answer.strip(), "correct": answer_is(answer, key)})
             print(f"passkey {context} trial {trial} done", flush=True)
 
 
@@ -393,7 +391,7 @@ def report(path: str) -> str:
     measured = [k for k in results if not k.startswith("config|")]
     contexts = sorted({int(k.split("|")[1]) for k in measured if k.startswith("passkey|")}, reverse=True)
     rows = sorted({row_in(k) for k in measured} | {"dense"}, key=_order)
-    lines = [f"| cache | KV MB held | vs dense | prefill s (x dense) | decode ms/token (x dense, interleaved) | "
+    lines = ["| cache | KV MB held | vs dense | prefill s (x dense) | decode ms/token (x dense, interleaved) | "
              + " | ".join(f"passkey {c}" for c in contexts) + f" | ppl {args['continuation']} after {args['ppl_context']} |",
              "|" + "---|" * (6 + len(contexts))]
     dense = results.get("cost|dense", {})

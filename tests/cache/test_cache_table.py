@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import attnzoo
 transformers = pytest.importorskip("transformers")
 from cache.test_compress import VOCAB, tiny_llama
 
-from attnzoo.eval.generation import greedy, prefill
+from attnzoo.eval.generation import continuation_nll, greedy, prefill
 from attnzoo.integrations.transformers.compress import cache_bytes
 from attnzoo.integrations.transformers.echo import ECHO_FORMAT
 from attnzoo.integrations.transformers.plan import PATTERNS_FORMAT
@@ -149,14 +150,20 @@ def test_a_resumed_run_measures_and_searches_only_what_is_missing(tmp_path, monk
     monkeypatch.setattr(table, "english_ids", lambda tokenizer, tokens: ids[:, :tokens])
     args = type("Args", (), {"ppl_context": N, "continuation": 16, "tail": TAIL})
     kept = {"nll": 1.0, "perplexity": 2.7}
-    path = results_file(tmp_path / "results.json", {"ppl|dense": kept, "ppl|h2o|0.5": kept})
+    path = results_file(tmp_path / "results.json", {"ppl|h2o|0.5": kept})
     groups = {"h2o": table.policy_settings(llama, "h2o", [0.5, 0.25]), "diffqkv-k1": table.variant_settings(llama, "diffqkv-k1", [], {})}
     first = Recorder(table, path)
     table.ppl_section(llama, None, args, first.results, groups)
-    assert first.put_keys == ["ppl|h2o|0.25", "ppl|diffqkv-k1"]
+    assert first.put_keys == ["ppl|dense", "ppl|h2o|0.25", "ppl|diffqkv-k1"]
     saved = json.loads(path.read_text())["results"]
-    assert saved["ppl|h2o|0.5"] == kept and saved["ppl|dense"] == kept  # never rewritten
-    assert saved["ppl|h2o|0.25"]["perplexity"] == pytest.approx(torch.tensor(saved["ppl|h2o|0.25"]["nll"]).exp().item())
+    assert saved["ppl|h2o|0.5"] == kept  # never rewritten
+    context, continuation = ids[:, :N], ids[:, N:]
+    for row, enter in [("dense", contextlib.nullcontext), ("h2o|0.25", lambda: attnzoo.compress(llama, "h2o", ratio=0.25)),
+                       ("diffqkv-k1", lambda: attnzoo.compress(llama, "diffqkv", k_heads=1))]:
+        with enter():
+            nll = continuation_nll(llama, prefill(llama, context), continuation)
+        assert saved[f"ppl|{row}"]["nll"] == pytest.approx(nll, rel=1e-4), row  # dense: its prefix and tail in two calls
+        assert saved[f"ppl|{row}"]["perplexity"] == pytest.approx(math.exp(nll), rel=1e-4)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a resumed run measured a row its results file holds")
