@@ -245,7 +245,7 @@ def starts(model, group: list[Setting], ids: torch.Tensor, prefix: Prefill | Non
     """(setting, the prefilled cache of ``ids`` in it) for each setting of ``group`` (one policy's
     ratios, one variant's rows, or [DENSE]); decode each inside ``setting.enter()``. ``prefix``: the
     dense prefill of ``ids`` but its tail, for the groups that :func:`shares_prefix`."""
-    if group == [DENSE]:
+    if group[0] is DENSE:
         yield DENSE, dense_start(model, ids, prefix)
         return
     policy = group[0].policy
