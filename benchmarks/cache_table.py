@@ -9,7 +9,8 @@
 A row of the table is a :class:`Setting`: its name in the result keys and the context its prefill
 and each decode step run in. ``--policies`` gives one row per ratio of each ratio policy (inside
 ``attnzoo.compress(model, name, ratio=r)``); ``--variants`` adds the rows of :data:`VARIANTS`:
-policies that set their own budgets (``diffqkv``, ``moa_cache``) and attention methods run with
+policies that set their own budgets (``diffqkv``, ``moa_cache``), ``selective`` with its logit
+subtraction (which attends itself, so takes no shortcut) and attention methods run with
 the dense cache (``act``, ``echo`` through ``attnzoo.patch``). A variant's search (MoA's spans,
 ACT's heads, EchoAtt's layers) runs once, on the first ``--calibration-tokens`` (MoA:
 ``--moa-calibration-tokens``) of ``distill_seer.calibration_text`` (never the evaluation text), and
@@ -176,6 +177,10 @@ VARIANTS = {
                    lambda model, ids, ratio: act_search(model, ids)),
     "echo4": Variant(lambda model, config, ratio: attnzoo.patch(model, "echo", config=config), _echo_label,
                      lambda model, ids, ratio: echo_search(model, ids, shared=4)),
+    "selective-subtract": Variant(lambda model, config, ratio: attnzoo.compress(model, "selective", ratio=ratio, subtract=True),
+                                  lambda config, ratio: f"`selective` {ratio}, subtract=True", per_ratio=True),
+    "selective-subtract-all-kept": Variant(lambda model, config, ratio: attnzoo.compress(model, "selective", ratio=1.0, subtract=True),
+                                           lambda config, ratio: "`selective` 1.0 (nothing pruned), subtract=True"),
 }
 
 

@@ -11,6 +11,7 @@ import torch
 
 import cache.test_moa_cache as moa_tests
 import cache.test_moa_search as search_tests
+import cache.test_selective as selective_tests
 import cache.test_policies as policy_tests
 from attnzoo.cache import attend, h2o, moa_search, selective, snapkv, streaming_llm
 from attnzoo.cache.diffqkv import DiffQKV
@@ -21,7 +22,8 @@ transformers = pytest.importorskip("transformers")
 import cache.test_compress as compress_tests
 import cache.test_diffqkv as diffqkv_tests
 from attnzoo.integrations.transformers import compress as compress_module
-from attnzoo.integrations.transformers.compress import Budget, DiffQKVLayer
+from attnzoo.integrations.transformers.compress import Budget, DiffQKVLayer, SelectiveLayer
+from attnzoo.kernels.dense import sdpa
 
 
 def planted_survives(name, options):
@@ -94,6 +96,13 @@ CASES = [
     (Mutant("selective-first-token-prunable", selective.Selective, "score", lambda self, view: -view.accumulated),
      seeded(policy_tests.test_selective_accumulates_relu_logits_of_one_head)),
     (Mutant("selective-no-relu", selective.torch, "relu", lambda x: x), seeded(policy_tests.test_selective_accumulates_relu_logits_of_one_head)),
+    # selective with subtract=True: nothing subtracted; a call's F forgets what earlier calls accumulated
+    (Mutant("selective-subtracts-nothing", selective.Selective, "attend",
+            lambda self, q, k, v, p, before, scale: (sdpa(q, k, v, causal=True, scale=scale), torch.zeros(k.shape[:3]))),
+     seeded(selective_tests.test_prefill_and_decode_match_the_paper, 4, 2, 0, None)),
+    (Mutant("selective-forgets-earlier-calls", SelectiveLayer, "_attend",
+            lambda self, q, scale, deferred: self.policy.attend(q, self.keys, self.values, self.positions, 0 * self.accumulated[:, 0], scale)[0]),
+     seeded(selective_tests.test_prefill_and_decode_match_the_paper, 4, 2, 0, None)),
     # moa_cache: spans without the sinks; the narrowest span of a KV group; the oldest keys instead of the latest
     (Mutant("moa-no-sinks", MoACache, "head_budgets",
             lambda self, layer, heads, n: [min(n, max(1, round(a + b * n))) for a, b in zip(self.config.alpha, self.config.beta)]),

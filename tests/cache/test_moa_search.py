@@ -10,6 +10,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from helpers import AttendWith
 
 import attnzoo
 from attnzoo import InvalidArgumentError
@@ -47,55 +48,37 @@ def small_llama(dtype=torch.float32):
     return transformers.LlamaForCausalLM(config).eval().to(dtype)
 
 
-class ExplicitAttention:
-    """A recorder for every layer that attends with an explicit causal softmax matrix A (kept, its
-    gradient retained) and, optionally, sets the logit of one entry (layer, head, i, j) to -inf."""
+def explicit_attention(masked, probs):
+    """An ``attend`` for :class:`helpers.AttendWith`: an explicit causal softmax matrix A, kept in
+    ``probs`` {layer: A} with its gradient retained, the logit of entry ``masked`` (layer, head, i,
+    j) set to -inf when given."""
 
-    def __init__(self, model, masked=None):
-        from attnzoo.integrations.transformers.adapter import CAPTURE_ATTR, attention_modules, install
-
-        self.model, self.masked, self.probs = model, masked, {}
-        self.modules = [layer.module for layer in attention_modules(model)]
-        self.attr = CAPTURE_ATTR
-        install(model, {})
-        for index, module in enumerate(self.modules):
-            setattr(module, CAPTURE_ATTR, lambda q, k, v, mask, causal, scale, plan, index=index: self.attend(index, q, k, v, scale))
-
-    def attend(self, index, q, k, v, scale):
+    def attend(index, q, k, v, scale):
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         n = q.shape[2]
         logits = (q @ k.transpose(-1, -2)) * scale
         logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
-        if self.masked is not None and self.masked[0] == index:
-            _, head, i, j = self.masked
+        if masked is not None and masked[0] == index:
+            _, head, i, j = masked
             logits = logits.clone()
             logits[0, head, i, j] = float("-inf")
-        probs = torch.softmax(logits, dim=-1)
-        if probs.requires_grad:
-            probs.retain_grad()
-        self.probs[index] = probs
-        return probs @ v
+        probs[index] = torch.softmax(logits, dim=-1)
+        if probs[index].requires_grad:
+            probs[index].retain_grad()
+        return probs[index] @ v
 
-    def close(self):
-        from attnzoo.integrations.transformers.adapter import unpatch
-
-        for module in self.modules:
-            delattr(module, self.attr)
-        unpatch(self.model)
+    return attend
 
 
 def mean_loss(model, ids, masked=None, grads=False):
-    """(mean next-token cross-entropy, {layer: A}) through :class:`ExplicitAttention`."""
-    explicit = ExplicitAttention(model, masked)
-    try:
-        with torch.set_grad_enabled(grads):
-            embeds = model.get_input_embeddings()(ids).detach().requires_grad_(grads)
-            logits = model(inputs_embeds=embeds, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
-        return loss, explicit.probs
-    finally:
-        explicit.close()
+    """(mean next-token cross-entropy, {layer: A}) through :func:`explicit_attention`."""
+    probs = {}
+    with AttendWith(model, explicit_attention(masked, probs)), torch.set_grad_enabled(grads):
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(grads)
+        logits = model(inputs_embeds=embeds, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    return loss, probs
 
 
 def test_influence_matches_the_gradient_through_an_explicit_attention_matrix(rng):

@@ -56,6 +56,7 @@ from ...cache import CachePolicy, get_policy
 from ...cache.attend import head_attention
 from ...cache.base import CacheView
 from ...cache.diffqkv import DiffQKV, key_groups, merge_keys
+from ...cache.selective import Selective
 from ...errors import InvalidArgumentError, UnsupportedError, check_float, check_int
 from .adapter import CAPTURE_ATTR, attention_modules, current_patch, install, unpatch
 from .padding import bool_mask
@@ -183,25 +184,34 @@ class CompressedLayer(DynamicLayer):
         return [t for t in (self.keys, self.values, self.positions, self.accumulated, self.queries, self.real) if t is not None]
 
     # ---- what the attention hook calls --------------------------------------------------------
-    def observe(self, queries: torch.Tensor, mask: torch.Tensor | None, scale: float, deferred: bool = False) -> None:
+    def observe(self, queries: torch.Tensor, mask: torch.Tensor | None, scale: float, deferred: bool = False) -> torch.Tensor | None:
         """Label the keys the last update appended, update the policy's state from ``queries``
         (B, Hq, Nq, D) and the model's ``mask`` (B|1, 1, Nq, Nk) or None, and compress when due.
-        Attention is left to the model (over what ``update`` returned), so ``deferred`` is moot."""
+        Returns what :meth:`_attend` returns: here None, attention is left to the model (over what
+        ``update`` returned), so ``deferred`` is moot."""
         new, self.pending = self.pending, 0
         if new == 0:
-            return
+            return None
         batch, kv_heads = self.keys.shape[:2]
         index = self._label(new, mask, batch, self.keys.device)
         self.positions = self._appended(self.positions, index[:, None].expand(batch, kv_heads, new))
         if self.policy.cumulative:
             zeros = torch.zeros(batch, kv_heads, new, dtype=torch.float32, device=self.keys.device)
             self.accumulated = self._appended(self.accumulated, zeros)
-            self.accumulated += self.policy.accumulate(queries, self.keys, self.positions, scale)
+        out = self._attend(queries, scale, deferred)
         self._remember(queries)
         target = self.budget.target(int(self.real.max()))
         if self._due(self.stored() - target, new):
             self.keep(target, scale)
         self._forget_queries()
+        return out
+
+    def _attend(self, queries: torch.Tensor, scale: float, deferred: bool) -> torch.Tensor | None:
+        """Add what ``queries`` give each key to the policy's running total (cumulative policies);
+        None: the model attends."""
+        if self.policy.cumulative:
+            self.accumulated += self.policy.accumulate(queries, self.keys, self.positions, scale)
+        return None
 
     def _label(self, new: int, mask: torch.Tensor | None, batch: int, device) -> torch.Tensor:
         """(B, new) int32: each appended key's index among its sequence's real tokens, -1 for
@@ -247,7 +257,7 @@ class CompressedLayer(DynamicLayer):
         """A copy of this layer, which holds every key of a prompt and the policy's state, as the
         prompt's last call under ``policy`` and ``budget`` would have left it (this layer unchanged).
         Exact because the policies score without the budget: only the top-k reads it."""
-        if type(self) is not CompressedLayer:
+        if type(self) not in (CompressedLayer, SelectiveLayer):
             raise UnsupportedError(f"attnzoo.compress: a {type(self).__name__} cannot be cut; only a uniform CompressedLayer")
         if self.stored() != self.seen or self.real is None:
             raise InvalidArgumentError("cache", "a prompt's cache that kept every key (prefilled under ratio=1.0)",
@@ -290,6 +300,21 @@ class AttendsItself:
         """(kv length, kv offset) of transformers' mask: the keys the call appends. ``query``: the
         query length (transformers >= 5.3) or the queries' cache positions (before)."""
         return (query.shape[0] if isinstance(query, torch.Tensor) else query), self.seen
+
+
+class SelectiveLayer(AttendsItself, CompressedLayer):
+    """A :class:`CompressedLayer` under ``selective`` with ``subtract=True``: it attends itself with
+    the accumulated selection subtracted from every head's logits
+    (:meth:`~attnzoo.cache.selective.Selective.attend`), then adds the call's selection to
+    ``accumulated``, from which the pruning scores."""
+
+    def _attend(self, queries: torch.Tensor, scale: float, deferred: bool) -> torch.Tensor:
+        if deferred:
+            raise UnsupportedError("attnzoo.compress: selective with subtract=True computes the attention itself; "
+                                   "it cannot run a layer attnzoo.patch also runs (unpatch the model, or subtract=False)")
+        out, gained = self.policy.attend(queries, self.keys, self.values, self.positions, self.accumulated[:, 0], scale)
+        self.accumulated += gained
+        return out
 
 
 class RaggedLayer(AttendsItself, CompressedLayer):
@@ -534,6 +559,11 @@ class Compression:
     def _new_layer(self, index: int, policy: CachePolicy) -> CompressedLayer:
         if isinstance(policy, DiffQKV):
             return DiffQKVLayer(policy, self.budgets[index], index)
+        if isinstance(policy, Selective) and policy.config.subtract:
+            if self.ragged:
+                raise UnsupportedError("attnzoo.compress: selective with subtract=True keeps one budget for every layer "
+                                       "(a uniform cache); it cannot run on a ragged one (per-layer budgets or ragged=True)")
+            return SelectiveLayer(policy, self.budgets[index])
         if self.ragged:
             return RaggedLayer(policy, self.budgets[index], index)
         return CompressedLayer(policy, self.budgets[index])
