@@ -389,6 +389,15 @@ def row_label(row: str, results: dict) -> str:
     return VARIANTS[name].label(config, float(ratio) if ratio else None)
 
 
+def _versus(kv: int | None, dense: int | None) -> str:
+    """How a row's KV bytes compare with dense's: "3.97x smaller", "1.02x larger", "1x" or "-"."""
+    if not kv:
+        return "-"
+    if not dense or kv == dense:
+        return "1x"
+    return f"{dense / kv:.2f}x smaller" if kv < dense else f"{kv / dense:.2f}x larger"
+
+
 def report(path: str) -> str:
     """The Markdown table of the results in ``path`` (what has been measured so far)."""
     data = json.loads(Path(path).read_text())
@@ -403,8 +412,7 @@ def report(path: str) -> str:
     for row in rows:
         cost, is_dense = results.get(f"cost|{row}", {}), row == "dense"
         kv = cost.get("cache_bytes")
-        cells = [row_label(row, results), f"{kv / 2**20:.1f}" if kv else "-",
-                 f"{dense['cache_bytes'] / kv:.2f}x smaller" if kv and dense and kv != dense["cache_bytes"] else ("1x" if kv else "-")]
+        cells = [row_label(row, results), f"{kv / 2**20:.1f}" if kv else "-", _versus(kv, dense.get("cache_bytes"))]
         if is_dense:
             cells += [f"{dense['prefill_s']:.1f}" if dense else "-", "-"]
         elif cost:
