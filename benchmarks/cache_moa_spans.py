@@ -43,7 +43,8 @@ def held_keys(model, ids: torch.Tensor) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.125])
-    parser.add_argument("--calibration", type=int, default=2048, help="calibration tokens searched on")
+    parser.add_argument("--calibration", type=int, default=2048, help="tokens of each calibration sequence searched on")
+    parser.add_argument("--windows", type=int, default=1, help="calibration sequences (consecutive windows of the calibration text)")
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--continuation", type=int, default=512)
     parser.add_argument("--sinks", type=int, default=64)
@@ -54,9 +55,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = attnzoo.models.load("smollm2-135m")
-    calibration = tokenizer(calibration_text(), return_tensors="pt").input_ids[:, :args.calibration]
+    calibration = tokenizer(calibration_text(), return_tensors="pt").input_ids[0, :args.windows * args.calibration]
+    calibration = calibration.reshape(args.windows, args.calibration)
     ids = english_ids(tokenizer, args.context + args.continuation)
-    result = {"model": "smollm2-135m", "context": args.context, "continuation": args.continuation, "calibration": calibration.shape[1],
+    result = {"model": "smollm2-135m", "context": args.context, "continuation": args.continuation, "calibration": calibration.shape[1], "windows": args.windows,
               "sinks": args.sinks, "threads": args.threads, "runs": []}
 
     def record(entry: dict) -> None:

@@ -163,6 +163,12 @@ def test_search_writes_a_config_patch_runs(rng, tmp_path):
     assert torch.isfinite(out).all()
     with pytest.raises(InvalidArgumentError):
         moa_search(model, ids, density=0.0)
+    pair = torch.randint(0, 97, (2, 32), generator=rng)  # two calibration sequences: their losses add up
+    grid = {"density": 0.25, "alphas": (0, 8), "betas": (0.0, 0.25), "sinks": 4}
+    for loss in ("gradient", "mass"):
+        both = moa_search(model, pair, loss=loss, **grid)["search"]["loss_total_uniform"]
+        each = sum(moa_search(model, pair[i:i + 1], loss=loss, **grid)["search"]["loss_total_uniform"] for i in range(2))
+        assert both == pytest.approx(each, rel=1e-6), loss
     with pytest.raises(InvalidArgumentError) as e:
         moa_search(model, ids, loss="hessian")
     assert e.value.argument == "loss"

@@ -124,19 +124,27 @@ def _choose(grouped: dict[int, np.ndarray], spans: np.ndarray, density_spans: np
 
 
 def profile_losses(model, ids: torch.Tensor, spans: np.ndarray, lengths: Sequence[int], sinks: int, loss: str) -> dict[int, np.ndarray]:
-    """{layer: (Hq, R) loss of each head under each rule}: the summed :func:`influence` of the entries
-    a rule masks, one pass per profiled length (``loss="gradient"``), or the :func:`dropped_mass`
-    of one pass over ``ids`` (``"mass"``)."""
+    """{layer: (Hq, R) loss of each head under each rule}, summed over the calibration sequences
+    ``ids`` (S, N): the summed :func:`influence` of the entries a rule masks, one pass per sequence
+    and profiled length (``loss="gradient"``), or the :func:`dropped_mass` of one pass per
+    sequence (``"mass"``)."""
     from ..integrations.transformers.capture import capture
 
-    if loss == "mass":
-        with torch.no_grad(), capture(model, probs=True, qkv=False) as cap:
-            model(input_ids=ids, use_cache=False)
-        return {index: dropped_mass(calls[0].probs[0], spans, lengths, sinks) for index, calls in sorted(cap.records.items())}
     losses: dict[int, np.ndarray] = {}
-    for l, n in enumerate(lengths):
-        for index, effect in attention_influence(model, ids[:, :n]):
-            losses[index] = losses.get(index, 0.0) + dropped_weight(effect, spans[:, l], sinks)
+
+    def add(index: int, loss_of_rules: np.ndarray) -> None:
+        losses[index] = losses.get(index, 0.0) + loss_of_rules
+
+    for sequence in ids:
+        if loss == "mass":
+            with torch.no_grad(), capture(model, probs=True, qkv=False) as cap:
+                model(input_ids=sequence[None], use_cache=False)
+            for index, calls in sorted(cap.records.items()):
+                add(index, dropped_mass(calls[0].probs[0], spans, lengths, sinks))
+            continue
+        for l, n in enumerate(lengths):
+            for index, effect in attention_influence(model, sequence[None, :n]):
+                add(index, dropped_weight(effect, spans[:, l], sinks))
     return losses
 
 
@@ -144,7 +152,8 @@ def moa_search(model, ids: torch.Tensor, *, density: float = 0.25, lengths: Sequ
                alphas: Sequence[float] = (0, 32, 64, 128, 256), betas: Sequence[float] = (0.0, 0.0625, 0.125, 0.25, 0.5),
                sinks: int = 64, kv_groups: bool = False, scope: str = "layer", loss: str = "gradient",
                path: str | os.PathLike | None = None) -> dict:
-    """Search MoA's per-head elastic rules for a transformers ``model`` on calibration ``ids`` (1, N).
+    """Search MoA's per-head elastic rules for a transformers ``model`` on calibration ``ids`` (S, N),
+    S sequences whose losses are summed (MoA profiles a set of calibration samples).
 
     ``density``: the average span over heads at each profiled length is at most density * length;
     ``lengths``: the prefix lengths profiled (default N/4, N/2, N); ``alphas``, ``betas``: the
@@ -164,8 +173,8 @@ def moa_search(model, ids: torch.Tensor, *, density: float = 0.25, lengths: Sequ
     if loss not in ("gradient", "mass"):
         raise InvalidArgumentError("loss", "'gradient' or 'mass'", repr(loss))
     sinks = check_int("sinks", sinks, minimum=0)
-    if ids.dim() != 2 or ids.shape[0] != 1:
-        raise InvalidArgumentError("ids", "calibration token ids of shape (1, N)", tuple(ids.shape))
+    if ids.dim() != 2 or ids.shape[0] < 1:
+        raise InvalidArgumentError("ids", "calibration token ids of shape (S, N): S sequences of N tokens", tuple(ids.shape))
     n = ids.shape[1]
     lengths = [n // 4, n // 2, n] if lengths is None else [check_int("lengths", x, minimum=2) for x in lengths]
     if max(lengths) > n:
