@@ -2,9 +2,11 @@
 
     OMP_NUM_THREADS=1 python benchmarks/cache_moa_spans.py --densities 0.25 0.125 --out runs/moa_spans.json
 
-Searches MoA's elastic rules (``moa_search(..., kv_groups=True)``: one rule per KV head; with each
-of ``--losses``, MoA's gradient-weighted influence and the dropped attention mass) on a
-calibration text (standard-library docstrings, ``distill_seer.calibration_text``), then scores the
+Profiles the model once per ``--losses`` (``moa_profile``: MoA's gradient-weighted influence, the
+dropped attention mass) on ``--windows`` sequences of ``--calibration`` tokens of a
+calibration text (standard-library docstrings, ``distill_seer.calibration_text``), searches
+MoA's elastic rules from it at each density and scope (``moa_search(..., kv_groups=True)``: one
+rule per KV head), then scores the
 perplexity of a ``--continuation``-token continuation teacher-forced after a ``--context``-token
 context of the evaluation text (:func:`attnzoo.eval.english_text`, never seen by the search) with
 the dense cache, ``moa_cache`` under uniform spans (alpha 0, beta = density, the same sinks) and
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 import attnzoo
-from attnzoo.cache.moa_search import moa_search
+from attnzoo.cache.moa_search import moa_profile, moa_search
 from attnzoo.eval.common import save_json
 from attnzoo.eval.generation import continuation_perplexity, english_ids
 from attnzoo.integrations.transformers.compress import cache_bytes
@@ -69,13 +71,18 @@ def main() -> None:
     start = time.perf_counter()
     dense = continuation_perplexity(model, ids, args.context, args.continuation)
     record({"cache": "dense", "ppl": dense.perplexity, "nll": dense.nll, "seconds": time.perf_counter() - start})
+    profiles = {}
+    for loss in args.losses:  # one profile per loss serves every density and scope
+        start = time.perf_counter()
+        profiles[loss] = moa_profile(model, calibration, sinks=args.sinks, loss=loss, densities=args.densities)
+        record({"profile": loss, "lengths": profiles[loss].lengths, "seconds": time.perf_counter() - start})
     for density in args.densities:
         uniform = {"alpha": 0.0, "beta": density, "sinks": args.sinks}
         caches = {"moa uniform": uniform}
         for loss in args.losses:
             for scope in args.scopes:
                 start = time.perf_counter()
-                found = moa_search(model, calibration, density=density, sinks=args.sinks, kv_groups=True, scope=scope, loss=loss)
+                found = moa_search(model, profile=profiles[loss], density=density, kv_groups=True, scope=scope)
                 record({"search": density, "scope": scope, "loss": loss, "seconds": time.perf_counter() - start, "rules": found["search"]["rules"],
                         "loss_total": found["search"]["loss_total"], "loss_total_uniform": found["search"]["loss_total_uniform"]})
                 caches[f"moa searched ({loss}, {scope})"] = {"config": found}

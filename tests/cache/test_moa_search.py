@@ -14,7 +14,7 @@ from helpers import AttendWith
 
 import attnzoo
 from attnzoo import InvalidArgumentError
-from attnzoo.cache.moa_search import attention_influence, choose_rules, dropped_mass, moa_search, rule_spans
+from attnzoo.cache.moa_search import attention_influence, choose_rules, dropped_mass, moa_profile, moa_search, rule_spans
 
 pytest.importorskip("scipy")
 
@@ -169,6 +169,13 @@ def test_search_writes_a_config_patch_runs(rng, tmp_path):
         both = moa_search(model, pair, loss=loss, **grid)["search"]["loss_total_uniform"]
         each = sum(moa_search(model, pair[i:i + 1], loss=loss, **grid)["search"]["loss_total_uniform"] for i in range(2))
         assert both == pytest.approx(each, rel=1e-6), loss
+    profile = moa_profile(model, pair, loss="mass", alphas=(0, 8), betas=(0.0, 0.25), sinks=4, densities=[0.2])
+    for density in (0.25, 0.2):  # one profile, several budgets: the searches a fresh profile gives
+        again = moa_search(model, pair, density=density, loss="mass", alphas=(0, 8), betas=(0.0, 0.25), sinks=4)
+        assert moa_search(model, profile=profile, density=density)["search"] == again["search"], density
+    for bad in ({"profile": profile, "density": 0.3}, {"profile": profile, "density": 0.25, "sinks": 2}, {"density": 0.25}):
+        with pytest.raises(InvalidArgumentError):
+            moa_search(model, **bad)
     with pytest.raises(InvalidArgumentError) as e:
         moa_search(model, ids, loss="hessian")
     assert e.value.argument == "loss"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,12 +31,15 @@ from ..kernels.dense import attention_probabilities, causal_mask, repeat_kv, wor
 PATTERNS_FORMAT = "attnzoo-patterns/1"
 
 
+def spans_of(rules: Sequence[tuple[float, float]], lengths: Sequence[int]) -> np.ndarray:
+    """(R, L) span alpha + beta * n of each rule at each length n, at least 1 and at most n."""
+    return np.array([[min(n, max(1, round(a + b * n))) for n in lengths] for a, b in rules], dtype=np.float64).reshape(len(rules), len(lengths))
+
+
 def rule_spans(alphas: Sequence[float], betas: Sequence[float], lengths: Sequence[int]) -> tuple[list[tuple[float, float]], np.ndarray]:
-    """The candidate rules (every (alpha, beta) pair) and their spans (R, L) at each length, at
-    least 1 and at most the length."""
+    """The candidate rules (every (alpha, beta) pair) and their spans (R, L) at each length."""
     rules = [(float(a), float(b)) for a in alphas for b in betas]
-    spans = np.array([[min(n, max(1, round(a + b * n))) for n in lengths] for a, b in rules], dtype=np.float64)
-    return rules, spans
+    return rules, spans_of(rules, lengths)
 
 
 def dropped_weight(weights: torch.Tensor, spans: np.ndarray, sinks: int) -> np.ndarray:
@@ -148,28 +152,41 @@ def profile_losses(model, ids: torch.Tensor, spans: np.ndarray, lengths: Sequenc
     return losses
 
 
-def moa_search(model, ids: torch.Tensor, *, density: float = 0.25, lengths: Sequence[int] | None = None,
-               alphas: Sequence[float] = (0, 32, 64, 128, 256), betas: Sequence[float] = (0.0, 0.0625, 0.125, 0.25, 0.5),
-               sinks: int = 64, kv_groups: bool = False, scope: str = "layer", loss: str = "gradient",
-               path: str | os.PathLike | None = None) -> dict:
-    """Search MoA's per-head elastic rules for a transformers ``model`` on calibration ``ids`` (S, N),
-    S sequences whose losses are summed (MoA profiles a set of calibration samples).
+@dataclass
+class MoAProfile:
+    """What :func:`moa_profile` measured: ``rules`` (alpha, beta) of which the first ``candidates``
+    are the search's grid (the rest, uniform spans alpha 0 at the densities asked for, are
+    profiled only to be reported); ``spans`` (R, L) at the profiled ``lengths``; ``losses``
+    {layer: (Hq, R)}: each head's loss under each rule; ``sinks``, ``loss``: how."""
 
-    ``density``: the average span over heads at each profiled length is at most density * length;
-    ``lengths``: the prefix lengths profiled (default N/4, N/2, N); ``alphas``, ``betas``: the
-    candidate rules' grid; ``sinks``: leading keys every head keeps; ``kv_groups``: one rule per
-    KV head, shared by its query heads (their losses summed), so that the cache policy
-    ``moa_cache``, which keeps each KV head's span, holds the budgeted keys; ``scope``: the budget
-    holds in every ``"layer"``, or on average over all the ``"model"``'s heads (layers may then
-    differ, as MoA's search allots it); ``loss``: what a rule costs a head, MoA's gradient-weighted
-    ``"gradient"`` influence or the attention ``"mass"`` it drops (module docstring). Returns (and
-    with ``path`` writes) the ``attnzoo-patterns/1`` config, whose ``search`` entry records the
-    choice, its loss and that of uniform spans (alpha 0, beta ``density``) at equal budget."""
-    from ..integrations.transformers.adapter import attention_modules
+    rules: list[tuple[float, float]]
+    candidates: int
+    spans: np.ndarray
+    lengths: list[int]
+    sinks: int
+    loss: str
+    losses: dict[int, np.ndarray]
 
-    density = check_float("density", density, low=0.0, high=1.0, low_open=True)
-    if scope not in ("layer", "model"):
-        raise InvalidArgumentError("scope", "'layer' or 'model'", repr(scope))
+    def uniform(self, density: float) -> int:
+        """The index of the rule alpha 0, beta ``density`` (uniform spans) among :attr:`rules`."""
+        for r, rule in enumerate(self.rules):
+            if rule == (0.0, float(density)):
+                return r
+        raise InvalidArgumentError("density", "a density whose uniform spans (alpha 0, beta = density) the profile holds "
+                                   f"(profiled: {sorted({b for a, b in self.rules if a == 0})}; pass densities= to moa_profile)",
+                                   density)
+
+
+def moa_profile(model, ids: torch.Tensor, *, lengths: Sequence[int] | None = None,
+                alphas: Sequence[float] = (0, 32, 64, 128, 256), betas: Sequence[float] = (0.0, 0.0625, 0.125, 0.25, 0.5),
+                sinks: int = 64, loss: str = "gradient", densities: Sequence[float] = ()) -> MoAProfile:
+    """MoA's profiling of a transformers ``model`` on calibration ``ids`` (S, N), S sequences whose
+    losses are summed (MoA profiles a set of calibration samples): every head's loss under every
+    rule of the grid ``alphas`` x ``betas`` at the prefix ``lengths`` (default N/4, N/2, N).
+    ``sinks``: leading keys every head keeps; ``loss``: what a rule costs a head, MoA's
+    gradient-weighted ``"gradient"`` influence or the attention ``"mass"`` it drops (module
+    docstring); ``densities``: the uniform spans (alpha 0, beta = density) to profile as well, for
+    comparison, where the grid lacks them. One profile serves :func:`moa_search` at any density."""
     if loss not in ("gradient", "mass"):
         raise InvalidArgumentError("loss", "'gradient' or 'mass'", repr(loss))
     sinks = check_int("sinks", sinks, minimum=0)
@@ -179,27 +196,61 @@ def moa_search(model, ids: torch.Tensor, *, density: float = 0.25, lengths: Sequ
     lengths = [n // 4, n // 2, n] if lengths is None else [check_int("lengths", x, minimum=2) for x in lengths]
     if max(lengths) > n:
         raise InvalidArgumentError("lengths", f"prefix lengths of at most the calibration length {n}", max(lengths))
-    rules, spans = rule_spans(alphas, betas, lengths)
-    uniform = rule_spans([0], [density], lengths)[1]
-    # per layer: (Hq, R + 1) losses (the last rule: uniform spans), and summed per rule's unit
-    losses = profile_losses(model, ids, np.concatenate([spans, uniform]), lengths, sinks, loss)
+    rules, _ = rule_spans(alphas, betas, lengths)
+    extra = [(0.0, float(d)) for d in dict.fromkeys(check_float("densities", d, low=0.0, high=1.0, low_open=True) for d in densities)
+             if (0.0, float(d)) not in rules]
+    rules = rules + extra
+    spans = spans_of(rules, lengths)
+    return MoAProfile(rules, len(rules) - len(extra), spans, lengths, sinks, loss, profile_losses(model, ids, spans, lengths, sinks, loss))
+
+
+def moa_search(model, ids: torch.Tensor | None = None, *, density: float = 0.25, profile: MoAProfile | None = None,
+               kv_groups: bool = False, scope: str = "layer", path: str | os.PathLike | None = None, **profiling) -> dict:
+    """Search MoA's per-head elastic rules for a transformers ``model``: the rule of each head (of
+    the ``profile``'s grid, or of :func:`moa_profile` run on calibration ``ids`` with the
+    ``profiling`` options) minimising the summed loss, solved as a mixed-integer program.
+
+    ``density``: the average span over heads at each profiled length is at most density * length;
+    ``kv_groups``: one rule per KV head, shared by its query heads (their losses summed), so that
+    the cache policy ``moa_cache``, which keeps each KV head's span, holds the budgeted keys;
+    ``scope``: the budget holds in every ``"layer"``, or on average over all the ``"model"``'s
+    heads (layers may then differ, as MoA's search allots it). Returns (and with ``path`` writes)
+    the ``attnzoo-patterns/1`` config, whose ``search`` entry records the choice, its loss and that
+    of uniform spans (alpha 0, beta ``density``) at equal budget."""
+    from ..integrations.transformers.adapter import attention_modules
+
+    density = check_float("density", density, low=0.0, high=1.0, low_open=True)
+    if scope not in ("layer", "model"):
+        raise InvalidArgumentError("scope", "'layer' or 'model'", repr(scope))
+    if (profile is None) == (ids is None):
+        raise InvalidArgumentError("ids, profile", "calibration ids or a moa_profile (one of them)",
+                                   "both" if profile is not None else "neither")
+    if profile is None:
+        profile = moa_profile(model, ids, densities=[density], **profiling)
+    elif profiling:
+        raise InvalidArgumentError(", ".join(profiling), "no profiling options beside a profile (it was profiled with its own)",
+                                   sorted(profiling))
+    uniform = profile.uniform(density)
+    rules, spans, lengths, grid = profile.rules, profile.spans, profile.lengths, profile.candidates
     kv_heads = {layer.index: layer.kv_heads for layer in attention_modules(model)}
-    grouped = {}
-    for index, per_head in losses.items():
+    grouped = {}  # per layer: the grid rules' losses summed per rule's unit
+    for index, per_head in profile.losses.items():
         group = per_head.shape[0] // kv_heads[index] if kv_groups else 1
-        grouped[index] = per_head.reshape(-1, group, per_head.shape[1]).sum(axis=1)[:, :-1]
-    picks = _choose(grouped, spans, np.array([density * x for x in lengths]), scope)
+        grouped[index] = per_head.reshape(-1, group, per_head.shape[1]).sum(axis=1)[:, :grid]
+    picks = _choose(grouped, spans[:grid], np.array([density * x for x in lengths]), scope)
     layers, chosen, total, total_uniform = {}, {}, 0.0, 0.0
     for index, units in picks.items():
-        heads = units.repeat(losses[index].shape[0] // len(units))
-        total += float(losses[index][np.arange(len(heads)), heads].sum())
-        total_uniform += float(losses[index][:, -1].sum())
-        spec = {"method": "moa", "config": {"alpha": [rules[p][0] for p in heads], "beta": [rules[p][1] for p in heads], "sinks": sinks}}
+        losses = profile.losses[index]
+        heads = units.repeat(losses.shape[0] // len(units))
+        total += float(losses[np.arange(len(heads)), heads].sum())
+        total_uniform += float(losses[:, uniform].sum())
+        spec = {"method": "moa", "config": {"alpha": [rules[p][0] for p in heads], "beta": [rules[p][1] for p in heads],
+                                            "sinks": profile.sinks}}
         layers[str(index)] = [spec] * len(heads)
         chosen[str(index)] = [list(rules[p]) for p in heads]
     config = {"format": PATTERNS_FORMAT, "layers": layers,
-              "search": {"method": "moa", "density": density, "lengths": lengths, "sinks": sinks, "kv_groups": kv_groups, "scope": scope,
-                         "loss": loss, "rules": chosen, "loss_total": total, "loss_total_uniform": total_uniform}}
+              "search": {"method": "moa", "density": density, "lengths": lengths, "sinks": profile.sinks, "kv_groups": kv_groups,
+                         "scope": scope, "loss": profile.loss, "rules": chosen, "loss_total": total, "loss_total_uniform": total_uniform}}
     if path is not None:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=1)
