@@ -8,7 +8,7 @@ calibration text (standard-library docstrings, ``distill_seer.calibration_text``
 MoA's elastic rules from it at each density and scope (``moa_search(..., kv_groups=True)``: one
 rule per KV head), then scores the
 perplexity of a ``--continuation``-token continuation teacher-forced after a ``--context``-token
-context of the evaluation text (:func:`attnzoo.eval.english_text`, never seen by the search) with
+context (the mean NLL over ``--eval-windows`` disjoint windows) of the evaluation text (:func:`attnzoo.eval.english_text`, never seen by the search) with
 the dense cache, ``moa_cache`` under uniform spans (alpha 0, beta = density, the same sinks) and
 under each search's rules (the budget holding in every layer, and over the whole model). Reports the keys each cache holds per head after the
 context (the budgets compared) and writes the JSON after every measurement.
@@ -17,6 +17,7 @@ context (the budgets compared) and writes the JSON after every measurement.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 import attnzoo
-from attnzoo.cache.moa_search import moa_profile, moa_search
+from attnzoo.cache.moa_search import MoAProfile, moa_profile, moa_search
 from attnzoo.eval.common import save_json
 from attnzoo.eval.generation import continuation_perplexity, english_ids
 from attnzoo.integrations.transformers.compress import cache_bytes
@@ -52,6 +53,8 @@ def main() -> None:
     parser.add_argument("--sinks", type=int, default=64)
     parser.add_argument("--scopes", nargs="+", default=["layer", "model"], choices=["layer", "model"], help="where the search's budget holds")
     parser.add_argument("--losses", nargs="+", default=["gradient", "mass"], choices=["gradient", "mass"], help="what a rule costs a head")
+    parser.add_argument("--eval-windows", type=int, default=1, help="disjoint windows of the evaluation text scored (their mean NLL)")
+    parser.add_argument("--profile-file", default=None, help="a moa_profile JSON per loss: PATH.<loss>.json, read if present, else written")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/moa_spans.json")
     args = parser.parse_args()
@@ -59,8 +62,9 @@ def main() -> None:
     model, tokenizer = attnzoo.models.load("smollm2-135m")
     calibration = tokenizer(calibration_text(), return_tensors="pt").input_ids[0, :args.windows * args.calibration]
     calibration = calibration.reshape(args.windows, args.calibration)
-    ids = english_ids(tokenizer, args.context + args.continuation)
-    result = {"model": "smollm2-135m", "context": args.context, "continuation": args.continuation, "calibration": calibration.shape[1], "windows": args.windows,
+    span = args.context + args.continuation
+    windows = english_ids(tokenizer, args.eval_windows * span).reshape(args.eval_windows, span)
+    result = {"model": "smollm2-135m", "context": args.context, "continuation": args.continuation, "calibration": calibration.shape[1], "windows": args.windows, "eval_windows": args.eval_windows,
               "sinks": args.sinks, "threads": args.threads, "runs": []}
 
     def record(entry: dict) -> None:
@@ -68,14 +72,25 @@ def main() -> None:
         save_json(args.out, result)
         print(entry, flush=True)
 
+    def scored() -> dict:
+        """Mean NLL (and its perplexity) of the continuation over the evaluation windows, under what is active."""
+        nlls = [continuation_perplexity(model, w[None], args.context, args.continuation).nll for w in windows]
+        nll = sum(nlls) / len(nlls)
+        return {"ppl": math.exp(nll), "nll": nll, "window_nlls": nlls}
+
     start = time.perf_counter()
-    dense = continuation_perplexity(model, ids, args.context, args.continuation)
-    record({"cache": "dense", "ppl": dense.perplexity, "nll": dense.nll, "seconds": time.perf_counter() - start})
+    record({"cache": "dense", **scored(), "seconds": time.perf_counter() - start})
     profiles = {}
     for loss in args.losses:  # one profile per loss serves every density and scope
-        start = time.perf_counter()
-        profiles[loss] = moa_profile(model, calibration, sinks=args.sinks, loss=loss, densities=args.densities)
-        record({"profile": loss, "lengths": profiles[loss].lengths, "seconds": time.perf_counter() - start})
+        start, saved = time.perf_counter(), None if args.profile_file is None else Path(f"{args.profile_file}.{loss}.json")
+        read = saved is not None and saved.exists()
+        if read:
+            profiles[loss] = MoAProfile.load(saved)
+        else:
+            profiles[loss] = moa_profile(model, calibration, sinks=args.sinks, loss=loss, densities=args.densities)
+            if saved is not None:
+                profiles[loss].save(saved)
+        record({"profile": loss, "lengths": profiles[loss].lengths, "seconds": time.perf_counter() - start, "read": read})
     for density in args.densities:
         uniform = {"alpha": 0.0, "beta": density, "sinks": args.sinks}
         caches = {"moa uniform": uniform}
@@ -89,9 +104,9 @@ def main() -> None:
         for name, options in caches.items():
             start = time.perf_counter()
             with attnzoo.compress(model, "moa_cache", **options):
-                keys, size = held_keys(model, ids[:, :args.context])
-                ppl = continuation_perplexity(model, ids, args.context, args.continuation)
-            record({"cache": name, "density": density, "ppl": ppl.perplexity, "nll": ppl.nll, "mean_keys_per_head": keys,
+                keys, size = held_keys(model, windows[:1, :args.context])
+                result_row = scored()
+            record({"cache": name, "density": density, **result_row, "mean_keys_per_head": keys,
                     "cache_bytes_after_context": size, "seconds": time.perf_counter() - start})
 
 if __name__ == "__main__":

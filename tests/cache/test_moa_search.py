@@ -14,7 +14,7 @@ from helpers import AttendWith
 
 import attnzoo
 from attnzoo import InvalidArgumentError
-from attnzoo.cache.moa_search import attention_influence, choose_rules, dropped_mass, moa_profile, moa_search, rule_spans
+from attnzoo.cache.moa_search import MoAProfile, attention_influence, choose_rules, dropped_mass, moa_profile, moa_search, rule_spans
 
 pytest.importorskip("scipy")
 
@@ -173,6 +173,12 @@ def test_search_writes_a_config_patch_runs(rng, tmp_path):
     for density in (0.25, 0.2):  # one profile, several budgets: the searches a fresh profile gives
         again = moa_search(model, pair, density=density, loss="mass", alphas=(0, 8), betas=(0.0, 0.25), sinks=4)
         assert moa_search(model, profile=profile, density=density)["search"] == again["search"], density
+    profile.save(tmp_path / "profile.json")
+    loaded = MoAProfile.load(tmp_path / "profile.json")  # a saved profile searches the same
+    assert moa_search(model, profile=loaded, density=0.2)["search"] == moa_search(model, profile=profile, density=0.2)["search"]
+    with pytest.raises(InvalidArgumentError) as e:
+        MoAProfile.load(tmp_path / "moa.json")  # a config, not a profile
+    assert e.value.argument == "path"
     for bad in ({"profile": profile, "density": 0.3}, {"profile": profile, "density": 0.25, "sinks": 2}, {"density": 0.25}):
         with pytest.raises(InvalidArgumentError):
             moa_search(model, **bad)

@@ -20,6 +20,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -166,6 +167,28 @@ class MoAProfile:
     sinks: int
     loss: str
     losses: dict[int, np.ndarray]
+
+    FORMAT: ClassVar[str] = "attnzoo-moa-profile/1"
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the profile as JSON (profiling takes minutes; a later search reads it with :meth:`load`)."""
+        data = {"format": self.FORMAT, "rules": self.rules, "candidates": self.candidates, "lengths": self.lengths, "sinks": self.sinks,
+                "loss": self.loss, "losses": {str(i): v.tolist() for i, v in self.losses.items()}}
+        temporary = f"{os.fspath(path)}.tmp"
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(temporary, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> MoAProfile:
+        """The profile :meth:`save` wrote to ``path``."""
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if data.get("format") != cls.FORMAT:
+            raise InvalidArgumentError("path", f"a {cls.FORMAT} file written by MoAProfile.save", data.get("format"))
+        rules = [tuple(rule) for rule in data["rules"]]
+        return cls(rules, data["candidates"], spans_of(rules, data["lengths"]), data["lengths"], data["sinks"], data["loss"],
+                   {int(i): np.array(v) for i, v in data["losses"].items()})
 
     def uniform(self, density: float) -> int:
         """The index of the rule alpha 0, beta ``density`` (uniform spans) among :attr:`rules`."""
