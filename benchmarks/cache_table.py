@@ -301,9 +301,9 @@ def cost_section(model, tokenizer, args, results: Results, groups: dict[str, lis
     if not todo:
         return
     ids = english_ids(tokenizer, args.cost_context)
-    dense, seconds, peak = timed(prefill, model, ids)
+    dense, dense_s, peak = timed(prefill, model, ids)
     if todo.pop("dense", None):
-        results.put("cost|dense", {"prefill_s": seconds, "peak_rss_bytes": peak, "cache_bytes": cache_bytes(dense.cache)})
+        results.put("cost|dense", {"prefill_s": dense_s, "peak_rss_bytes": peak, "cache_bytes": cache_bytes(dense.cache)})
     for name, group in todo.items():
         rows, runs, policy = {}, {"dense": (DENSE, dense.copy())}, group[0].policy
         if policy in ONE_PREFILL:
@@ -324,7 +324,7 @@ def cost_section(model, tokenizer, args, results: Results, groups: dict[str, lis
         ms, _ = interleaved_decode(model, runs, args.new)
         for setting in group:
             results.put(f"cost|{setting.row}", {**rows[setting.row], "decode_ms": ms[setting.row], "dense_decode_ms": ms["dense"],
-                                                "steps": args.new, "dense_cache_bytes": cache_bytes(dense.cache)})
+                                                "steps": args.new, "dense_cache_bytes": cache_bytes(dense.cache), "dense_prefill_s": dense_s})
         print(f"cost {name}: " + ", ".join(f"{s.row}: {ms[s.row]:.1f} ms vs dense {ms['dense']:.1f}" for s in group), flush=True)
 
 
@@ -416,7 +416,8 @@ def report(path: str) -> str:
         if is_dense:
             cells += [f"{dense['prefill_s']:.1f}" if dense else "-", "-"]
         elif cost:
-            cells += [f"{cost['prefill_s']:.1f} ({cost['prefill_s'] / dense['prefill_s']:.2f})",
+            versus = f" ({cost['prefill_s'] / cost.get('dense_prefill_s', dense['prefill_s']):.2f})"
+            cells += [f"{cost['prefill_s']:.1f}{versus}",
                       f"{cost['decode_ms']:.1f} ({cost['decode_ms'] / cost['dense_decode_ms']:.2f}; dense {cost['dense_decode_ms']:.1f})"]
         else:
             cells += ["-", "-"]
