@@ -3,15 +3,17 @@
     OMP_NUM_THREADS=1 python benchmarks/cache_moa_spans.py --densities 0.25 0.125 --out runs/moa_spans.json
 
 Profiles the model once per ``--losses`` (``moa_profile``: MoA's gradient-weighted influence, the
-dropped attention mass) on ``--windows`` sequences of ``--calibration`` tokens of a
-calibration text (standard-library docstrings, ``distill_seer.calibration_text``), searches
-MoA's elastic rules from it at each density and scope (``moa_search(..., kv_groups=True)``: one
-rule per KV head), then scores the
-perplexity of a ``--continuation``-token continuation teacher-forced after a ``--context``-token
-context (the mean NLL over ``--eval-windows`` disjoint windows) of the evaluation text (:func:`attnzoo.eval.english_text`, never seen by the search) with
-the dense cache, ``moa_cache`` under uniform spans (alpha 0, beta = density, the same sinks) and
-under each search's rules (the budget holding in every layer, and over the whole model). Reports the keys each cache holds per head after the
-context (the budgets compared) and writes the JSON after every measurement.
+dropped attention mass) on ``--windows`` sequences of ``--calibration`` tokens of a calibration
+text (standard-library docstrings, ``distill_seer.calibration_text``), searches MoA's elastic rules
+from it at each density and scope (``moa_search(..., kv_groups=True)``: one rule per KV head; the
+budget holding in every layer, or over the whole model), then scores the perplexity of a
+``--continuation``-token continuation teacher-forced after a ``--context``-token context (the mean
+NLL over ``--eval-windows`` disjoint windows) of the evaluation text
+(:func:`attnzoo.eval.english_text`, never seen by the search, except with ``--calibrate-on-eval``:
+an in-domain bound profiled on the windows' own contexts), with the dense cache, ``moa_cache``
+under uniform spans (alpha 0, beta = density, the same sinks) and under each search's rules.
+Reports the keys each cache holds per head after the context (the budgets compared) and writes
+the JSON after every measurement; ``--profile-file`` keeps each profile.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def main() -> None:
     parser.add_argument("--scopes", nargs="+", default=["layer", "model"], choices=["layer", "model"], help="where the search's budget holds")
     parser.add_argument("--losses", nargs="+", default=["gradient", "mass"], choices=["gradient", "mass"], help="what a rule costs a head")
     parser.add_argument("--eval-windows", type=int, default=1, help="disjoint windows of the evaluation text scored (their mean NLL)")
+    parser.add_argument("--calibrate-on-eval", action="store_true",
+                        help="an in-domain bound: profile on the evaluation windows' contexts instead of the calibration text")
     parser.add_argument("--profile-file", default=None, help="a moa_profile JSON per loss: PATH.<loss>.json, read if present, else written")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/moa_spans.json")
@@ -64,7 +68,9 @@ def main() -> None:
     calibration = calibration.reshape(args.windows, args.calibration)
     span = args.context + args.continuation
     windows = english_ids(tokenizer, args.eval_windows * span).reshape(args.eval_windows, span)
-    result = {"model": "smollm2-135m", "context": args.context, "continuation": args.continuation, "calibration": calibration.shape[1], "windows": args.windows, "eval_windows": args.eval_windows,
+    if args.calibrate_on_eval:
+        calibration = windows[:, :args.context]
+    result = {"model": "smollm2-135m", "context": args.context, "continuation": args.continuation, "calibration": calibration.shape[1], "windows": calibration.shape[0], "calibrate_on_eval": args.calibrate_on_eval, "eval_windows": args.eval_windows,
               "sinks": args.sinks, "threads": args.threads, "runs": []}
 
     def record(entry: dict) -> None:
