@@ -8,6 +8,14 @@ import torch.nn.functional as F
 from ..kernels.dense import causal_mask, fold_heads
 
 
+def appended_mask(nq: int, positions: torch.Tensor) -> torch.Tensor:
+    """(B, Nq, S) bool: which of the S stored keys (``positions`` (B, S), -1 padding) each of the
+    last Nq of them, the call's queries, sees: real keys, causally; a row that sees no key (a
+    padding query, never read) sees every key."""
+    allowed = causal_mask(nq, positions.shape[-1], positions.device)[None] & (positions >= 0)[:, None, :]
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
 def head_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scale: float,
                    v_top: int | None = None) -> torch.Tensor:
     """(B, G, Nq, Dv) attention of one KV head's query group ``queries`` (B, G, Nq, D), the tokens
@@ -18,12 +26,10 @@ def head_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     keys' values (Sigma's selective V loading); None: every key."""
     batch, groups, nq, _ = queries.shape
     stored = keys.shape[1]
-    padding = positions < 0
-    if nq == 1 and not bool(padding.any()):
+    if nq == 1 and not bool((positions < 0).any()):
         allowed = None
     else:
-        allowed = causal_mask(nq, stored, keys.device)[None] & ~padding[:, None, :]
-        allowed = (allowed | ~allowed.any(dim=-1, keepdim=True))[:, None]  # (B, 1, Nq, S), shared by the group
+        allowed = appended_mask(nq, positions)[:, None]  # (B, 1, Nq, S), shared by the group
     rows, mask = fold_heads(queries, allowed, groups)  # (B, 1, G * Nq, D), (B, 1, G * Nq, S)
     if v_top is None or v_top >= stored:
         out = F.scaled_dot_product_attention(rows, keys[:, None], values[:, None], attn_mask=mask, scale=scale)[:, 0]

@@ -157,18 +157,22 @@ def profile_losses(model, ids: torch.Tensor, spans: np.ndarray, lengths: Sequenc
 class MoAProfile:
     """What :func:`moa_profile` measured: ``rules`` (alpha, beta) of which the first ``candidates``
     are the search's grid (the rest, uniform spans alpha 0 at the densities asked for, are
-    profiled only to be reported); ``spans`` (R, L) at the profiled ``lengths``; ``losses``
-    {layer: (Hq, R)}: each head's loss under each rule; ``sinks``, ``loss``: how."""
+    profiled only to be reported); the profiled ``lengths``; ``losses`` {layer: (Hq, R)}: each
+    head's loss under each rule; ``sinks``, ``loss``: how."""
 
     rules: list[tuple[float, float]]
     candidates: int
-    spans: np.ndarray
     lengths: list[int]
     sinks: int
     loss: str
     losses: dict[int, np.ndarray]
 
     FORMAT: ClassVar[str] = "attnzoo-moa-profile/1"
+
+    @property
+    def spans(self) -> np.ndarray:
+        """(R, L) each rule's span at each profiled length."""
+        return spans_of(self.rules, self.lengths)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the profile as JSON (profiling takes minutes; a later search reads it with :meth:`load`)."""
@@ -187,7 +191,7 @@ class MoAProfile:
         if data.get("format") != cls.FORMAT:
             raise InvalidArgumentError("path", f"a {cls.FORMAT} file written by MoAProfile.save", data.get("format"))
         rules = [tuple(rule) for rule in data["rules"]]
-        return cls(rules, data["candidates"], spans_of(rules, data["lengths"]), data["lengths"], data["sinks"], data["loss"],
+        return cls(rules, data["candidates"], data["lengths"], data["sinks"], data["loss"],
                    {int(i): np.array(v) for i, v in data["losses"].items()})
 
     def uniform(self, density: float) -> int:
@@ -223,8 +227,8 @@ def moa_profile(model, ids: torch.Tensor, *, lengths: Sequence[int] | None = Non
     extra = [(0.0, float(d)) for d in dict.fromkeys(check_float("densities", d, low=0.0, high=1.0, low_open=True) for d in densities)
              if (0.0, float(d)) not in rules]
     rules = rules + extra
-    spans = spans_of(rules, lengths)
-    return MoAProfile(rules, len(rules) - len(extra), spans, lengths, sinks, loss, profile_losses(model, ids, spans, lengths, sinks, loss))
+    losses = profile_losses(model, ids, spans_of(rules, lengths), lengths, sinks, loss)
+    return MoAProfile(rules, len(rules) - len(extra), lengths, sinks, loss, losses)
 
 
 def moa_search(model, ids: torch.Tensor | None = None, *, density: float = 0.25, profile: MoAProfile | None = None,

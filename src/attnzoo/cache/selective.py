@@ -11,6 +11,7 @@ from ..errors import InvalidArgumentError, check_int
 from ..kernels.dense import attention_scores, causal_mask, masked_softmax, repeat_kv
 from ..registry import ComponentInfo
 from . import register
+from .attend import appended_mask
 from .base import CachePolicy, CacheView
 
 
@@ -83,9 +84,7 @@ class Selective(CachePolicy):
         (B, Nk), the selection earlier calls' queries accumulated, plus that of this call's queries
         before i. Padding keys are hidden (a padding query, never read, sees every key). Returns the
         output (B, Hq, Nq, Dv) and what this call adds to :meth:`accumulate`'s total (B, Hkv, Nk)."""
-        nq, nk = queries.shape[2], keys.shape[2]
-        allowed = causal_mask(nq, nk, keys.device)[None] & (positions[:, 0] >= 0)[:, None, :]
-        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+        allowed = appended_mask(queries.shape[2], positions[:, 0])
         values = repeat_kv(values, queries.shape[1] // keys.shape[1]).float()
         gained, outputs = torch.zeros(before.shape, dtype=torch.float32, device=before.device), []
         for rows, s in self.selection(queries, keys, positions, scale):

@@ -129,8 +129,10 @@ def capture(model, layers: Iterable[int] | None = None, *, qkv: bool = True, pro
     ``qkv``: keep q, k, v and the mask; ``probs``: compute the attention probabilities (B, Hq, Nq,
     Nk), O(Nq Nk) memory per head (see the module docstring for what they are in patched layers);
     ``output``: attend in the recorder (exact attention under the model's mask; refused on patched
-    layers) and keep each output in the autograd graph, its gradient retained; ``prefill_only``: skip calls with fewer queries than keys (decode steps); ``device``: where the
-    records go (None: stay on the model's device). Tensors other than ``output`` are detached. Returns a :class:`Capture`."""
+    layers) and keep each output in the autograd graph, its gradient retained; ``prefill_only``:
+    skip calls with fewer queries than keys (decode steps); ``device``: where the records go (None:
+    stay on the model's device). Tensors other than ``output`` are detached. Returns a
+    :class:`Capture`."""
     if not (qkv or probs):
         raise InvalidArgumentError("qkv, probs", "at least one of them True (nothing to record otherwise)", "both False")
     indices = [layer.index for layer in attention_modules(model)]
