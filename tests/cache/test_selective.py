@@ -89,3 +89,31 @@ def test_bad_input_names_its_argument():
     with attnzoo.patch(model, "sliding_window", window=4), attnzoo.compress(model, "selective", ratio=0.5, subtract=True):
         with pytest.raises(UnsupportedError):
             model(input_ids=ids, use_cache=True)
+
+
+def test_a_key_the_selecting_head_masks_is_hidden_from_every_head_after_it(rng):
+    """Known answer: query 3 of head 0 puts a large logit on key 1, so from query 4 on every head
+    (head 1 reads another KV head) gives key 1 almost nothing, while query 3 itself still sees it;
+    without the selection (keys nothing selects) the attention to key 1 is unchanged."""
+    n, d = 8, 16
+    direction = torch.randn(d, generator=rng)
+    queries = 0.1 * torch.randn(1, 2, n, d, generator=rng)
+    keys = 0.1 * torch.randn(1, 2, n, d, generator=rng)
+    queries[0, 0, 3] = 4 * direction
+    keys[0, 0, 1] = 4 * direction  # head 0 (KV head 0) selects key 1 at query 3
+    other = torch.randn(d, generator=rng)
+    queries[0, 1, 4:] += 2 * other
+    keys[0, 1, 1] = 2 * other  # head 1 would attend to key 1 from query 4 on
+    values = torch.randn(1, 2, n, d, generator=rng)
+    positions = torch.arange(n, dtype=torch.int32).expand(1, 2, n)
+    policy = get_policy("selective", head=0, subtract=True)
+    out, gained = policy.attend(queries, keys, values, positions, torch.zeros(1, n), d ** -0.5)
+    plain = torch.softmax((queries @ keys.transpose(-1, -2)) * d ** -0.5 + torch.full((n, n), float("-inf")).triu(1), dim=-1)
+    assert plain[0, 1, 4:, 1].min() > 0.5  # head 1 reads key 1 without the subtraction
+    weights = []
+    for h in range(2):  # recover each row's weight on key 1 from the output: values of key 1 are a distinct direction
+        probs = torch.linalg.lstsq(values[0, h, :].T, out[0, h].T).solution.T  # (n, n) weights per row
+        weights.append(probs[:, 1])
+    assert all(w[4:].abs().max() < 1e-3 for w in weights), weights
+    assert weights[0][3] > 0.5  # query 3 made the selection, not subject to it
+    assert gained[0, 0, 1] > 10 and torch.equal(gained[0, 0], gained[0, 1])
